@@ -1,0 +1,65 @@
+"""Atomic file writes and the exported-model format (`model.safetensors` + `config.json`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary sibling, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write `model.safetensors` and `config.json` into directory `path`, atomically."""
+    with atomic_dir(path) as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        write_json(tmp / "config.json", config)
+
+
+def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an exported model directory; a missing file is a one-line error naming it."""
+    path = Path(path)
+    for name in ("model.safetensors", "config.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} not found: is {path} an exported genpipe model?")
+    return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())

@@ -1,0 +1,87 @@
+"""MLflow model registry: versions with lineage tags, aliases, and loading `name@alias`.
+
+A registered version points at the run artifacts holding `model.safetensors` + `config.json`; no
+pickled model is ever logged or loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+FAMILIES = (
+    "evaluator",
+    "tokenizer",
+    "prior-gpt",
+    "prior-maskgit",
+    "diffusion",
+    "latent-diffusion",
+    "vae",
+    "gan",
+    "wgan",
+    "flow",
+    "pixelcnn",
+)
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def registered_name(family: str) -> str:
+    """`genpipe-<family>`; an unknown family is an error naming the valid ones."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; valid: {list(FAMILIES)}")
+    return f"genpipe-{family}"
+
+
+def register_version(
+    *, tracking_uri: str, name: str, run_id: str, artifact_path: str, tags: dict[str, str]
+) -> str:
+    """Register the run's `artifact_path` as a new version of `name`; returns the version."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=f"genpipe {name.removeprefix('genpipe-')}")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(
+        name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+    )
+    return str(version.version)
+
+
+def set_alias(*, tracking_uri: str, name: str, alias: str, version: str) -> None:
+    MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def version_by_alias(*, tracking_uri: str, name: str, alias: str) -> str | None:
+    """The version holding `alias`, or None."""
+    try:
+        return str(MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def list_versions(*, tracking_uri: str, name: str | None = None) -> list[dict]:
+    """Every version (of `name`, or of every genpipe model) with its aliases and tags."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    query = f"name='{name}'" if name else "name LIKE 'genpipe-%'"
+    rows = []
+    for mv in client.search_model_versions(query):
+        rows.append(
+            {
+                "name": mv.name,
+                "version": str(mv.version),
+                "aliases": list(mv.aliases),
+                "run_id": mv.run_id,
+                "tags": dict(mv.tags),
+            }
+        )
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def download(*, tracking_uri: str, uri: str, dst: str | Path) -> Path:
+    """Download `models:/name@alias` or `models:/name/version` files into `dst`."""
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri))

@@ -1,0 +1,76 @@
+"""The `genpipe` command: one sub-command per DVC stage, plus registry helpers."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="genpipe",
+    help="Train generative image models as a DVC pipeline on Ray Train, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (default: ./params.yaml)")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="validate params and inputs, print the config, do no work")]
+
+#: Errors that are the user's input, not a bug: one line, exit 1 (GENPIPE_DEBUG=1 shows the traceback).
+USER_ERRORS = (ValueError, OSError, ArithmeticError, KeyError, RuntimeError)
+
+
+def _run_stage(module: str, params: Path, dry_run: bool) -> None:
+    from pipelines.runtime import fail
+
+    try:
+        importlib.import_module(f"pipelines.{module}").main(params=params, dry_run=dry_run)
+    except USER_ERRORS as err:
+        if os.environ.get("GENPIPE_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(f"{module}: {message}")
+
+
+def _stage(name: str, summary: str) -> None:
+    def command(params: ParamsOpt = Path("params.yaml"), dry_run: DryRunOpt = False) -> None:
+        _run_stage(name, params, dry_run)
+
+    command.__doc__ = summary
+    app.command(name, help=summary)(command)
+
+
+STAGES = {
+    "prepare": "Turn the configured image source into validated Parquet shards in data/processed/.",
+    "train_evaluator": "Train the feature/classifier network every Fréchet distance and accuracy uses.",
+}
+for _name, _summary in STAGES.items():
+    _stage(_name, _summary)
+
+
+@app.command("models")
+def models(params: ParamsOpt = Path("params.yaml")) -> None:
+    """List registered genpipe model versions with their aliases."""
+    from components.config import load_stage
+    from components.registry.registry import list_versions
+    from pipelines.runtime import tracking_uri
+
+    uri = tracking_uri(load_stage(params, "prepare")["mlflow"])
+    rows = list_versions(tracking_uri=uri)
+    if not rows:
+        typer.echo("no registered genpipe models")
+    for r in rows:
+        aliases = ",".join(r["aliases"]) or "-"
+        typer.echo(f"{r['name']:<28} v{r['version']:<4} aliases={aliases:<22} run={r['run_id']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

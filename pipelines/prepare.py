@@ -1,0 +1,64 @@
+"""Stage `prepare`: the configured image source -> Parquet shards + meta.json in data/processed/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from components.config import load_stage
+from components.data.build import build_dataset
+from components.data.config import PrepareConfig
+from components.io import write_json
+from pipelines.runtime import repo_root, stage_run
+
+OUT_DIR = "data/processed"
+METRICS = "reports/prepare.json"
+SAMPLES = "reports/prepare_samples.png"
+METRIC_KEYS = ("num_train", "num_val", "num_test", "num_classes", "num_skipped")
+
+
+def preflight(cfg: PrepareConfig) -> None:
+    """Check inputs before any work: a path source must exist and be readable."""
+    path = cfg.source_path
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = repo_root() / p
+    if not p.exists():
+        raise FileNotFoundError(f"prepare.source={cfg.source!r}: {p} does not exist")
+    if cfg.source_kind == "imagefolder" and not p.is_dir():
+        raise NotADirectoryError(f"prepare.source={cfg.source!r}: {p} is not a directory")
+
+
+def main(*, params: Path, dry_run: bool = False) -> None:
+    sections = load_stage(params, "prepare")
+    cfg: PrepareConfig = sections["prepare"]
+    preflight(cfg)
+    if dry_run:
+        print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
+        return
+    root = repo_root()
+    with stage_run("prepare", sections) as run:
+        report = build_dataset(cfg, root / OUT_DIR, log=print)
+        metrics = {k: float(report[k]) for k in METRIC_KEYS}
+        write_json(root / METRICS, metrics)
+        run.log_metrics(metrics)
+        run.log_artifact(root / OUT_DIR / "meta.json")
+        _sample_grid(root / OUT_DIR, root / SAMPLES)
+        run.log_artifact(root / SAMPLES)
+    print(f"prepare: {int(metrics['num_train'])} train / {int(metrics['num_val'])} val / "
+          f"{int(metrics['num_test'])} test images, {int(metrics['num_classes'])} classes -> {OUT_DIR}")
+
+
+def _sample_grid(data_dir: Path, out: Path, n: int = 64) -> None:
+    """A grid of the first `n` prepared training images, for a person to look at."""
+    import torch
+
+    from components.data.readers import ShardDataset
+    from components.evaluation.grid import save_grid
+
+    ds = ShardDataset(data_dir, "train")
+    images = torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
+    save_grid(images, out, nrow=8)

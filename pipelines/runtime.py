@@ -1,0 +1,186 @@
+"""What every stage driver shares: Ray start-up, the MLflow run, lineage tags, error exits.
+
+Side effects live here and in the stage modules, never in components/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import MlflowConfig, RayConfig
+from components.schema import StrictConfig
+
+ROOT_ENV = "GENPIPE_ROOT"
+
+
+def repo_root() -> Path:
+    """Stages run from the repo root (as DVC runs them); GENPIPE_ROOT overrides."""
+    return Path(os.environ.get(ROOT_ENV, os.getcwd())).resolve()
+
+
+def absolute(path: str | Path) -> str:
+    """An absolute path (workers change directory); URIs such as s3:// pass through."""
+    s = str(path)
+    if "://" in s:
+        return s
+    p = Path(s).expanduser()
+    return str(p if p.is_absolute() else repo_root() / p)
+
+
+def params_hash(sections: dict[str, StrictConfig]) -> str:
+    """sha256 over the resolved sections, stable across key order."""
+    blob = json.dumps({k: v.model_dump(mode="json") for k, v in sorted(sections.items())}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=10
+        )
+        sha = out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo_root(), capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return f"{sha}{'-dirty' if dirty else ''}" if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dvc_data_hash(deps: list[str]) -> str:
+    """DVC's recorded md5 of each data dep (from dvc.lock outs of the stages that made them)."""
+    lock = repo_root() / "dvc.lock"
+    if not deps:
+        return ""
+    found = {}
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                if out.get("path") in deps:
+                    found[out["path"]] = out.get("md5", "")
+    return ",".join(f"{d}:{found.get(d, 'untracked')}" for d in deps)
+
+
+# --- Ray --------------------------------------------------------------------------------------
+def init_ray(cfg: RayConfig) -> None:
+    """Join RAY_ADDRESS (or `ray.address`), else start a local instance with explicit resources."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS") or cfg.address
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus or os.cpu_count(),
+        num_gpus=cfg.num_gpus,
+        include_dashboard=cfg.include_dashboard,
+        log_to_driver=True,
+    )
+
+
+# --- MLflow -----------------------------------------------------------------------------------
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """MLFLOW_TRACKING_URI, else `mlflow.tracking_uri`, else the repo's sqlite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+@dataclass
+class StageRun:
+    """The stage's MLflow run, opened by the driver; workers log into it by id."""
+
+    stage: str
+    run_id: str
+    tracking_uri: str
+    tags: dict[str, str]
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        for k, v in metrics.items():
+            client.log_metric(self.run_id, k, float(v), step=step or 0)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        import mlflow
+
+        flat = _flatten(params)
+        with mlflow.start_run(run_id=self.run_id):
+            for i in range(0, len(flat), 100):
+                mlflow.log_params(dict(list(flat.items())[i : i + 100]))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=self.tracking_uri).log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str) -> None:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=self.tracking_uri).log_artifacts(self.run_id, str(path), artifact_path)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = (repo_root() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+@contextmanager
+def stage_run(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str] = ()) -> Iterator[StageRun]:
+    """Open one MLflow run for this stage execution, tagged with its lineage; close it on exit."""
+    from mlflow import MlflowClient
+
+    cfg: MlflowConfig = sections["mlflow"]
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    tags = {
+        "genpipe.stage": stage,
+        "git_commit": git_commit(),
+        "params_hash": params_hash(sections),
+        "dvc_data_hash": dvc_data_hash(list(data_deps)),
+    }
+    run = client.create_run(_experiment_id(client, cfg.experiment), run_name=stage, tags=tags)
+    handle = StageRun(stage=stage, run_id=run.info.run_id, tracking_uri=uri, tags=tags)
+    try:
+        handle.log_params({k: v.model_dump(mode="json") for k, v in sections.items()})
+        yield handle
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+# --- exits ------------------------------------------------------------------------------------
+def fail(message: str) -> None:
+    """One line on stderr, exit status 1."""
+    print(f"genpipe: error: {message}", file=sys.stderr)
+    raise SystemExit(1)

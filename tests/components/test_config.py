@@ -1,0 +1,80 @@
+"""Every shipped params section validates; bad values fail naming key, value and rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import STAGE_SECTIONS, ParamsError, load_stage, validate_all, validate_section
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_params_validate():
+    sections = validate_all(REPO / "params.yaml")
+    assert {"train", "ray", "mlflow", "prepare"} <= set(sections)
+    for stage in STAGE_SECTIONS:
+        assert stage in sections, f"params.yaml has no section for stage {stage}"
+
+
+def test_every_dvc_stage_has_a_section():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name in dvc["stages"]:
+        assert name.split("@")[0] in STAGE_SECTIONS
+
+
+@pytest.mark.parametrize(
+    ("section", "raw", "needle"),
+    [
+        ("prepare", {"image_size": 2}, "prepare.image_size=2"),
+        ("prepare", {"image_size": "big"}, "prepare.image_size='big'"),
+        ("prepare", {"channels": 2}, "prepare.channels=2"),
+        ("prepare", {"source": "ftp:foo"}, "builtin:digits"),
+        ("prepare", {"aspect": "squash"}, "center_crop"),
+        ("prepare", {"split": {"val": 0.5, "test": 0.45}}, "leaves under 10%"),
+        ("prepare", {"split": {"test": 0.0}}, "prepare.split.test=0.0"),
+        ("prepare", {"background": [0, 0, 300]}, "0..255"),
+        ("prepare", {"shapes": {"classes": ["circle", "blob"]}}, "blob"),
+        ("prepare", {"on_bad_image": "ignore"}, "'error' or 'skip'"),
+        ("prepare", {"imgsize": 16}, "prepare.imgsize: unknown key"),
+        ("prepare", {"split": {"tset": 0.1}}, "prepare.split.tset: unknown key (allowed here: test, val)"),
+        ("train", {"num_workers": 0}, "train.num_workers=0"),
+        ("train", {"precision": "fp16"}, "bf16"),
+        ("ray", {"num_cpus": 0}, "ray.num_cpus=0"),
+        ("mlflow", {"experiment": ""}, "mlflow.experiment=''"),
+    ],
+)
+def test_bad_value_names_key(section, raw, needle):
+    with pytest.raises(ParamsError) as info:
+        validate_section(section, raw)
+    msg = str(info.value)
+    assert needle in msg
+    assert "\n" not in msg
+
+
+def test_unknown_section_and_stage(tmp_path):
+    with pytest.raises(ParamsError, match="unknown params section 'prepar'"):
+        validate_section("prepar", {})
+    p = tmp_path / "params.yaml"
+    p.write_text("prepare: {}\n")
+    with pytest.raises(ParamsError, match="unknown stage 'nope'"):
+        load_stage(p, "nope")
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_stage(tmp_path / "absent.yaml", "prepare")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_stage(bad, "prepare")
+
+
+def test_missing_section_takes_defaults(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("prepare: {image_size: 8}\n")
+    sections = load_stage(p, "prepare")
+    assert sections["prepare"].image_size == 8
+    assert sections["train"].num_workers == 1

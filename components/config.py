@@ -68,7 +68,9 @@ def _one_line(section: str, err: ValidationError, raw: dict[str, Any]) -> str:
 
 def _allowed(err: ValidationError, loc: tuple) -> str:
     model = err.title
-    cls = next((c for c in (*STAGE_SECTIONS.values(), *SHARED_SECTIONS.values()) if c.__name__ == model), None)
+    cls = next(
+        (c for c in (*STAGE_SECTIONS.values(), *SHARED_SECTIONS.values()) if c.__name__ == model), None
+    )
     for part in loc[:-1]:
         if cls is None:
             break

@@ -18,7 +18,9 @@ app = typer.Typer(
 )
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (default: ./params.yaml)")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="validate params and inputs, print the config, do no work")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="validate params and inputs, print the config, do no work")
+]
 
 #: Errors that are the user's input, not a bug: one line, exit 1 (GENPIPE_DEBUG=1 shows the traceback).
 USER_ERRORS = (ValueError, OSError, ArithmeticError, KeyError, RuntimeError)

@@ -48,8 +48,10 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         run.log_artifact(root / OUT_DIR / "meta.json")
         _sample_grid(root / OUT_DIR, root / SAMPLES)
         run.log_artifact(root / SAMPLES)
-    print(f"prepare: {int(metrics['num_train'])} train / {int(metrics['num_val'])} val / "
-          f"{int(metrics['num_test'])} test images, {int(metrics['num_classes'])} classes -> {OUT_DIR}")
+    print(
+        f"prepare: {int(metrics['num_train'])} train / {int(metrics['num_val'])} val / "
+        f"{int(metrics['num_test'])} test images, {int(metrics['num_classes'])} classes -> {OUT_DIR}"
+    )
 
 
 def _sample_grid(data_dir: Path, out: Path, n: int = 64) -> None:

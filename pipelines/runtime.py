@@ -52,7 +52,10 @@ def git_commit() -> str:
         sha = out.stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo_root(), capture_output=True, text=True, timeout=10,
+            cwd=repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return f"{sha}{'-dirty' if dirty else ''}" if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -97,7 +100,9 @@ def init_ray(cfg: RayConfig) -> None:
 # --- MLflow -----------------------------------------------------------------------------------
 def tracking_uri(cfg: MlflowConfig) -> str:
     """MLFLOW_TRACKING_URI, else `mlflow.tracking_uri`, else the repo's sqlite file."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    )
 
 
 @dataclass
@@ -155,7 +160,9 @@ def _experiment_id(client, name: str) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str] = ()) -> Iterator[StageRun]:
+def stage_run(
+    stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str] = ()
+) -> Iterator[StageRun]:
     """Open one MLflow run for this stage execution, tagged with its lineage; close it on exit."""
     from mlflow import MlflowClient
 

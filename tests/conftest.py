@@ -40,7 +40,10 @@ def repo_copy(tmp_path: Path) -> Path:
     """The project's tracked and unignored files as a fresh git repository (what a clone holds)."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split("\0")
     dst = tmp_path / "repo"
     for rel in filter(None, files):

@@ -66,13 +66,18 @@ def list_versions(*, tracking_uri: str, name: str | None = None) -> list[dict]:
     """Every version (of `name`, or of every genpipe model) with its aliases and tags."""
     client = MlflowClient(tracking_uri=tracking_uri)
     query = f"name='{name}'" if name else "name LIKE 'genpipe-%'"
-    rows = []
+    rows, aliases = [], {}
     for mv in client.search_model_versions(query):
+        if mv.name not in aliases:  # search results carry no aliases; the registered model does
+            held = client.get_registered_model(mv.name).aliases or {}
+            aliases[mv.name] = {
+                str(v): sorted(a for a, w in held.items() if str(w) == str(v)) for v in held.values()
+            }
         rows.append(
             {
                 "name": mv.name,
                 "version": str(mv.version),
-                "aliases": list(mv.aliases),
+                "aliases": aliases[mv.name].get(str(mv.version), []),
                 "run_id": mv.run_id,
                 "tags": dict(mv.tags),
             }
@@ -80,8 +85,27 @@ def list_versions(*, tracking_uri: str, name: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 
-def download(*, tracking_uri: str, uri: str, dst: str | Path) -> Path:
-    """Download `models:/name@alias` or `models:/name/version` files into `dst`."""
+def download(
+    *, tracking_uri: str, name: str, alias: str | None = None, version: str | None = None, dst: str | Path
+) -> Path:
+    """Download the files of `name@alias` (or `name` version `version`) into `dst`."""
     import mlflow.artifacts
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri))
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if (alias is None) == (version is None):
+        raise ValueError("give exactly one of alias or version")
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except MlflowException:
+        raise LookupError(
+            f"no version of {name} with {'alias ' + alias if alias else 'version ' + str(version)}"
+        ) from None
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri
+        )
+    )

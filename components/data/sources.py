@@ -1,0 +1,289 @@
+"""Image sources: built-in digits and shapes, a folder per class, a Hugging Face-style Parquet export.
+
+A source lists its records cheaply (ids and labels) and decodes each image only when asked, so the
+split can be planned before any pixel work and a bad file surfaces as BadImageError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from components.data.config import PrepareConfig, ShapesConfig
+from components.data.images import BadImageError, DataError, decode_image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input image: a unique id, its label, where it came from, and how to get its pixels."""
+
+    id: str
+    label: int
+    origin: str  # the file (or file#row) named in errors and in meta.json's skipped list
+    image: Image.Image | None = None
+    data: bytes | None = None
+    file: Path | None = None
+    make: Callable[[], Image.Image] | None = None
+
+    def open(self) -> Image.Image:
+        """The decoded image; BadImageError naming `origin` when it cannot be used."""
+        if self.image is not None:
+            return self.image
+        if self.make is not None:
+            return self.make()
+        if self.file is not None:
+            return _read_file(self.file)
+        if self.data is None:
+            raise BadImageError(self.origin, "no image bytes")
+        return decode_image(self.data, path=self.origin)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Class names (index = label; empty when unlabelled) and the records in a stable order."""
+
+    class_names: tuple[str, ...]
+    records: list[Record]
+
+
+def _read_file(path: Path) -> Image.Image:
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise BadImageError(
+            str(path),
+            f"not an image file (extension {path.suffix or 'none'!r}; "
+            f"allowed: {', '.join(IMAGE_EXTENSIONS)})",
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise BadImageError(str(path), f"unreadable ({type(err).__name__}: {err.strerror})") from None
+    return decode_image(data, path=str(path))
+
+
+# --- builtin:digits -------------------------------------------------------------------------------
+def digits_source(cfg: PrepareConfig) -> Source:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, values 0..16, no download)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
+    records = [
+        Record(
+            id=f"digits-{i:05d}", label=int(y), origin=f"digits-{i:05d}", image=Image.fromarray(x, mode="L")
+        )
+        for i, (x, y) in enumerate(zip(pixels, digits.target, strict=True))
+    ]
+    return Source(class_names=tuple(str(int(n)) for n in digits.target_names), records=records)
+
+
+# --- builtin:shapes -------------------------------------------------------------------------------
+FIXED_COLOURS = ((230, 60, 60), (60, 200, 80), (70, 110, 240), (240, 200, 40), (200, 70, 220), (40, 210, 220))
+SUPERSAMPLE = 4  # draw at 4x and box-reduce: PIL's polygons are not anti-aliased
+
+
+def _polygon(name: str, r: float) -> list[tuple[float, float]]:
+    """Vertices of a shape of radius r around the origin (before rotation)."""
+    if name == "square":
+        a = r / math.sqrt(2)
+        return [(-a, -a), (a, -a), (a, a), (-a, a)]
+    if name == "triangle":
+        return [(r * math.cos(t), r * math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if name == "diamond":
+        return [(0, -r), (0.55 * r, 0), (0, r), (-0.55 * r, 0)]
+    if name == "cross":
+        w = r / 3
+        return [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w),
+                (-r, -w), (-w, -w)]  # fmt: skip
+    raise ValueError(f"{name!r} is not a polygon shape")
+
+
+def draw_shape(*, name: str, index: int, label: int, shapes: ShapesConfig, seed: int) -> Image.Image:
+    """One RGBA shape on a transparent canvas; position, scale, rotation and colour from (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    s = shapes.size * SUPERSAMPLE
+    r = rng.uniform(0.22, 0.42) * s
+    cx, cy = rng.uniform(r, s - r, size=2)
+    theta = rng.uniform(0, 2 * math.pi)
+    if shapes.colors == "fixed":
+        colour = FIXED_COLOURS[label % len(FIXED_COLOURS)]
+    else:  # a saturated colour: one channel full, one low, one anywhere (never near grey or white)
+        hi, lo, mid = rng.permutation(3)
+        rgb = [0, 0, 0]
+        rgb[hi], rgb[lo], rgb[mid] = 255, int(rng.integers(0, 120)), int(rng.integers(0, 256))
+        colour = tuple(rgb)
+    img = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    if name in ("circle", "ring"):
+        box = (cx - r, cy - r, cx + r, cy + r)
+        draw.ellipse(box, fill=colour + (255,) if name == "circle" else None, outline=colour + (255,),
+                     width=0 if name == "circle" else max(1, round(r / 3)))  # fmt: skip
+    else:
+        c, sn = math.cos(theta), math.sin(theta)
+        pts = [(cx + x * c - y * sn, cy + x * sn + y * c) for x, y in _polygon(name, r)]
+        draw.polygon(pts, fill=colour + (255,))
+    return img.reduce(SUPERSAMPLE)
+
+
+def shapes_source(cfg: PrepareConfig) -> Source:
+    """Procedural shapes, balanced classes (label = index mod K), deterministic in cfg.seed."""
+    names = cfg.shapes.classes
+    records = []
+    for i in range(cfg.shapes.count):
+        label = i % len(names)
+
+        def make(i: int = i, label: int = label) -> Image.Image:
+            return draw_shape(name=names[label], index=i, label=label, shapes=cfg.shapes, seed=cfg.seed)
+
+        records.append(Record(id=f"shapes-{i:05d}", label=label, origin=f"shapes-{i:05d}", make=make))
+    return Source(class_names=tuple(names), records=records)
+
+
+# --- imagefolder:PATH -----------------------------------------------------------------------------
+def _existing(path: str, *, source: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"source={source!r}: {p} does not exist")
+    return p
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")  # .DS_Store, editor swap files: not part of the data
+
+
+def imagefolder_source(cfg: PrepareConfig) -> Source:
+    """One subfolder per class (sorted names = class names); files found recursively in each."""
+    root = _existing(cfg.source_path, source=cfg.source)
+    if not root.is_dir():
+        raise DataError(f"source={cfg.source!r}: {root} is not a directory")
+    try:
+        entries = sorted(p for p in root.iterdir() if _visible(p))
+    except OSError as err:
+        raise DataError(f"source={cfg.source!r}: cannot list {root} ({err.strerror})") from None
+    stray = [p for p in entries if not p.is_dir()]
+    if stray:
+        raise DataError(f"{stray[0]}: files must sit in one subfolder per class under {root}")
+    if not entries:
+        raise DataError(f"source={cfg.source!r}: {root} has no class subfolders")
+    records = []
+    for label, folder in enumerate(entries):
+        try:
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p))
+        except OSError as err:
+            raise DataError(f"cannot list class folder {folder} ({err.strerror})") from None
+        if not files:
+            raise DataError(f"class folder {folder} is empty")
+        for f in files:
+            rel = f.relative_to(root).as_posix()
+            records.append(Record(id=rel, label=label, origin=str(f), file=f))
+    return Source(class_names=tuple(p.name for p in entries), records=records)
+
+
+# --- parquet:PATH ---------------------------------------------------------------------------------
+def _parquet_files(cfg: PrepareConfig) -> list[Path]:
+    p = _existing(cfg.source_path, source=cfg.source)
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.rglob("*.parquet") if _visible(f))
+    if not files:
+        raise DataError(f"source={cfg.source!r}: no .parquet files under {p}")
+    return files
+
+
+def _hf_label_names(schema: pa.Schema, column: str) -> tuple[str, ...] | None:
+    """ClassLabel names from the `huggingface` schema metadata (info.features.<column>.names)."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    if raw is None:
+        return None
+    try:
+        feature = json.loads(raw)["info"]["features"][column]
+    except (ValueError, KeyError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return tuple(str(n) for n in names) if names else None
+
+
+def _check_columns(path: Path, schema: pa.Schema, cfg: PrepareConfig) -> None:
+    wanted = {"image_column": cfg.parquet.image_column, "label_column": cfg.parquet.label_column}
+    for key, col in wanted.items():
+        if col is not None and col not in schema.names:
+            raise DataError(
+                f"{path}: column {col!r} (prepare.parquet.{key}) not found; columns: {schema.names}"
+            )
+    t = schema.field(cfg.parquet.image_column).type
+    ok = pa.types.is_binary(t) or pa.types.is_large_binary(t)
+    if not ok and not (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0):
+        raise DataError(f"{path}: image column {cfg.parquet.image_column!r} has type {t}; "
+                        f"expected binary or struct<bytes, path>")  # fmt: skip
+    if cfg.parquet.label_column is not None and not pa.types.is_integer(
+        schema.field(cfg.parquet.label_column).type
+    ):
+        raise DataError(f"{path}: label column {cfg.parquet.label_column!r} has type "
+                        f"{schema.field(cfg.parquet.label_column).type}; expected integers")  # fmt: skip
+
+
+def _image_bytes(column: pa.ChunkedArray) -> list[bytes | None]:
+    if pa.types.is_struct(column.type):
+        column = pa.chunked_array(
+            [c.field("bytes") for c in column.chunks], type=column.type.field("bytes").type
+        )
+    return column.to_pylist()
+
+
+def parquet_source(cfg: PrepareConfig) -> Source:
+    """A Hugging Face-style export: image as struct{bytes, path} or binary, an integer label column."""
+    files = _parquet_files(cfg)
+    label_col = cfg.parquet.label_column
+    names = cfg.parquet.label_names
+    records: list[Record] = []
+    for path in files:
+        try:
+            schema = pq.read_schema(path)
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+        _check_columns(path, schema, cfg)
+        if names is None and label_col is not None:
+            names = _hf_label_names(schema, label_col)
+        cols = [cfg.parquet.image_column] + ([label_col] if label_col else [])
+        table = pq.read_table(path, columns=cols)
+        images = _image_bytes(table.column(cfg.parquet.image_column))
+        labels = table.column(label_col).to_pylist() if label_col else [UNLABELLED] * len(images)
+        for row, (data, label) in enumerate(zip(images, labels, strict=True)):
+            origin = f"{path}#row={row}"
+            if label is None:
+                raise DataError(f"{origin}: label column {label_col!r} is null")
+            records.append(Record(id=f"{path.stem}-{row:06d}", label=int(label), origin=origin, data=data))
+    if label_col is None:
+        return Source(class_names=(), records=records)
+    top = max((r.label for r in records), default=-1)
+    class_names = tuple(names) if names is not None else tuple(str(k) for k in range(top + 1))
+    bad = next((r for r in records if not 0 <= r.label < len(class_names)), None)
+    if bad is not None:
+        raise DataError(f"{bad.origin}: label {bad.label} outside 0..{len(class_names) - 1} "
+                        f"({len(class_names)} class names)")  # fmt: skip
+    return Source(class_names=class_names, records=records)
+
+
+SOURCES: dict[str, Callable[[PrepareConfig], Source]] = {
+    "builtin:digits": digits_source,
+    "builtin:shapes": shapes_source,
+    "imagefolder": imagefolder_source,
+    "parquet": parquet_source,
+}
+
+
+def open_source(cfg: PrepareConfig) -> Source:
+    """The source named by cfg.source (an explicit kind -> reader dict)."""
+    if cfg.source_kind not in SOURCES:
+        raise DataError(f"source={cfg.source!r}: unknown kind {cfg.source_kind!r}; valid: {list(SOURCES)}")
+    return SOURCES[cfg.source_kind](cfg)

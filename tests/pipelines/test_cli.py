@@ -1,0 +1,45 @@
+"""The `genpipe` command as a user runs it: help, dry runs, one-line errors with non-zero exits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipelines.cli import STAGES
+from tests.conftest import run
+
+
+def test_help_lists_every_stage(tmp_path: Path):
+    out = run(["genpipe", "--help"], tmp_path).stdout
+    for stage in STAGES:
+        assert stage in out
+
+
+def test_dry_run_prints_resolved_config_and_writes_nothing(repo_copy: Path):
+    proc = run(["genpipe", "prepare", "--dry-run"], repo_copy)
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["prepare"]["source"] == "builtin:digits"
+    assert resolved["train"]["num_workers"] == 1
+    assert not (repo_copy / "data").exists() and not (repo_copy / "mlflow.db").exists()
+
+
+def test_bad_param_is_one_line_and_nonzero(repo_copy: Path):
+    params = repo_copy / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw["prepare"]["image_size"] = 1
+    params.write_text(yaml.safe_dump(raw))
+    proc = run(["genpipe", "prepare", "--dry-run"], repo_copy, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "prepare.image_size=1" in lines[0]
+
+
+def test_missing_source_path_fails_before_work(repo_copy: Path):
+    proc = run(["genpipe", "prepare", "--params", "p.yaml"], repo_copy, check=False)
+    assert proc.returncode == 1 and "params file not found" in proc.stderr
+    (repo_copy / "p.yaml").write_text("prepare: {source: 'imagefolder:nowhere'}\n")
+    proc = run(["genpipe", "prepare", "--params", "p.yaml"], repo_copy, check=False)
+    assert proc.returncode == 1
+    assert "nowhere" in proc.stderr and "does not exist" in proc.stderr
+    assert not (repo_copy / "data").exists()

@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 
 from components.data.config import PrepareConfig
 from components.schema import StrictConfig
+from components.stages import TrainEvaluatorConfig
 from components.training.config import TrainConfig
 
 
@@ -44,15 +45,11 @@ SHARED_SECTIONS: dict[str, type[StrictConfig]] = {
     "mlflow": MlflowConfig,
 }
 
-#: Stage name -> config of its own section. Later stages add theirs here.
+#: Stage name -> config of its own section.
 STAGE_SECTIONS: dict[str, type[StrictConfig]] = {
     "prepare": PrepareConfig,
+    "train_evaluator": TrainEvaluatorConfig,
 }
-
-
-def register_stage(name: str, model: type[StrictConfig]) -> None:
-    """Add a stage section (used by stage config modules at import)."""
-    STAGE_SECTIONS[name] = model
 
 
 def _one_line(section: str, err: ValidationError, raw: dict[str, Any]) -> str:

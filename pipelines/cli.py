@@ -48,7 +48,7 @@ def _stage(name: str, summary: str) -> None:
 
 STAGES = {
     "prepare": "Turn the configured image source into validated Parquet shards in data/processed/.",
-    "train_evaluator": "Train the feature/classifier network every Fréchet distance and accuracy uses.",
+    "train_evaluator": "Train the classifier whose features every Fréchet distance, perceptual loss and accuracy uses.",
 }
 for _name, _summary in STAGES.items():
     _stage(_name, _summary)

@@ -18,11 +18,11 @@ SAMPLES = "reports/prepare_samples.png"
 METRIC_KEYS = ("num_train", "num_val", "num_test", "num_classes", "num_skipped")
 
 
-def preflight(cfg: PrepareConfig) -> None:
-    """Check inputs before any work: a path source must exist and be readable."""
+def preflight(cfg: PrepareConfig) -> PrepareConfig:
+    """Check inputs before any work: a path source must exist; it is made absolute (repo-relative)."""
     path = cfg.source_path
     if path is None:
-        return
+        return cfg
     p = Path(path).expanduser()
     if not p.is_absolute():
         p = repo_root() / p
@@ -30,12 +30,13 @@ def preflight(cfg: PrepareConfig) -> None:
         raise FileNotFoundError(f"prepare.source={cfg.source!r}: {p} does not exist")
     if cfg.source_kind == "imagefolder" and not p.is_dir():
         raise NotADirectoryError(f"prepare.source={cfg.source!r}: {p} is not a directory")
+    return cfg.model_copy(update={"source": f"{cfg.source_kind}:{p}"})
 
 
 def main(*, params: Path, dry_run: bool = False) -> None:
     sections = load_stage(params, "prepare")
     cfg: PrepareConfig = sections["prepare"]
-    preflight(cfg)
+    cfg = preflight(cfg)
     if dry_run:
         print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
         return
@@ -59,8 +60,8 @@ def _sample_grid(data_dir: Path, out: Path, n: int = 64) -> None:
     import torch
 
     from components.data.readers import ShardDataset
-    from components.evaluation.grid import save_grid
+    from components.evaluation.grid import make_grid, save_png
 
     ds = ShardDataset(data_dir, "train")
     images = torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
-    save_grid(images, out, nrow=8)
+    save_png(make_grid(images, nrow=8), out)

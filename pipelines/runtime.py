@@ -85,6 +85,7 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _quiet_ray_data()
     address = os.environ.get("RAY_ADDRESS") or cfg.address
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -95,6 +96,15 @@ def init_ray(cfg: RayConfig) -> None:
         include_dashboard=cfg.include_dashboard,
         log_to_driver=True,
     )
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-dataset progress bars drown the training progress lines; keep the latter."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 # --- MLflow -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,15 @@ def _check_source(source: Source, cfg: PrepareConfig) -> None:
     _check_class_sizes(Counter(r.label for r in source.records), source.class_names, cfg)
 
 
-def _check_class_sizes(counts: Counter, names: Sequence[str], cfg: PrepareConfig) -> None:
+def _check_class_sizes(
+    counts: Counter, names: Sequence[str], cfg: PrepareConfig, *, skipped: int = 0
+) -> None:
     labels = [UNLABELLED] if not names else range(len(names))
+    note = f" (after skipping {skipped} bad)" if skipped else ""
     for label in labels:
         if counts.get(label, 0) < cfg.min_per_class:
             raise DataError(
-                f"class {_class_name(label, names)!r} has {counts.get(label, 0)} images, fewer than "
+                f"class {_class_name(label, names)!r} has {counts.get(label, 0)} images{note}, fewer than "
                 f"prepare.min_per_class={cfg.min_per_class}"
             )
 
@@ -128,33 +132,42 @@ class _Stats:
         return mean.tolist(), np.sqrt(var).tolist()
 
 
+@dataclass
+class _Tally:
+    """What one split's rows add up to: content hash, class counts, pixel statistics (train only)."""
+
+    hasher: RowHasher = field(default_factory=RowHasher)
+    classes: Counter = field(default_factory=Counter)
+    stats: _Stats | None = None
+
+
 def _rows(
     source: Source,
     order: np.ndarray,
     *,
     cfg: PrepareConfig,
-    sink: dict[str, Any],
+    tally: _Tally,
+    skipped: list[str],
     progress: _Progress,
     log: Log,
 ) -> Iterator[Row]:
-    """Standardised PNG rows of one split; bad images raise or are skipped into sink['skipped']."""
+    """Standardised PNG rows of one split; bad images raise, or are logged and appended to `skipped`."""
     for i in order:
         rec = source.records[i]
+        progress.step()
         try:
             img = standardize(rec.open(), cfg=cfg)
         except BadImageError as err:
             if cfg.on_bad_image == "error":
                 raise
             log(f"prepare: skipped {err.path}: {err.reason}")
-            sink["skipped"].append(err.path)
-            progress.step()
+            skipped.append(err.path)
             continue
         png = encode_png(img)
-        sink["hash"].update(rec.id, png, rec.label)
-        sink["classes"][rec.label] += 1
-        if sink["stats"] is not None:
-            sink["stats"].add(np.asarray(img))
-        progress.step()
+        tally.hasher.update(rec.id, png, rec.label)
+        tally.classes[rec.label] += 1
+        if tally.stats is not None:
+            tally.stats.add(np.asarray(img))
         yield rec.id, png, rec.label
 
 
@@ -165,16 +178,15 @@ def _write_all(
     progress = _Progress(sum(len(v) for v in plan.values()), log=log)
     stats = _Stats(cfg.channels)
     skipped: list[str] = []
-    shards, hashes, classes = {}, {}, {}
+    shards, tallies = {}, {}
     for split in SPLITS:
-        sink = {"hash": RowHasher(), "classes": Counter(), "skipped": skipped,
-                "stats": stats if split == "train" else None}  # fmt: skip
-        rows = _rows(source, plan[split], cfg=cfg, sink=sink, progress=progress, log=log)
+        tally = tallies[split] = _Tally(stats=stats if split == "train" else None)
+        rows = _rows(source, plan[split], cfg=cfg, tally=tally, skipped=skipped, progress=progress, log=log)
         shards[split] = write_shards(rows, out_dir=out, split=split, shard_rows=cfg.shard_rows)
-        hashes[split] = sink["hash"].hexdigest()
-        classes[split] = sink["classes"]
+    classes = {s: tallies[s].classes for s in SPLITS}
+    hashes = {s: tallies[s].hasher.hexdigest() for s in SPLITS}
     counts = {s: sum(classes[s].values()) for s in SPLITS}
-    _check_class_sizes(sum(classes.values(), Counter()), source.class_names, cfg)  # after skips
+    _check_class_sizes(sum(classes.values(), Counter()), source.class_names, cfg, skipped=len(skipped))
     _check_splits(counts, cfg)
     mean, std = stats.mean_std()
     names = source.class_names

@@ -22,6 +22,8 @@ ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 #: Modes PIL converts to RGB directly.
 COLOUR_MODES = ("RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 CHANNEL_MODES = {1: "L", 3: "RGB"}
+#: Leading bytes of PNG, JPEG, GIF, BMP and WebP (RIFF): an unparsable file that has one is corrupt.
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
 
 
 class DataError(ValueError):
@@ -47,6 +49,8 @@ def decode_image(data: bytes, *, path: str) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             img.load()  # decode now so truncation fails here, not later
     except UnidentifiedImageError:
+        if data.startswith(IMAGE_MAGIC):
+            raise BadImageError(path, "corrupt or truncated image (header not readable)") from None
         raise BadImageError(path, "not an image (format not recognised)") from None
     except (
         OSError,
@@ -114,9 +118,10 @@ def _resample(src: tuple[int, int], dst: tuple[float, float]) -> Image.Resamplin
 
 
 def _center_crop(img: Image.Image, *, size: int, background: tuple[int, int, int]) -> Image.Image:
-    s = size / min(img.size)
-    method = _resample(img.size, (img.width * s, img.height * s))
-    return ImageOps.fit(img, (size, size), method=method, centering=(0.5, 0.5))
+    m = min(img.size)  # crop the central square first, so no pixel outside it bleeds in
+    left, top = (img.width - m) // 2, (img.height - m) // 2
+    img = img.crop((left, top, left + m, top + m))
+    return img if m == size else img.resize((size, size), _resample(img.size, (size, size)))
 
 
 def _pad(img: Image.Image, *, size: int, background: tuple[int, int, int]) -> Image.Image:

@@ -14,6 +14,8 @@ import ray.data
 from components.data.images import pngs_to_array
 from components.data.shards import read_meta, split_files
 
+DECODE_BATCH = 256  # rows decoded per task call: bounds float memory when images are large
+
 
 def decode_batch(batch: dict[str, np.ndarray], *, channels: int, size: int) -> dict[str, np.ndarray]:
     """{"image": PNG bytes (B,), "label": int32 (B,)} -> image float32 (B, C, H, W) in [-1, 1], label int64."""
@@ -31,6 +33,7 @@ def ray_dataset(data_dir: str | Path, split: str, *, materialize: bool = True) -
     ds = ds.map_batches(
         decode_batch,
         batch_format="numpy",
+        batch_size=DECODE_BATCH,
         fn_kwargs={"channels": meta["channels"], "size": meta["image_size"]},
     )
     return ds.materialize() if materialize else ds

@@ -24,8 +24,9 @@ class ShardDataset(Dataset):
         table = read_split(data_dir, split)
         self.ids: list[str] = table.column("id").to_pylist()
         self.class_names: tuple[str, ...] = tuple(self.meta["class_names"])
-        x = pngs_to_array(table.column("image").to_pylist(), channels=self.meta["channels"],
-                          size=self.meta["image_size"])  # fmt: skip
+        x = pngs_to_array(
+            table.column("image").to_pylist(), channels=self.meta["channels"], size=self.meta["image_size"]
+        )
         self.images = torch.from_numpy(x)  # (N, C, H, W)
         self.labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))  # (N,)
 

@@ -126,8 +126,12 @@ def draw_shape(*, name: str, index: int, label: int, shapes: ShapesConfig, seed:
     draw = ImageDraw.Draw(img)
     if name in ("circle", "ring"):
         box = (cx - r, cy - r, cx + r, cy + r)
-        draw.ellipse(box, fill=colour + (255,) if name == "circle" else None, outline=colour + (255,),
-                     width=0 if name == "circle" else max(1, round(r / 3)))  # fmt: skip
+        draw.ellipse(
+            box,
+            fill=colour + (255,) if name == "circle" else None,
+            outline=colour + (255,),
+            width=0 if name == "circle" else max(1, round(r / 3)),
+        )
     else:
         c, sn = math.cos(theta), math.sin(theta)
         pts = [(cx + x * c - y * sn, cy + x * sn + y * c) for x, y in _polygon(name, r)]
@@ -223,13 +227,17 @@ def _check_columns(path: Path, schema: pa.Schema, cfg: PrepareConfig) -> None:
     t = schema.field(cfg.parquet.image_column).type
     ok = pa.types.is_binary(t) or pa.types.is_large_binary(t)
     if not ok and not (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0):
-        raise DataError(f"{path}: image column {cfg.parquet.image_column!r} has type {t}; "
-                        f"expected binary or struct<bytes, path>")  # fmt: skip
+        raise DataError(
+            f"{path}: image column {cfg.parquet.image_column!r} has type {t}; "
+            f"expected binary or struct<bytes, path>"
+        )
     if cfg.parquet.label_column is not None and not pa.types.is_integer(
         schema.field(cfg.parquet.label_column).type
     ):
-        raise DataError(f"{path}: label column {cfg.parquet.label_column!r} has type "
-                        f"{schema.field(cfg.parquet.label_column).type}; expected integers")  # fmt: skip
+        raise DataError(
+            f"{path}: label column {cfg.parquet.label_column!r} has type "
+            f"{schema.field(cfg.parquet.label_column).type}; expected integers"
+        )
 
 
 def _image_bytes(column: pa.ChunkedArray) -> list[bytes | None]:
@@ -269,8 +277,10 @@ def parquet_source(cfg: PrepareConfig) -> Source:
     class_names = tuple(names) if names is not None else tuple(str(k) for k in range(top + 1))
     bad = next((r for r in records if not 0 <= r.label < len(class_names)), None)
     if bad is not None:
-        raise DataError(f"{bad.origin}: label {bad.label} outside 0..{len(class_names) - 1} "
-                        f"({len(class_names)} class names)")  # fmt: skip
+        raise DataError(
+            f"{bad.origin}: label {bad.label} outside 0..{len(class_names) - 1} "
+            f"({len(class_names)} class names)"
+        )
     return Source(class_names=class_names, records=records)
 
 

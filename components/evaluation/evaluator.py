@@ -9,8 +9,6 @@ Training augments with random translations only: digits are not flip-invariant.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,9 @@ class EvaluatorConfig(StrictConfig):
     def _widths_fit_groups(self) -> EvaluatorConfig:
         bad = [w for w in self.widths if w <= 0 or w % self.norm_groups]
         if bad:
-            raise ValueError(f"widths {list(bad)} must be positive multiples of norm_groups={self.norm_groups}")
+            raise ValueError(
+                f"widths {list(bad)} must be positive multiples of norm_groups={self.norm_groups}"
+            )
         return self
 
 
@@ -57,7 +57,7 @@ def _conv_block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
 
 
 class Evaluator(nn.Module):
-    """Stages of two 3x3 conv blocks (2x average-pool between stages), global pool, MLP head."""
+    """Stages of two 3x3 conv blocks (a 2x average pool enters stages 2 and 3), global pool, MLP head."""
 
     def __init__(self, cfg: EvaluatorConfig, *, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -69,7 +69,9 @@ class Evaluator(nn.Module):
         stages, c = [], in_channels
         for i, w in enumerate(cfg.widths):
             pool = [nn.AvgPool2d(2)] if 0 < i < 3 else []  # at most two downsamplings: 8x8 -> 2x2
-            stages.append(nn.Sequential(*pool, _conv_block(c, w, cfg.norm_groups), _conv_block(w, w, cfg.norm_groups)))
+            stages.append(
+                nn.Sequential(*pool, _conv_block(c, w, cfg.norm_groups), _conv_block(w, w, cfg.norm_groups))
+            )
             c = w
         self.stages = nn.ModuleList(stages)
         self.project = nn.Sequential(nn.Linear(c, cfg.feature_dim), nn.SiLU())
@@ -81,7 +83,11 @@ class Evaluator(nn.Module):
 
     def to_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the module (config.json)."""
-        return {"model": self.cfg.model_dump(mode="json"), "in_channels": self.in_channels, "num_classes": self.num_classes}
+        return {
+            "model": self.cfg.model_dump(mode="json"),
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Evaluator:
@@ -143,7 +149,9 @@ class EvaluatorTask(Task):
 
     phases = (Phase("main", "main"),)
 
-    def __init__(self, model: EvaluatorConfig, loop: LoopConfig, *, in_channels: int, num_classes: int) -> None:
+    def __init__(
+        self, model: EvaluatorConfig, loop: LoopConfig, *, in_channels: int, num_classes: int
+    ) -> None:
         super().__init__()
         self.cfg = model
         self.loop = loop
@@ -175,7 +183,7 @@ class EvaluatorTask(Task):
         return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
-        """Plain cross-entropy (no smoothing) and accuracy over all batches, in eval mode."""
+        """Plain cross-entropy (no smoothing) and accuracy over all batches (the loop logs val/<key>)."""
         net = self.modules["evaluator"]
         was_training = net.training
         net.eval()
@@ -191,7 +199,7 @@ class EvaluatorTask(Task):
         net.train(was_training)
         if count == 0:
             raise ValueError("evaluate got no validation samples")
-        return {"val_accuracy": correct / count, "val_loss": loss_sum / count}
+        return {"accuracy": correct / count, "loss": loss_sum / count}
 
 
 @torch.no_grad()
@@ -222,13 +230,11 @@ def save_evaluator(evaluator: Evaluator, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in evaluator.state_dict().items()}
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as f:
-        tmp = f.name
-    save_file(state, tmp)
-    os.replace(tmp, directory / WEIGHTS_FILE)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
-        json.dump(evaluator.to_dict(), f, indent=2)
-    os.replace(f.name, directory / CONFIG_FILE)
+    weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    save_file(state, weights.with_name(WEIGHTS_FILE + ".tmp"))
+    weights.with_name(WEIGHTS_FILE + ".tmp").replace(weights)
+    config.with_name(CONFIG_FILE + ".tmp").write_text(json.dumps(evaluator.to_dict(), indent=2))
+    config.with_name(CONFIG_FILE + ".tmp").replace(config)
 
 
 def load_evaluator(directory: str | Path, *, device: str | torch.device = "cpu") -> Evaluator:

@@ -7,9 +7,8 @@ one stride-2 downsampling between consecutive levels. The decoder mirrors it. A 
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
-
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from components.nn.blocks import AttnBlock, Downsample, ResBlock, Upsample, group_norm
@@ -72,7 +71,9 @@ class Encoder(nn.Module):
                 layers.append(Downsample(c_in))
         self.down = nn.Sequential(*layers)
         self.mid = _middle(c_in, attention=config.attention, dropout=config.dropout)
-        self.out = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, config.z_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, config.z_channels, 3, padding=1)
+        )
         self.downsample_factor = config.downsample_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,3 +60,17 @@ class MlflowSink:
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
     """Upload a local directory into the run's artifacts."""
     MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+class MlflowSampleSink:
+    """Progress sample grids from rank 0 into the run as `samples/<stage>-step-NNNNNN.png`."""
+
+    def __init__(self, tracking_uri: str, run_id: str, stage: str) -> None:
+        self.sink = MlflowSink(tracking_uri, run_id)
+        self.stage = stage
+
+    def __call__(self, images, *, step: int) -> None:
+        from components.evaluation.grid import make_grid
+
+        grid = make_grid(images.detach().float().cpu(), nrow=8)
+        self.sink.log_image(grid, f"samples/{self.stage}-step-{step:06d}.png")

@@ -1,4 +1,4 @@
-"""What every quantizer shares: its output, its interface, codebook-usage statistics, rank helpers.
+"""What every quantizer shares: its output, its interface and codebook-usage statistics.
 
 Perplexity is exp(H(p)) of the code histogram p (van den Oord et al. 2017 report it as a usage
 measure): it equals the number of codes when usage is uniform and 1 when a single code is used.
@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from components.training.distributed import all_reduce_sum
 
 
 @dataclass
@@ -68,12 +69,13 @@ class CodeUsage:
         self.counts.zero_()
 
     def update(self, indices: torch.Tensor) -> None:
-        self.counts += histogram(indices.detach(), self.codebook_size).to("cpu", torch.float64)
+        # counts follow the indices' device, so that an NCCL all-reduce finds them on the GPU
+        counts = histogram(indices.detach(), self.codebook_size).double()
+        self.counts = self.counts.to(counts.device) + counts
 
     def all_reduce(self) -> None:
-        """Sum the histograms of all ranks (call on every rank, before `usage`/`perplexity`)."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.counts)
+        """Sum the histograms of all ranks (a collective: call it on every rank or on none)."""
+        self.counts = all_reduce_sum(self.counts)
 
     def usage(self) -> float:
         """Share of the codebook used at least once since `reset` (0..1)."""
@@ -81,27 +83,3 @@ class CodeUsage:
 
     def perplexity(self) -> float:
         return float(perplexity(self.counts))
-
-
-# Rank helpers. They go through torch.distributed directly, guarded by is_initialized, so one
-# process (tests, export) needs no process group.
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over ranks in place (no-op in one process)."""
-    if distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def broadcast_(t: torch.Tensor, *, src: int = 0) -> torch.Tensor:
-    """Overwrite `t` with rank `src`'s value in place (no-op in one process)."""
-    if distributed():
-        dist.broadcast(t, src=src)
-    return t
-
-
-def rank() -> int:
-    return dist.get_rank() if distributed() else 0

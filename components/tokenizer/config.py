@@ -22,14 +22,18 @@ class QuantizerConfig(StrictConfig):
 
     kind: QuantizerKind = "vq"
     codebook_size: int = Field(default=1024, ge=2, description="K; for fsq it must equal prod(levels)")
-    code_dim: int | None = Field(default=None, ge=1, description="None: z_channels (vq, gumbel), len(levels) (fsq)")
+    code_dim: int | None = Field(
+        default=None, ge=1, description="None: z_channels (vq, gumbel), len(levels) (fsq)"
+    )
     # vq (van den Oord et al. 2017)
     beta: float = Field(default=0.25, ge=0)  # commitment weight
     ema: bool = False  # EMA codebook (Razavi et al. 2019) instead of the codebook loss
     ema_decay: float = Field(default=0.99, gt=0, lt=1)  # also the decay of the usage counts
     cosine: bool = False  # l2-normalised codes and inputs (ViT-VQGAN)
     restart_dead: bool = True  # replace dead codes by recent encoder outputs (Jukebox)
-    dead_threshold: float = Field(default=1.0, gt=0, description="EMA count per update below which a code is dead")
+    dead_threshold: float = Field(
+        default=1.0, gt=0, description="EMA count per update below which a code is dead"
+    )
     # gumbel (Jang et al. 2017; DALL-E dVAE)
     tau_start: float = Field(default=1.0, gt=0)
     tau_end: float = Field(default=1.0 / 16, gt=0)

@@ -69,5 +69,7 @@ class FiniteScalarQuantizer(Quantizer):
         return (digits * self._basis.view(1, -1, 1, 1)).sum(dim=1)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        digits = (indices.unsqueeze(1) // self._basis.view(1, -1, 1, 1)) % self._levels.long().view(1, -1, 1, 1)
+        digits = (indices.unsqueeze(1) // self._basis.view(1, -1, 1, 1)) % self._levels.long().view(
+            1, -1, 1, 1
+        )
         return (digits.float() - self._width.view(1, -1, 1, 1)) / self._width.view(1, -1, 1, 1)

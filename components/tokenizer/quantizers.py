@@ -34,7 +34,9 @@ def _gumbel(cfg: QuantizerConfig, dim: int) -> Quantizer:
 
 def _fsq(cfg: QuantizerConfig, dim: int) -> Quantizer:
     if dim != len(cfg.levels):
-        raise ValueError(f"fsq with levels={list(cfg.levels)} quantizes {len(cfg.levels)} channels, got dim={dim}")
+        raise ValueError(
+            f"fsq with levels={list(cfg.levels)} quantizes {len(cfg.levels)} channels, got dim={dim}"
+        )
     return FiniteScalarQuantizer(levels=cfg.levels)
 
 

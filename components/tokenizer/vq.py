@@ -24,14 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.tokenizer.base import (
-    Quantizer,
-    QuantizerOutput,
-    all_reduce_sum_,
-    batch_diagnostics,
-    broadcast_,
-    rank,
-)
+from components.tokenizer.base import Quantizer, QuantizerOutput, batch_diagnostics
+from components.training.distributed import all_reduce_sum, rank
 
 
 class VectorQuantizer(Quantizer):
@@ -143,8 +137,8 @@ class VectorQuantizer(Quantizer):
         device = self.cluster_size.device
         counts = self._counts if self._counts is not None else torch.zeros(k, device=device)
         sums = self._sums if self._sums is not None else torch.zeros(k, d, device=device)
-        packed = torch.cat([counts, sums.reshape(-1)]) if self.ema else counts.clone()
-        all_reduce_sum_(packed)  # one collective: global n_i (and sum z_e) over ranks
+        packed = torch.cat([counts, sums.reshape(-1)]) if self.ema else counts
+        packed = all_reduce_sum(packed)  # one collective: global n_i (and sums of z_e) over ranks
         counts = packed[:k]
         self._counts = self._sums = None
         if counts.sum() == 0:  # identical on every rank after the all-reduce
@@ -165,17 +159,25 @@ class VectorQuantizer(Quantizer):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        new = self.codebook.data[dead].clone()
-        if rank() == 0 and self._recent_filled > 0:
-            filled = self._recent_filled
-            if filled >= n_dead:
-                pick = torch.randperm(filled, device=new.device)[:n_dead]
-            else:
-                pick = torch.randint(filled, (n_dead,), device=new.device)
-            new = self._recent[pick].clone()
-        broadcast_(new, src=0)
+        new = torch.zeros_like(self.codebook.data[dead])
+        if rank() == 0:
+            new = self._candidates(n_dead, fallback=self.codebook.data[dead])
+        new = all_reduce_sum(new)  # a broadcast from rank 0: the other ranks add zeros
         self.codebook.data[dead] = new
         self.cluster_size[dead] = self.dead_threshold
         if self.ema:
             self.embed_sum[dead] = new * self.dead_threshold  # so that m_i / N_i is the new code
         self.num_restarted += n_dead
+
+    def _candidates(self, n: int, *, fallback: torch.Tensor) -> torch.Tensor:
+        """`n` random recent encoder outputs (with replacement when fewer are stored)."""
+        filled = self._recent_filled
+        if self._recent is None or filled == 0:
+            return fallback.clone()
+        device = self._recent.device
+        pick = (
+            torch.randperm(filled, device=device)[:n]
+            if filled >= n
+            else torch.randint(filled, (n,), device=device)
+        )
+        return self._recent[pick].clone()

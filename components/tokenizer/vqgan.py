@@ -58,7 +58,9 @@ class VQGAN(nn.Module):
         """x (B, C, H, W) -> continuous latents (B, D, H/f, W/f), before quantization."""
         return self.quant_conv(self.encoder(x))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def encode(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """x -> (z_q (B, D, h, w), indices (B, h, w), quantizer loss, diagnostics)."""
         out = self.quantizer(self.encode_latents(x))
         return out.z_q, out.indices, out.loss, out.diagnostics
@@ -75,7 +77,9 @@ class VQGAN(nn.Module):
         """Continuous latents (from `encode_latents` or a latent diffusion model) -> quantize -> decode."""
         return self.decode(self.quantizer(z).z_q)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """x -> (x_rec, quantizer loss, indices, diagnostics)."""
         z_q, indices, qloss, diagnostics = self.encode(x)
         return self.decode(z_q), qloss, indices, diagnostics

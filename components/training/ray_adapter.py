@@ -1,0 +1,230 @@
+"""The training loop as a Ray Train (V2) worker: sharded Ray Data, DDP, checkpoints in Ray storage.
+
+The only module outside components/data that imports Ray (STYLE 2: Ray's own example marks its four
+Ray lines). Each worker runs `loop.train` on its shard; rank 0 writes per-step metrics through the
+sink; every rank calls `ray.train.report` only at checkpoints, because report is a barrier that
+waits for the controller to poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A run is
+named by the caller: fitting again with the same name and storage path resumes from the latest
+checkpoint that run reported, after a worker failure and after a killed driver alike.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from components.training.checkpoint import State, load_state, module_states, save_state
+from components.training.config import LoopConfig, TrainConfig
+from components.training.loop import MetricSink, NonFiniteError, SampleSink, train
+from components.training.task import Batch, Task
+
+DATASET_KEYS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a finished run leaves: its final metrics and the checkpoint that holds its state."""
+
+    metrics: dict[str, float]  # the final metrics (train window averages, lr, val/*)
+    checkpoint: ray.train.Checkpoint | None  # the latest reported checkpoint (the final state)
+    path: str  # the run folder in storage
+    resumed_from: int | None  # step the last attempt restored from, None when it started fresh
+
+    def state(self) -> State:
+        """The final training state (modules, EMA, optimizers, ...) read from the checkpoint."""
+        if self.checkpoint is None:
+            raise FileNotFoundError(f"run {self.path} reported no checkpoint")
+        with self.checkpoint.as_directory() as folder:
+            return load_state(folder)
+
+    def module_states(self, *, ema_module: str | None, use_ema: bool = True) -> dict[str, Any]:
+        """Final module state dicts for export, with EMA weights in `ema_module` when kept."""
+        return module_states(self.state(), ema_module=ema_module, use_ema=use_ema)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What each worker receives (pickled): factories, not objects, so each builds its own."""
+
+    task_factory: Callable[[], Task]
+    loop: LoopConfig
+    train: TrainConfig
+    sink_factory: Callable[[], MetricSink] | None
+    sample_sink_factory: Callable[[], SampleSink] | None
+    shuffle_buffer: int | None
+    has_val: bool
+
+
+def storage_uri(path: str) -> str:
+    """Ray storage path: a URI (s3://...) as given, a local path expanded and made absolute."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 autocast on a GPU, fp32 elsewhere; bf16/fp32 as given."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def fit(
+    *,
+    task_factory: Callable[[], Task],
+    loop: LoopConfig,
+    train: TrainConfig,
+    run_name: str,
+    datasets: dict[str, ray.data.Dataset],
+    sink_factory: Callable[[], MetricSink] | None = None,
+    sample_sink_factory: Callable[[], SampleSink] | None = None,
+    shuffle_buffer: int | None = 1024,
+) -> FitResult:
+    """Train on Ray Train with `train.num_workers` workers; resumes run `run_name` if it has a checkpoint.
+
+    Factories must be picklable (module-level callables or functools.partial); `sink_factory` is
+    called on rank 0 only. Raises NonFiniteError without retrying: a resume would only repeat it.
+    """
+    unknown = sorted(set(datasets) - set(DATASET_KEYS))
+    if unknown or "train" not in datasets:
+        raise ValueError(f"datasets keys {sorted(datasets)}: need 'train', may have 'val'; unknown {unknown}")
+    loop.per_worker_batch(train.num_workers)  # fail here, not in every worker
+    spec = _Spec(
+        task_factory=task_factory,
+        loop=loop,
+        train=train,
+        sink_factory=sink_factory,
+        sample_sink_factory=sample_sink_factory,
+        shuffle_buffer=shuffle_buffer,
+        has_val="val" in datasets,
+    )
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    trainer = ray.train.torch.TorchTrainer(
+        _worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_uri(train.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.num_to_keep),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    out = result.return_value or {}
+    if "nonfinite" in out:
+        raise NonFiniteError(out["nonfinite"])
+    metrics = out.get("metrics", {k: v for k, v in (result.metrics or {}).items() if k != "step"})
+    return FitResult(
+        metrics=dict(metrics),
+        checkpoint=result.checkpoint,
+        path=str(result.path),
+        resumed_from=out.get("resumed_from"),
+    )
+
+
+class RayCheckpointIO:
+    """CheckpointIO over Ray Train: restore from get_checkpoint, save through report (all ranks)."""
+
+    def __init__(self, *, rank: int) -> None:
+        self.rank = rank
+        self.restored_step: int | None = None
+
+    def restore(self) -> State | None:
+        """This rank's view of the run's latest checkpoint, or None."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            state = load_state(folder, rank=self.rank)
+        self.restored_step = int(state["step"])
+        return state
+
+    def save(self, state: State, *, step: int, metrics: dict[str, float]) -> None:
+        """Each rank writes its part (rank 0 the shared state, each its RNG); Ray merges the folders."""
+        with tempfile.TemporaryDirectory(prefix="genpipe-ckpt-") as folder:
+            save_state(folder, state, rank=self.rank)
+            # SYNC upload: the files are copied to storage before report returns.
+            ray.train.report(
+                {**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder)
+            )
+
+
+def _wrapper(*, world: int, device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    """DDP (via prepare_model, which also moves to the device) for trainable modules when world > 1."""
+
+    def wrap(module: nn.Module) -> nn.Module:
+        if world > 1 and any(p.requires_grad for p in module.parameters()):
+            return ray.train.torch.prepare_model(module)
+        return module.to(device)  # frozen modules (a perceptual net) need no gradient all-reduce
+
+    return wrap
+
+
+def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int):
+    """batches(epoch) over this worker's train shard and val_batches() over its val shard."""
+    shard = ray.train.get_dataset_shard("train")
+    val = ray.train.get_dataset_shard("val") if spec.has_val else None
+
+    def batches(epoch: int) -> Iterable[Batch]:
+        return shard.iter_torch_batches(
+            batch_size=micro,
+            drop_last=True,  # equal micro-batches on every rank keep DDP's mean exact
+            local_shuffle_buffer_size=spec.shuffle_buffer,
+            local_shuffle_seed=None if spec.shuffle_buffer is None else spec.train.seed + 7919 * epoch + rank,
+            device=device,
+        )
+
+    def val_batches() -> Iterable[Batch]:
+        return val.iter_torch_batches(batch_size=micro, drop_last=False, device=device)
+
+    return batches, (val_batches if val is not None else None)
+
+
+def _worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker entry: build the task and its data on this rank, then run the loop."""
+    spec: _Spec = config["spec"]
+    torch.set_num_threads(spec.train.torch_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    batches, val_batches = _data(spec, micro=spec.loop.per_worker_batch(world), device=device, rank=rank)
+    io = RayCheckpointIO(rank=rank)
+    main = rank == 0
+    sink = spec.sink_factory() if main and spec.sink_factory is not None else None
+    sample_sink = spec.sample_sink_factory() if main and spec.sample_sink_factory is not None else None
+    try:
+        metrics = train(
+            spec.task_factory(),
+            loop=spec.loop,
+            batches=batches,
+            device=device,
+            precision=resolve_precision(spec.train.precision, device),
+            seed=spec.train.seed,
+            val_batches=val_batches,
+            wrap=_wrapper(world=world, device=device),
+            checkpoint_io=io,
+            sink=sink,
+            sample_sink=sample_sink,
+            progress=main,
+        )
+    except NonFiniteError as err:
+        # Returned, not raised: Ray would retry from the last checkpoint and hit the same NaN.
+        return {"nonfinite": str(err), "resumed_from": io.restored_step}
+    finally:
+        if sink is not None:
+            sink.close()
+    return {"metrics": metrics, "resumed_from": io.restored_step}

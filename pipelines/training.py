@@ -1,0 +1,107 @@
+"""What every training stage driver does around `fit`: Ray, the resumable run, curves, export."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from components.registry.registry import register_version, registered_name
+from components.registry.tracking import MlflowSampleSink, MlflowSink
+from components.schema import StrictConfig
+from components.training.config import LoopConfig
+from components.training.task import Task
+from pipelines.runtime import StageRun, dvc_data_hash, git_commit, init_ray, repo_root
+
+
+def ray_run_name(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str]) -> str:
+    """`<stage>-<hash>` of the stage and `train` params and the data: same inputs resume, new ones start fresh."""
+    blob = json.dumps(
+        {
+            "stage": sections[stage].model_dump(mode="json"),
+            "train": sections["train"].model_dump(mode="json"),
+            "data": dvc_data_hash(data_deps),
+        },
+        sort_keys=True,
+    )
+    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def train_on_ray(
+    *,
+    stage: str,
+    sections: dict[str, StrictConfig],
+    run: StageRun,
+    task_factory: Callable[[], Task],
+    loop: LoopConfig,
+    data_dir: Path,
+    run_name: str,
+):
+    """Train `task_factory()` on the prepared shards through Ray Train, logging into `run`."""
+    from components.data.raydata import ray_dataset
+    from components.training.ray_adapter import fit
+
+    init_ray(sections["ray"])
+    datasets = {"train": ray_dataset(data_dir, "train"), "val": ray_dataset(data_dir, "val")}
+    result = fit(
+        task_factory=task_factory,
+        loop=loop,
+        train=sections["train"],
+        run_name=run_name,
+        datasets=datasets,
+        sink_factory=partial(MlflowSink, run.tracking_uri, run.run_id),
+        sample_sink_factory=partial(MlflowSampleSink, run.tracking_uri, run.run_id, stage),
+    )
+    if result.resumed_from:
+        print(f"{stage}: resumed run {run_name} from step {result.resumed_from}")
+    return result
+
+
+def write_curves(run: StageRun, path: Path) -> None:
+    """Every per-step metric of the run as one CSV (`step` + one column per metric) for dvc plots."""
+    client = MlflowClient(tracking_uri=run.tracking_uri)
+    keys = sorted(client.get_run(run.run_id).data.metrics)
+    rows: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for m in client.get_metric_history(run.run_id, key):
+            rows.setdefault(int(m.step), {})[key] = m.value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *keys])
+        writer.writeheader()
+        for step in sorted(rows):
+            writer.writerow({"step": step, **rows[step]})
+    tmp.replace(path)
+
+
+def register(
+    run: StageRun, *, family: str, model_dir: Path, metrics: dict[str, float], enabled: bool
+) -> str | None:
+    """Log `model_dir` into the run and register it as a new version of `genpipe-<family>`."""
+    run.log_artifacts(model_dir, "model")
+    if not enabled:
+        return None
+    tags = {**run.tags, "git_commit": git_commit(), **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    version = register_version(
+        tracking_uri=run.tracking_uri,
+        name=registered_name(family),
+        run_id=run.run_id,
+        artifact_path="model",
+        tags=tags,
+    )
+    print(f"registered {registered_name(family)} version {version}")
+    return version
+
+
+def rel(path: Path) -> str:
+    """A path relative to the repo root, for messages."""
+    try:
+        return str(path.relative_to(repo_root()))
+    except ValueError:
+        return str(path)

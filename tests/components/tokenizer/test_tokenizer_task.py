@@ -1,0 +1,139 @@
+"""TokenizerTask: phases, the adversarial term from disc.start_step, gradient isolation, evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.tokenizer.config import TokenizerConfig
+from components.tokenizer.task import TokenizerTask
+from components.training.config import LoopConfig
+from components.training.task import Phase
+
+torch.set_num_threads(1)
+
+LOOP = LoopConfig(steps=10, batch_size=4, lr=1e-3, betas=(0.5, 0.9))
+
+
+class _Features(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.conv(x)]
+
+
+def _task(*, quantizer: dict | None = None, perceptual: bool = True, **disc) -> TokenizerTask:
+    cfg = TokenizerConfig(
+        autoencoder=dict(
+            in_channels=1,
+            channels=8,
+            channel_mult=(1, 2, 2),
+            downsample_factor=4,
+            num_res_blocks=1,
+            z_channels=8,
+        ),
+        quantizer=quantizer or {"kind": "vq", "codebook_size": 16, "ema": True},
+        loss={
+            "perceptual_weight": 1.0 if perceptual else 0.0,
+            "disc": {"layers": 2, "channels": 8, "start_step": 3, **disc},
+        },
+    )
+    task = TokenizerTask(cfg, LOOP, feature_fn=_Features().feature_maps if perceptual else None)
+    task.build(device=torch.device("cpu"), wrap=lambda m: m)
+    return task
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    return {"image": torch.rand(4, 1, 16, 16) * 2 - 1, "label": torch.zeros(4, dtype=torch.long)}
+
+
+def test_phases_modules_and_optimizers() -> None:
+    task = _task()
+    assert task.phases == (
+        Phase("generator", "generator"),
+        Phase("discriminator", "discriminator", start_step=3),
+    )
+    assert set(task.modules) == {"vqgan", "discriminator"} == set(task.wrapped)
+    opts = task.optimizers()
+    assert set(opts) == {"generator", "discriminator"}
+    assert opts["generator"].defaults["betas"] == (0.5, 0.9)
+    no_disc = _task(weight=0.0)
+    assert [p.name for p in no_disc.phases] == ["generator"] and "discriminator" not in no_disc.modules
+
+
+def test_adversarial_term_only_from_the_start_step() -> None:
+    task = _task()
+    _, before = task.step("generator", _batch(), step=2)
+    assert "g_loss" not in before
+    _, after = task.step("generator", _batch(), step=3)
+    assert {"g_loss", "d_weight", "rec_loss", "p_loss", "q_loss", "perplexity"} <= set(after)
+    assert after["d_weight"] >= 0
+
+
+def test_phases_leave_no_gradients_in_the_other_network() -> None:
+    task = _task()
+    vqgan, disc = task.modules["vqgan"], task.modules["discriminator"]
+    loss, _ = task.step("generator", _batch(), step=5)
+    loss.backward()
+    assert all(p.grad is None for p in disc.parameters())
+    assert vqgan.decoder.last_layer.grad is not None
+    vqgan.zero_grad(set_to_none=True)
+    codebook = vqgan.quantizer.codebook.clone()
+    d_loss, diag = task.step("discriminator", _batch(), step=5)
+    d_loss.backward()
+    assert all(p.grad is None for p in vqgan.parameters())
+    assert all(p.grad is not None for p in disc.parameters())
+    assert {"d_loss", "logits_real", "logits_fake"} <= set(diag)
+    task.after_update("discriminator", step=5)
+    assert torch.equal(vqgan.quantizer.codebook, codebook), (
+        "the discriminator phase must not move the codebook"
+    )
+
+
+def test_after_generator_update_moves_the_ema_codebook() -> None:
+    task = _task()
+    codebook = task.modules["vqgan"].quantizer.codebook.clone()
+    task.step("generator", _batch(), step=0)
+    task.after_update("generator", step=0)
+    assert not torch.equal(task.modules["vqgan"].quantizer.codebook, codebook)
+
+
+def test_gumbel_temperature_follows_the_step() -> None:
+    task = _task(
+        quantizer={
+            "kind": "gumbel",
+            "codebook_size": 16,
+            "tau_start": 1.0,
+            "tau_end": 0.25,
+            "anneal_steps": 10,
+        }
+    )
+    task.step("generator", _batch(), step=10)
+    assert task.modules["vqgan"].quantizer.tau == pytest.approx(0.25)
+    task.step("generator", _batch(), step=5)
+    assert task.modules["vqgan"].quantizer.tau == pytest.approx(0.5)
+
+
+def test_evaluate_reconstruct_and_sample() -> None:
+    task = _task(perceptual=False)
+    metrics = task.evaluate([_batch(), _batch()])
+    assert set(metrics) == {"val_l1", "val_psnr", "codebook_usage", "perplexity"}
+    assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 16
+    assert metrics["val_psnr"] > 0 and metrics["val_l1"] > 0
+    assert task.modules["vqgan"].training, "evaluate must restore training mode"
+    x_rec = task.reconstruct(_batch()["image"])
+    assert x_rec.shape == (4, 1, 16, 16) and x_rec.abs().max() <= 1
+    assert task.sample(4, generator=torch.Generator()) is None
+
+
+def test_perceptual_weight_needs_a_feature_network() -> None:
+    cfg = TokenizerConfig(autoencoder=dict(in_channels=1, channel_mult=(1, 2), downsample_factor=2))
+    with pytest.raises(ValueError, match="perceptual_weight=1.0 needs a feature network"):
+        TokenizerTask(cfg, LOOP)
+
+
+def test_unknown_phase() -> None:
+    with pytest.raises(ValueError, match=r"unknown phase 'critic'; valid: \['generator', 'discriminator'\]"):
+        _task().step("critic", _batch(), step=0)

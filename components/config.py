@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError
 
 from components.data.config import PrepareConfig
 from components.schema import StrictConfig
-from components.stages import TrainEvaluatorConfig
+from components.stages import EncodeConfig, TrainEvaluatorConfig, TrainTokenizerConfig
 from components.training.config import TrainConfig
 
 
@@ -49,6 +49,8 @@ SHARED_SECTIONS: dict[str, type[StrictConfig]] = {
 STAGE_SECTIONS: dict[str, type[StrictConfig]] = {
     "prepare": PrepareConfig,
     "train_evaluator": TrainEvaluatorConfig,
+    "train_tokenizer": TrainTokenizerConfig,
+    "encode": EncodeConfig,
 }
 
 

@@ -85,6 +85,7 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each worker line prints twice
     _quiet_ray_data()
     address = os.environ.get("RAY_ADDRESS") or cfg.address
     if address:
@@ -132,12 +133,13 @@ class StageRun:
             client.log_metric(self.run_id, k, float(v), step=step or 0)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
 
-        flat = _flatten(params)
-        with mlflow.start_run(run_id=self.run_id):
-            for i in range(0, len(flat), 100):
-                mlflow.log_params(dict(list(flat.items())[i : i + 100]))
+        flat = [Param(k, v) for k, v in _flatten(params).items()]
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(self.run_id, params=flat[i : i + 100])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         from mlflow import MlflowClient

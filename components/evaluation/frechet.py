@@ -13,7 +13,7 @@ as a private function; the pipeline needs stored statistics (test-set mu, Sigma 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +151,13 @@ def feature_stats(
     return acc.stats()
 
 
-def _stream(evaluator: Evaluator, images, *, batch_size: int, sink) -> None:
+def _stream(
+    evaluator: Evaluator,
+    images: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    batch_size: int,
+    sink: Callable[[torch.Tensor], object],
+) -> None:
     """Feed features of each batch to `sink`, in eval mode, restoring the previous mode."""
     was_training = evaluator.training
     evaluator.eval()

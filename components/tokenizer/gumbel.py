@@ -63,7 +63,7 @@ class GumbelQuantizer(Quantizer):
         kl = (log_q.exp() * (log_q + math.log(self.codebook_size))).sum(dim=1).mean()
         diagnostics = batch_diagnostics(indices, self.codebook_size)
         diagnostics["kl"] = kl.detach()
-        diagnostics["tau"] = torch.tensor(self.tau)
+        diagnostics["tau"] = logits.new_tensor(self.tau)
         return QuantizerOutput(z_q=z_q, loss=self.kl_weight * kl, indices=indices, diagnostics=diagnostics)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:

@@ -126,16 +126,16 @@ class _Run:
     device: torch.device
     precision: str
     seed: int
-    stream: _Stream
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
     ema: EMA | None
-    val_batches: Callable[[], Iterable[Batch]] | None
-    checkpoint_io: CheckpointIO | None
-    sink: MetricSink | None
-    sample_sink: SampleSink | None
-    num_samples: int
-    progress: bool
+    stream: _Stream | None = None
+    val_batches: Callable[[], Iterable[Batch]] | None = None
+    checkpoint_io: CheckpointIO | None = None
+    sink: MetricSink | None = None
+    sample_sink: SampleSink | None = None
+    num_samples: int = 16
+    progress: bool = True
     logged_up_to: int = -1
     latest: dict[str, float] = field(default_factory=dict)
     window: _Window = field(default_factory=_Window)
@@ -162,21 +162,9 @@ def train(
     `batches(epoch)` yields this rank's micro-batches of that epoch; it must give the same batches
     for the same epoch without drawing from the global RNG (exact resume replays the epoch).
     """
-    run = _setup(
-        task,
-        loop=loop,
-        batches=batches,
-        device=device,
-        precision=precision,
-        seed=seed,
-        wrap=wrap,
-        val_batches=val_batches,
-        checkpoint_io=checkpoint_io,
-        sink=sink,
-        sample_sink=sample_sink,
-        num_samples=num_samples,
-        progress=progress,
-    )
+    run = _setup(task, loop=loop, device=device, precision=precision, seed=seed, wrap=wrap)
+    run.stream, run.val_batches, run.checkpoint_io = _Stream(batches), val_batches, checkpoint_io
+    run.sink, run.sample_sink, run.num_samples, run.progress = sink, sample_sink, num_samples, progress
     state = checkpoint_io.restore() if checkpoint_io is not None else None
     start = _restore(run, state) if state is not None else 0
     if start >= loop.steps:
@@ -211,15 +199,7 @@ def _end_step(run: _Run, *, seconds: float) -> None:
 
 
 def _setup(
-    task: Task,
-    *,
-    loop: LoopConfig,
-    batches: Callable[[int], Iterable[Batch]],
-    device: torch.device,
-    precision: str,
-    seed: int,
-    wrap: Wrap,
-    **rest: Any,
+    task: Task, *, loop: LoopConfig, device: torch.device, precision: str, seed: int, wrap: Wrap
 ) -> _Run:
     """Seed, build the task and its optimizers, schedulers and EMA; check the task's names."""
     if precision not in PRECISIONS:
@@ -245,18 +225,8 @@ def _setup(
         ema = EMA(task.modules[task.ema_module], decay=loop.ema_decay, warmup=loop.ema_warmup)
     for module in task.modules.values():
         module.train()
-    return _Run(
-        task=task,
-        loop=loop,
-        device=device,
-        precision=precision,
-        seed=seed,
-        stream=_Stream(batches),
-        optimizers=optimizers,
-        schedulers=build_schedulers(optimizers, loop=loop),
-        ema=ema,
-        **rest,
-    )
+    schedulers = build_schedulers(optimizers, loop=loop)
+    return _Run(task, loop, device, precision, seed, optimizers=optimizers, schedulers=schedulers, ema=ema)
 
 
 def _seed_all(seed: int) -> None:
@@ -330,13 +300,7 @@ def _guard(named: list[tuple[str, torch.Tensor]], *, step: int) -> None:
     message = None
     for (name, _), v in zip(named, values.tolist(), strict=True):
         if not np.isfinite(v):
-            what = (
-                "loss"
-                if name.endswith("/loss")
-                else "gradient norm"
-                if name.endswith("/grad_norm")
-                else "diagnostic"
-            )
+            what = {"loss": "loss", "grad_norm": "gradient norm"}.get(name.rsplit("/", 1)[1], "diagnostic")
             message = f"step {step + 1}: {what} {name!r} is {v} (rank {dist.rank()})"
             break
     first = next(m for m in dist.all_gather_object(message) if m is not None)
@@ -367,7 +331,9 @@ def _validate(run: _Run) -> dict[str, float]:
     keys = sorted(raw)
     if not keys:
         return {}
-    means = dist.all_reduce_mean(torch.tensor([float(raw[k]) for k in keys], device=run.device))
+    means = dist.all_reduce_mean(
+        torch.tensor([float(raw[k]) for k in keys], dtype=torch.float64, device=run.device)
+    )
     return {f"val/{k}": v for k, v in zip(keys, means.tolist(), strict=True)}
 
 
@@ -400,12 +366,8 @@ def _after_step(run: _Run, *, done: int) -> None:
             run.sink.log(metrics, done)
         if run.progress:
             _print_progress(metrics, done=done, steps=loop.steps)
-    if (
-        run.sample_sink is not None
-        and loop.sample_every > 0
-        and dist.is_main()
-        and _due(loop.sample_every, done, last=last)
-    ):
+    samples_on = run.sample_sink is not None and loop.sample_every > 0 and dist.is_main()
+    if samples_on and _due(loop.sample_every, done, last=last):
         _sample(run, done=done)
     if run.checkpoint_io is not None and _due(loop.checkpoint_every, done, last=last):
         run.checkpoint_io.save(_capture(run, done=done), step=done, metrics=dict(run.latest))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -90,8 +91,10 @@ def fit(
 ) -> FitResult:
     """Train on Ray Train with `train.num_workers` workers; resumes run `run_name` if it has a checkpoint.
 
-    Factories must be picklable (module-level callables or functools.partial); `sink_factory` is
-    called on rank 0 only. Raises NonFiniteError without retrying: a resume would only repeat it.
+    Factories must be picklable (module-level callables or functools.partial); `sink_factory` and
+    `sample_sink_factory` are called on rank 0 only. `shuffle_buffer` rows feed each worker's local
+    shuffle (None: data order as read). Raises NonFiniteError without retrying: a resume from the
+    last checkpoint would only repeat it.
     """
     unknown = sorted(set(datasets) - set(DATASET_KEYS))
     if unknown or "train" not in datasets:

@@ -24,7 +24,9 @@ class _Features(torch.nn.Module):
         return [self.conv(x)]
 
 
-def _task(*, quantizer: dict | None = None, perceptual: bool = True, **disc) -> TokenizerTask:
+def _task(
+    *, quantizer: dict | None = None, perceptual: bool = True, build: bool = True, **disc
+) -> TokenizerTask:
     cfg = TokenizerConfig(
         autoencoder=dict(
             in_channels=1,
@@ -41,7 +43,8 @@ def _task(*, quantizer: dict | None = None, perceptual: bool = True, **disc) -> 
         },
     )
     task = TokenizerTask(cfg, LOOP, feature_fn=_Features().feature_maps if perceptual else None)
-    task.build(device=torch.device("cpu"), wrap=lambda m: m)
+    if build:
+        task.build(device=torch.device("cpu"), wrap=lambda m: m)
     return task
 
 
@@ -137,3 +140,23 @@ def test_perceptual_weight_needs_a_feature_network() -> None:
 def test_unknown_phase() -> None:
     with pytest.raises(ValueError, match=r"unknown phase 'critic'; valid: \['generator', 'discriminator'\]"):
         _task().step("critic", _batch(), step=0)
+
+
+def test_runs_under_the_training_loop_with_accumulation() -> None:
+    from components.training.loop import train
+
+    task = _task(perceptual=False, build=False, start_step=2)
+    loop = LoopConfig(
+        steps=5, batch_size=4, grad_accum=2, lr=1e-3, betas=(0.5, 0.9), log_every=1, val_every=5
+    )
+    data = [_batch() for _ in range(4)]
+    metrics = train(
+        task,
+        loop=loop,
+        batches=lambda epoch: data,
+        device=torch.device("cpu"),
+        val_batches=lambda: data[:2],
+        progress=False,
+    )
+    assert {"generator/g_loss", "discriminator/d_loss", "val/codebook_usage", "val/val_psnr"} <= set(metrics)
+    assert task.modules["vqgan"].quantizer.cluster_size.sum() != 16, "the EMA codebook must have been updated"

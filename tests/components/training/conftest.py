@@ -126,11 +126,13 @@ class TwoPhaseTask(Task):
     def step(self, phase: str, batch: Batch, *, step: int):
         self.calls.append((phase, step, int(batch["label"][0])))
         x = batch["image"].flatten(1)
-        fake = self.wrapped["g"](torch.randn_like(x))
+        z = x.flip(1)  # "noise" from the data keeps the toy deterministic across worker counts
         if phase == "d":
-            loss = (self.wrapped["d"](x) - 1).pow(2).mean() + self.wrapped["d"](fake.detach()).pow(2).mean()
+            with torch.no_grad():  # no backward through g here: keep DDP's reducer out of it
+                fake = self.wrapped["g"](z)
+            loss = (self.wrapped["d"](x) - 1).pow(2).mean() + self.wrapped["d"](fake).pow(2).mean()
         else:
-            loss = (self.wrapped["d"](fake) - 1).pow(2).mean()
+            loss = (self.wrapped["d"](self.wrapped["g"](z)) - 1).pow(2).mean()
         return loss, {}
 
 
@@ -213,7 +215,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_THIS = sys.modules[__name__]  # captured now: other test folders' conftest modules share the name
+
+
 @pytest.fixture(scope="session")
 def toy():
     """This module, for tests that need the toy tasks and helpers."""
-    return sys.modules[__name__]
+    return _THIS

@@ -23,7 +23,7 @@ import torch
 
 from components.training.config import LoopConfig, TrainConfig
 from components.training.loop import NonFiniteError, train
-from components.training.ray_adapter import fit, storage_uri
+from components.training.ray_adapter import fit, resolve_precision, storage_uri
 
 N = 8  # samples = the global batch
 ATOL = 1e-6  # float32 summation order: 2 shards of 4 vs 1 of 8
@@ -97,6 +97,44 @@ def test_one_and_two_workers_match_the_plain_loop(ray_local, toy, tmp_path):
     # val/mse is each rank's shard mean averaged over ranks: equal shards make it the global mean.
     assert results[2].metrics["val/mse"] == pytest.approx(results[1].metrics["val/mse"], abs=1e-5)
     assert results[2].state()["step"] == 5
+
+    # Same name and storage path again: Ray hands back the finished run's checkpoint, nothing retrains.
+    again = fit(
+        task_factory=toy.RegressionTask,
+        loop=LoopConfig(steps=5, **LOOP),
+        train=_train_cfg(tmp_path, num_workers=1),
+        run_name="parity-1",
+        datasets={"train": ds, "val": ds},
+        sink_factory=partial(toy.JsonlSink, str(tmp_path / "w1.jsonl")),
+    )
+    assert again.resumed_from == 5 and again.metrics == results[1].metrics
+    assert _steps(tmp_path / "w1.jsonl") == [1, 2, 3, 4, 5]
+
+
+def test_two_phases_with_accumulation_under_ddp_match_the_plain_loop(ray_local, toy, tmp_path):
+    # Two DDP-wrapped modules, two optimizers, repeats, start_step and no_sync on the first micro-batch.
+    loop = LoopConfig(steps=6, grad_accum=2, **LOOP)
+    result = fit(
+        task_factory=toy.TwoPhaseTask,
+        loop=loop,
+        train=_train_cfg(tmp_path),
+        run_name="phases",
+        datasets={"train": ray.data.from_items(toy.ray_rows(toy.make_data(N)))},
+    )
+    reference = toy.TwoPhaseTask()
+    train(
+        reference,
+        loop=loop,
+        batches=toy.loader_batches(toy.make_data(N), batch_size=N // 2),
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    got = result.module_states(ema_module=None)
+    for name in ("g", "d"):
+        for key, value in reference.modules[name].state_dict().items():
+            torch.testing.assert_close(got[name][key], value, atol=ATOL, rtol=0)
+    torch.manual_seed(0)  # what build() drew: g moved, in its one active step (s=4)
+    assert not torch.allclose(got["g"]["weight"], torch.nn.Linear(4, 4).weight)
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, toy, tmp_path):
@@ -228,3 +266,30 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_storage_paths_precision_and_dataset_keys(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert storage_uri("~/runs") == str(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    assert storage_uri("rel/runs") == str(tmp_path / "rel" / "runs")
+    assert storage_uri("s3://bucket/runs") == "s3://bucket/runs"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    with pytest.raises(ValueError, match="need 'train', may have 'val'; unknown \\['test'\\]"):
+        fit(
+            task_factory=toy.RegressionTask,
+            loop=LoopConfig(steps=2, **LOOP),
+            train=_train_cfg(tmp_path),
+            run_name="x",
+            datasets={"train": None, "test": None},
+        )
+    with pytest.raises(ValueError, match="batch_size=8 is not divisible by num_workers\\*grad_accum=3"):
+        fit(
+            task_factory=toy.RegressionTask,
+            loop=LoopConfig(steps=2, **LOOP),
+            train=_train_cfg(tmp_path, num_workers=3),
+            run_name="x",
+            datasets={"train": None},
+        )

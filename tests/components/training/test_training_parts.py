@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -148,3 +150,13 @@ def test_rank_helpers_without_a_process_group():
     assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
     assert torch.equal(dist.all_reduce_mean(x), x) and dist.all_gather_object("a") == ["a"]
     dist.barrier()
+
+
+def test_only_the_adapter_imports_ray():
+    code = (
+        "import sys, components.training.loop, components.training.checkpoint, components.training.ema, "
+        "components.training.schedule, components.training.distributed; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'mlflow', 'dvc'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,134 @@
+"""`make bench`: throughput of training through Ray Train + Ray Data against a plain PyTorch loop.
+
+Both sides train the same evaluator model on the same prepared digits with the same batch, one
+torch thread, measured in the same run; the figure that matters is the ratio (Ray / plain).
+Results are printed as a Markdown table and written to reports/bench.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from components.data.config import PrepareConfig
+from components.evaluation.evaluator import Evaluator, EvaluatorConfig, EvaluatorTask
+from components.training.config import LoopConfig, TrainConfig
+
+STEPS, WARMUP = 300, 30
+MODELS = {
+    "evaluator (default, 0.30M)": EvaluatorConfig(),
+    "wide evaluator (1.18M)": EvaluatorConfig(widths=(64, 128, 256)),
+}
+
+
+def plain_steps_per_s(cfg: EvaluatorConfig, data: Path, *, batch: int) -> float:
+    """A hand-written loop: shuffled in-memory batches, forward, backward, AdamW step."""
+    from components.data.readers import ShardDataset
+
+    ds = ShardDataset(data, "train")
+    model = Evaluator.from_config(cfg, in_channels=ds.meta["channels"], num_classes=ds.meta["num_classes"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(ds.images, ds.labels), batch_size=batch, shuffle=True, drop_last=True
+    )
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    tic = 0.0
+    for step in range(STEPS + WARMUP):
+        if step == WARMUP:
+            tic = time.perf_counter()
+        x, y = next(it)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return STEPS / (time.perf_counter() - tic)
+
+
+def ray_steps_per_s(cfg: EvaluatorConfig, data: Path, *, batch: int, storage: Path) -> tuple[float, float]:
+    """The genpipe loop as one Ray Train worker on materialized Ray Data; (steps/s, wall seconds)."""
+    from functools import partial
+
+    from components.data.raydata import ray_dataset
+    from components.data.shards import read_meta
+    from components.training.ray_adapter import fit
+
+    meta = read_meta(data)
+    loop = LoopConfig(
+        steps=STEPS, batch_size=batch, lr=1e-3, log_every=STEPS, grad_clip=None, schedule="constant"
+    )
+    train = TrainConfig(storage_path=str(storage))
+    tic = time.perf_counter()
+    result = fit(
+        task_factory=partial(
+            EvaluatorTask, cfg, loop, in_channels=meta["channels"], num_classes=meta["num_classes"]
+        ),
+        loop=loop,
+        train=train,
+        run_name=f"bench-{time.time_ns()}",
+        datasets={"train": ray_dataset(data, "train")},
+    )
+    return result.metrics["perf/steps_per_s"], time.perf_counter() - tic
+
+
+def main() -> None:
+    import ray
+
+    from components.data.build import build_dataset
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    with tempfile.TemporaryDirectory(prefix="genpipe-bench-") as tmp:
+        data = Path(tmp) / "processed"
+        build_dataset(PrepareConfig(), data, log=lambda *_: None)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - t0
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        rows = []
+        batch = 64
+        for name, cfg in MODELS.items():
+            plain = plain_steps_per_s(cfg, data, batch=batch)
+            on_ray, wall = ray_steps_per_s(cfg, data, batch=batch, storage=Path(tmp) / "ray")
+            rows.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "plain_steps_per_s": plain,
+                    "ray_steps_per_s": on_ray,
+                    "ratio": on_ray / plain,
+                    "ray_fit_wall_s": wall,
+                }
+            )
+        ray.shutdown()
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads 1; "
+        f"ray.init {ray_start:.1f} s\n"
+    )
+    print("| model | batch | plain loop steps/s | Ray Train + Ray Data steps/s | ratio | fit() wall s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['batch']} | {r['plain_steps_per_s']:.1f} | {r['ray_steps_per_s']:.1f} "
+            f"| {r['ratio']:.3f} | {r['ray_fit_wall_s']:.1f} |"
+        )
+    out = Path("reports/bench.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"ray_init_s": ray_start, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

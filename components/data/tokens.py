@@ -1,0 +1,171 @@
+"""The token format: `data/tokens/{split}-NNNNN.parquet` + meta.json, made by batch inference on Ray Data.
+
+Columns: `id` (string), `label` (int32), `tokens` (fixed-size list of int32: the h x w index grid,
+row-major) and `latent` (fixed-size list of float32: the continuous pre-quantization latent,
+(D, h, w) flattened C-order) that latent diffusion trains on. The tokenizer is loaded once per
+Ray Data actor, not once per batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+import torch
+
+from components.data.images import DataError, pngs_to_array
+from components.data.shards import SPLITS, read_meta, shard_name, split_files
+
+TOKENS_SCHEMA_VERSION = 1
+META_FILE = "meta.json"
+
+
+def token_schema(*, grid: tuple[int, int], latent_dim: int) -> pa.Schema:
+    h, w = grid
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("label", pa.int32(), nullable=False),
+            pa.field("tokens", pa.list_(pa.int32(), h * w), nullable=False),
+            pa.field("latent", pa.list_(pa.float32(), latent_dim * h * w), nullable=False),
+        ]
+    )
+
+
+class TokenizerActor:
+    """Ray Data callable class: PNG batches -> token grids and latents with a tokenizer loaded once."""
+
+    def __init__(self, model_dir: str, *, channels: int, size: int, device: str = "cpu") -> None:
+        from components.tokenizer.vqgan import load_vqgan
+
+        torch.set_num_threads(1)
+        self.model = load_vqgan(model_dir, device=device)
+        self.channels, self.size, self.device = channels, size, torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(pngs_to_array(list(batch["image"]), channels=self.channels, size=self.size))
+        z = self.model.encode_latents(x.to(self.device))  # (B, D, h, w)
+        indices = self.model.quantizer(z).indices  # (B, h, w)
+        n = z.shape[0]
+        return {
+            "id": np.asarray(batch["id"]),
+            "label": np.asarray(batch["label"], dtype=np.int32),
+            "tokens": indices.reshape(n, -1).to(torch.int32).cpu().numpy(),  # (B, h*w) row-major
+            "latent": z.reshape(n, -1).float().cpu().numpy(),  # (B, D*h*w)
+        }
+
+
+def encode_split(
+    data_dir: str | Path,
+    split: str,
+    *,
+    model_dir: str | Path,
+    batch_size: int = 256,
+    num_actors: int = 1,
+    use_gpu: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Encode one split of the prepared shards on Ray Data, yielding numpy batches in shard order."""
+    meta = read_meta(data_dir)
+    files = [str(p) for p in split_files(data_dir, split)]
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards come out in the order they went in
+    ds = ray.data.read_parquet(files, columns=["id", "image", "label"])
+    ds = ds.map_batches(
+        TokenizerActor,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=1 if use_gpu else 0,
+        fn_constructor_args=(str(Path(model_dir).resolve()),),
+        fn_constructor_kwargs={
+            "channels": meta["channels"],
+            "size": meta["image_size"],
+            "device": "cuda" if use_gpu else "cpu",
+        },
+    )
+    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+
+
+def write_token_split(
+    batches: Iterator[dict[str, np.ndarray]],
+    *,
+    out_dir: Path,
+    split: str,
+    grid: tuple[int, int],
+    latent_dim: int,
+    shard_rows: int,
+) -> tuple[list[str], int]:
+    """Write encoded batches as `{split}-NNNNN.parquet` shards; (file names, row count)."""
+    schema = token_schema(grid=grid, latent_dim=latent_dim)
+    names: list[str] = []
+    buf: list[pa.Table] = []
+    rows = pending = 0
+
+    def flush() -> None:
+        nonlocal pending
+        table = pa.concat_tables(buf) if buf else schema.empty_table()
+        name = shard_name(split, len(names))
+        pq.write_table(table, out_dir / name)
+        names.append(name)
+        buf.clear()
+        pending = 0
+
+    for b in batches:
+        n = len(b["id"])
+        h_w, lat = b["tokens"].shape[1], b["latent"].shape[1]
+        if h_w != grid[0] * grid[1] or lat != latent_dim * grid[0] * grid[1]:
+            raise DataError(f"encoded batch has {h_w} tokens / {lat} latent values; expected grid {grid}")
+        table = pa.table(
+            {
+                "id": pa.array(b["id"].tolist(), pa.string()),
+                "label": pa.array(b["label"], pa.int32()),
+                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(b["tokens"].reshape(-1)), h_w),
+                "latent": pa.FixedSizeListArray.from_arrays(pa.array(b["latent"].reshape(-1)), lat),
+            },
+            schema=schema,
+        )
+        buf.append(table)
+        rows += n
+        pending += n
+        if pending >= shard_rows:
+            flush()
+    if pending or not names:
+        flush()
+    return names, rows
+
+
+def read_token_meta(tokens_dir: str | Path) -> dict[str, Any]:
+    path = Path(tokens_dir) / META_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the encode stage first")
+    meta = json.loads(path.read_text())
+    if meta.get("schema_version") != TOKENS_SCHEMA_VERSION:
+        raise DataError(f"{path}: schema_version {meta.get('schema_version')} != {TOKENS_SCHEMA_VERSION}")
+    return meta
+
+
+def read_tokens(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+    """One split as arrays: tokens (N, h, w) int64, latent (N, D, h, w) float32, label (N,), id (N,)."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is not one of {list(SPLITS)}")
+    meta = read_token_meta(tokens_dir)
+    h, w = meta["grid"]
+    d = meta["latent_channels"]
+    tables = [pq.read_table(Path(tokens_dir) / name) for name in meta["shards"][split]]
+    table = pa.concat_tables(tables)
+    n = table.num_rows
+    tokens = np.asarray(table.column("tokens").combine_chunks().values, dtype=np.int64).reshape(n, h, w)
+    latent = np.asarray(table.column("latent").combine_chunks().values, dtype=np.float32).reshape(n, d, h, w)
+    return {
+        "id": np.asarray(table.column("id").to_pylist()),
+        "label": table.column("label").to_numpy().astype(np.int64),
+        "tokens": tokens,
+        "latent": latent,
+    }

@@ -1,0 +1,155 @@
+"""Stage `train_tokenizer`: a VQGAN on data/processed, judged by PSNR, rFID and codebook usage.
+
+The perceptual loss and rFID both use the pipeline's own evaluator (models/evaluator): nothing is
+downloaded. Reconstructions of the test split are compared with the real test statistics that
+`train_evaluator` stored, so rFID sits on the same scale as its real-vs-real floor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+
+from components.config import load_stage
+from components.data.readers import ShardDataset
+from components.data.shards import read_meta
+from components.evaluation.evaluator import load_evaluator
+from components.evaluation.frechet import FeatureStats, feature_stats, frechet_distance
+from components.evaluation.grid import make_grid, save_png
+from components.evaluation.recon import recon_metrics
+from components.io import save_model, write_json
+from components.stages import TrainTokenizerConfig
+from components.tokenizer.base import CodeUsage
+from components.tokenizer.task import TokenizerTask
+from components.tokenizer.vqgan import VQGAN
+from pipelines.runtime import repo_root, stage_run
+from pipelines.train_evaluator import TEST_STATS, TRAIN_STATS
+from pipelines.training import ray_run_name, register, train_on_ray, write_curves
+
+STAGE = "train_tokenizer"
+DATA, EVALUATOR = "data/processed", "models/evaluator"
+OUT = "models/tokenizer"
+METRICS = "reports/train_tokenizer.json"
+CURVES = "reports/plots/train_tokenizer.csv"
+GRID = "reports/train_tokenizer_recon.png"
+
+
+class EvaluatorFeatureMaps:
+    """Picklable `feature_fn` for the perceptual loss: the frozen evaluator, loaded on first use."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+        self._net = None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self._net is None or next(self._net.parameters()).device != x.device:
+            self._net = load_evaluator(self.model_dir, device=x.device).requires_grad_(False)
+        return self._net.feature_maps(x)
+
+    def __getstate__(self) -> dict:
+        return {"model_dir": self.model_dir, "_net": None}
+
+
+def check_fits(cfg: TrainTokenizerConfig, meta: dict) -> None:
+    """Cross-check the model against the prepared data, naming the param to change."""
+    ae = cfg.model.autoencoder
+    if ae.in_channels != meta["channels"]:
+        raise ValueError(
+            f"train_tokenizer.model.autoencoder.in_channels={ae.in_channels} but the prepared images "
+            f"have {meta['channels']} channel(s)"
+        )
+    if meta["image_size"] % ae.downsample_factor:
+        raise ValueError(
+            f"train_tokenizer.model.autoencoder.downsample_factor={ae.downsample_factor} does not divide "
+            f"prepare.image_size={meta['image_size']}"
+        )
+
+
+def main(*, params: Path, dry_run: bool = False) -> None:
+    sections = load_stage(params, STAGE)
+    cfg: TrainTokenizerConfig = sections[STAGE]
+    root = repo_root()
+    meta = read_meta(root / DATA)
+    check_fits(cfg, meta)
+    cfg.loop.per_worker_batch(sections["train"].num_workers)
+    evaluator_dir = root / EVALUATOR
+    load_evaluator(evaluator_dir)  # fail now, not in a worker, when it is missing
+    if dry_run:
+        print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
+        return
+    needs_features = cfg.model.loss.perceptual_weight > 0
+    with stage_run(STAGE, sections, data_deps=[DATA, EVALUATOR]) as run:
+        result = train_on_ray(
+            stage=STAGE,
+            sections=sections,
+            run=run,
+            task_factory=partial(
+                TokenizerTask,
+                cfg.model,
+                cfg.loop,
+                feature_fn=EvaluatorFeatureMaps(str(evaluator_dir)) if needs_features else None,
+            ),
+            loop=cfg.loop,
+            data_dir=root / DATA,
+            run_name=ray_run_name(STAGE, sections, data_deps=[DATA, EVALUATOR]),
+        )
+        vqgan = VQGAN(cfg.model)
+        vqgan.load_state_dict(result.module_states(ema_module=TokenizerTask.ema_module)["vqgan"])
+        vqgan.eval()
+        metrics, grid = judge(vqgan, data_dir=root / DATA, evaluator_dir=evaluator_dir, num_grid=cfg.num_grid)
+        state = vqgan.state_dict()
+        save_model(root / OUT, state, vqgan.config_dict())
+        write_json(root / METRICS, metrics)
+        save_png(grid, root / GRID)
+        run.log_artifact(root / GRID)
+        run.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        write_curves(run, root / CURVES)
+        sha = hashlib.sha256((root / OUT / "model.safetensors").read_bytes()).hexdigest()
+        run.tags["model_sha256"] = sha
+        register(
+            run,
+            family="tokenizer",
+            model_dir=root / OUT,
+            metrics=metrics,
+            enabled=sections["mlflow"].register_models,
+        )
+    print(
+        f"{STAGE}: psnr {metrics['psnr']:.2f} dB, rFID {metrics['rfid']:.4f} "
+        f"({metrics['rfid_over_floor']:.2f}x the real-vs-real floor), codebook usage "
+        f"{metrics['codebook_usage']:.1%}, perplexity {metrics['perplexity']:.1f} -> {OUT}"
+    )
+
+
+@torch.no_grad()
+def judge(vqgan: VQGAN, *, data_dir: Path, evaluator_dir: Path, num_grid: int):
+    """Reconstruction metrics on the test split and a grid of originals over reconstructions."""
+    test = ShardDataset(data_dir, "test")
+    usage = CodeUsage(vqgan.codebook_size)
+    recons = []
+    for x in test.images.split(256):
+        x_rec, _, indices, _ = vqgan(x)
+        recons.append(x_rec.clamp(-1, 1))
+        usage.update(indices)
+    x_rec = torch.cat(recons)
+    evaluator = load_evaluator(evaluator_dir)
+    rec_stats = feature_stats(evaluator, x_rec)
+    test_stats = FeatureStats.load(evaluator_dir / TEST_STATS)
+    floor = frechet_distance(FeatureStats.load(evaluator_dir / TRAIN_STATS), test_stats)
+    rfid = frechet_distance(rec_stats, test_stats)
+    metrics = {
+        **recon_metrics(x_rec, test.images),
+        "l1": float((x_rec - test.images).abs().mean()),
+        "rfid": rfid,
+        "rfid_over_floor": rfid / max(floor, 1e-12),
+        "codebook_usage": usage.usage(),
+        "perplexity": usage.perplexity(),
+    }
+    n = min(num_grid, len(test))
+    rows = []
+    for i in range(0, n, 8):  # originals above their reconstructions, 8 per row
+        rows += [test.images[i : min(i + 8, n)], x_rec[i : min(i + 8, n)]]
+    return metrics, make_grid(torch.cat(rows), nrow=8)

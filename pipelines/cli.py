@@ -49,6 +49,8 @@ def _stage(name: str, summary: str) -> None:
 STAGES = {
     "prepare": "Turn the configured image source into validated Parquet shards in data/processed/.",
     "train_evaluator": "Train the classifier whose features every Fréchet distance, perceptual loss and accuracy uses.",
+    "train_tokenizer": "Train the VQGAN image tokenizer (codebook, perceptual and adversarial losses).",
+    "encode": "Encode every split into token grids and latents in data/tokens/ with the tokenizer.",
 }
 for _name, _summary in STAGES.items():
     _stage(_name, _summary)

@@ -17,7 +17,7 @@ from components.data.shards import SPLITS, read_meta
 from components.data.tokens import TOKENS_SCHEMA_VERSION, encode_split, write_token_split
 from components.io import atomic_dir, write_json
 from components.stages import EncodeConfig
-from components.tokenizer.vqgan import load_vqgan
+from components.tokenizer.export import load_vqgan
 from pipelines.runtime import init_ray, repo_root, stage_run, tracking_uri
 
 STAGE = "encode"

@@ -15,7 +15,7 @@ import yaml
 from components.config import load_stage
 from components.data.readers import ShardDataset
 from components.data.shards import read_meta
-from components.evaluation.evaluator import Evaluator, EvaluatorTask, predict
+from components.evaluation.evaluator import Evaluator, EvaluatorTask, predict, save_evaluator
 from components.evaluation.frechet import feature_stats, frechet_distance
 from components.io import atomic_dir, write_json
 from components.stages import TrainEvaluatorConfig
@@ -73,18 +73,12 @@ def main(*, params: Path, dry_run: bool = False) -> None:
 @torch.no_grad()
 def export(evaluator: Evaluator, *, data_dir: Path, out: Path) -> dict[str, float]:
     """Test accuracy, feature statistics of the real splits, and the model files, written atomically."""
-    from safetensors.torch import save_file
-
-    from components.io import write_json as write_config
-
     test, train = ShardDataset(data_dir, "test"), ShardDataset(data_dir, "train")
     accuracy = float((predict(evaluator, test.images) == test.labels).float().mean())
     test_stats, train_stats = feature_stats(evaluator, test.images), feature_stats(evaluator, train.images)
     floor = frechet_distance(train_stats, test_stats)
     with atomic_dir(out) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in evaluator.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        write_config(tmp / "config.json", evaluator.to_dict())
+        save_evaluator(evaluator, tmp)
         test_stats.save(tmp / TEST_STATS)
         train_stats.save(tmp / TRAIN_STATS)
     return {"test_accuracy": accuracy, "fid_floor": floor}

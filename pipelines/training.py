@@ -16,7 +16,7 @@ from components.registry.tracking import MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Task
-from pipelines.runtime import StageRun, dvc_data_hash, git_commit, init_ray, repo_root
+from pipelines.runtime import StageRun, absolute, dvc_data_hash, git_commit, init_ray, repo_root
 
 
 def ray_run_name(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str]) -> str:
@@ -51,7 +51,7 @@ def train_on_ray(
     result = fit(
         task_factory=task_factory,
         loop=loop,
-        train=sections["train"],
+        train=sections["train"].model_copy(update={"storage_path": absolute(sections["train"].storage_path)}),
         run_name=run_name,
         datasets=datasets,
         sink_factory=partial(MlflowSink, run.tracking_uri, run.run_id),

@@ -42,7 +42,7 @@ class TokenizerActor:
     """Ray Data callable class: PNG batches -> token grids and latents with a tokenizer loaded once."""
 
     def __init__(self, model_dir: str, *, channels: int, size: int, device: str = "cpu") -> None:
-        from components.tokenizer.vqgan import load_vqgan
+        from components.tokenizer.export import load_vqgan
 
         torch.set_num_threads(1)
         self.model = load_vqgan(model_dir, device=device)

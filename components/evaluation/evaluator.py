@@ -8,7 +8,6 @@ Training augments with random translations only: digits are not flip-invariant.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from components.io import load_model, save_model
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
 
 MIN_SIZE = 8  # two 2x downsamplings must leave a spatial grid to pool
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 class EvaluatorConfig(StrictConfig):
@@ -227,23 +224,13 @@ def cond_accuracy(
 
 
 def save_evaluator(evaluator: Evaluator, directory: str | Path) -> None:
-    """Write model.safetensors and config.json into `directory`, each atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in evaluator.state_dict().items()}
-    weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
-    save_file(state, weights.with_name(WEIGHTS_FILE + ".tmp"))
-    weights.with_name(WEIGHTS_FILE + ".tmp").replace(weights)
-    config.with_name(CONFIG_FILE + ".tmp").write_text(json.dumps(evaluator.to_dict(), indent=2))
-    config.with_name(CONFIG_FILE + ".tmp").replace(config)
+    """Write model.safetensors and config.json into `directory`, atomically."""
+    save_model(directory, evaluator.state_dict(), evaluator.to_dict())
 
 
 def load_evaluator(directory: str | Path, *, device: str | torch.device = "cpu") -> Evaluator:
     """Rebuild an evaluator from `directory` (config.json + model.safetensors), in eval mode."""
-    directory = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"evaluator file missing: {directory / name}")
-    evaluator = Evaluator.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    evaluator.load_state_dict(load_file(directory / WEIGHTS_FILE))
+    state, config = load_model(directory)
+    evaluator = Evaluator.from_dict(config)
+    evaluator.load_state_dict(state)
     return evaluator.to(device).eval()

@@ -40,3 +40,32 @@ def test_repro_runs_noops_and_reruns_on_param_change(repo_copy: Path):
 
     shown = run(["dvc", "metrics", "show", "--json"], repo_copy).stdout
     assert "num_train" in shown
+
+
+def test_full_pipeline_with_tiny_params(repo_copy: Path):
+    """The whole DAG on tiny params: every stage runs, a re-run does nothing, one knob re-runs one stage."""
+    from tests.pipelines.test_stages import TINY
+
+    params = repo_copy / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    for section in ("train_evaluator", "train_tokenizer", "encode"):
+        raw[section] = TINY[section]
+    raw["ray"]["num_cpus"] = 2
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(["git", "commit", "-qam", "tiny params"], repo_copy)
+
+    out = run(["dvc", "repro"], repo_copy).stdout
+    for stage in ("prepare", "train_evaluator", "train_tokenizer", "encode"):
+        assert f"Running stage '{stage}'" in out, stage
+    assert json.loads((repo_copy / "reports/train_evaluator.json").read_text())["test_accuracy"] > 0.3
+    tokenizer = json.loads((repo_copy / "reports/train_tokenizer.json").read_text())
+    assert 0 < tokenizer["codebook_usage"] <= 1
+    assert json.loads((repo_copy / "data/tokens/meta.json").read_text())["grid"] == [4, 4]
+    models = run(["genpipe", "models"], repo_copy).stdout
+    assert "genpipe-evaluator" in models and "genpipe-tokenizer" in models
+
+    assert "Running stage" not in run(["dvc", "repro"], repo_copy).stdout
+    _set(params, "encode", batch_size=64)
+    rerun = run(["dvc", "repro"], repo_copy).stdout
+    assert "Running stage 'encode'" in rerun and "Running stage 'train_tokenizer'" not in rerun
+    assert "reports/train_tokenizer.json" in run(["dvc", "metrics", "show"], repo_copy).stdout

@@ -157,7 +157,7 @@ class TokenizerTask(Task):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
-        """val_l1, val_psnr (dB, images on [0, 1]), codebook_usage and perplexity over all batches.
+        """l1, psnr (dB, images on [0, 1]), codebook_usage and perplexity over all batches.
 
         Under DDP this is a collective (the code histogram is summed over ranks), so every rank calls
         it, as the training loop does; l1 and psnr are this rank's means, which the loop averages.
@@ -181,8 +181,8 @@ class TokenizerTask(Task):
             raise ValueError("evaluate got no validation samples")
         usage.all_reduce()  # usage of the whole validation set: the loop calls evaluate on every rank
         return {
-            "val_l1": l1_sum / count,
-            "val_psnr": psnr_sum / count,
+            "l1": l1_sum / count,
+            "psnr": psnr_sum / count,
             "codebook_usage": usage.usage(),
             "perplexity": usage.perplexity(),
         }

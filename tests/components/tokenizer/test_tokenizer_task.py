@@ -122,9 +122,9 @@ def test_gumbel_temperature_follows_the_step() -> None:
 def test_evaluate_reconstruct_and_sample() -> None:
     task = _task(perceptual=False)
     metrics = task.evaluate([_batch(), _batch()])
-    assert set(metrics) == {"val_l1", "val_psnr", "codebook_usage", "perplexity"}
+    assert set(metrics) == {"l1", "psnr", "codebook_usage", "perplexity"}
     assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 16
-    assert metrics["val_psnr"] > 0 and metrics["val_l1"] > 0
+    assert metrics["psnr"] > 0 and metrics["l1"] > 0
     assert task.modules["vqgan"].training, "evaluate must restore training mode"
     x_rec = task.reconstruct(_batch()["image"])
     assert x_rec.shape == (4, 1, 16, 16) and x_rec.abs().max() <= 1
@@ -158,5 +158,5 @@ def test_runs_under_the_training_loop_with_accumulation() -> None:
         val_batches=lambda: data[:2],
         progress=False,
     )
-    assert {"generator/g_loss", "discriminator/d_loss", "val/codebook_usage", "val/val_psnr"} <= set(metrics)
+    assert {"generator/g_loss", "discriminator/d_loss", "val/codebook_usage", "val/psnr"} <= set(metrics)
     assert task.modules["vqgan"].quantizer.cluster_size.sum() != 16, "the EMA codebook must have been updated"

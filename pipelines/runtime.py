@@ -171,11 +171,30 @@ def _experiment_id(client, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
+RESUME_TAG = "genpipe.resume_key"
+
+
+def _resumable_run(client, experiment_id: str, resume_key: str):
+    """The latest unfinished run of this key (its driver was killed or failed), or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RESUME_TAG}` = '{resume_key}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 @contextmanager
 def stage_run(
-    stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str] = ()
+    stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str] = (), resume_key: str | None = None
 ) -> Iterator[StageRun]:
-    """Open one MLflow run for this stage execution, tagged with its lineage; close it on exit."""
+    """Open one MLflow run for this stage execution, tagged with its lineage; close it on exit.
+
+    With `resume_key` (a training stage's Ray run name), an unfinished run of the same key is
+    continued instead: a re-run after a killed driver resumes both the training and its run, so
+    neither the run nor its curves are duplicated.
+    """
     from mlflow import MlflowClient
 
     cfg: MlflowConfig = sections["mlflow"]
@@ -187,15 +206,25 @@ def stage_run(
         "params_hash": params_hash(sections),
         "dvc_data_hash": dvc_data_hash(list(data_deps)),
     }
-    run = client.create_run(_experiment_id(client, cfg.experiment), run_name=stage, tags=tags)
-    handle = StageRun(stage=stage, run_id=run.info.run_id, tracking_uri=uri, tags=tags)
+    if resume_key:
+        tags[RESUME_TAG] = resume_key
+    experiment_id = _experiment_id(client, cfg.experiment)
+    previous = _resumable_run(client, experiment_id, resume_key) if resume_key else None
+    if previous is not None:
+        run_id = previous.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        print(f"{stage}: continuing MLflow run {run_id} (its driver stopped before finishing)")
+    else:
+        run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
+    handle = StageRun(stage=stage, run_id=run_id, tracking_uri=uri, tags=tags)
     try:
-        handle.log_params({k: v.model_dump(mode="json") for k, v in sections.items()})
+        if previous is None:
+            handle.log_params({k: v.model_dump(mode="json") for k, v in sections.items()})
         yield handle
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED")
 
 
 # --- exits ------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
         return
     shape = {"in_channels": meta["channels"], "num_classes": meta["num_classes"]}
-    with stage_run(STAGE, sections, data_deps=[DATA]) as run:
+    run_name = ray_run_name(STAGE, sections, data_deps=[DATA])
+    with stage_run(STAGE, sections, data_deps=[DATA], resume_key=run_name) as run:
         result = train_on_ray(
             stage=STAGE,
             sections=sections,
@@ -48,7 +49,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
             task_factory=partial(EvaluatorTask, cfg.model, cfg.loop, **shape),
             loop=cfg.loop,
             data_dir=root / DATA,
-            run_name=ray_run_name(STAGE, sections, data_deps=[DATA]),
+            run_name=run_name,
         )
         evaluator = Evaluator.from_config(cfg.model, **shape)
         evaluator.load_state_dict(result.module_states(ema_module=EvaluatorTask.ema_module)["evaluator"])

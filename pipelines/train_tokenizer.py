@@ -82,7 +82,8 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
         return
     needs_features = cfg.model.loss.perceptual_weight > 0
-    with stage_run(STAGE, sections, data_deps=[DATA, EVALUATOR]) as run:
+    run_name = ray_run_name(STAGE, sections, data_deps=[DATA, EVALUATOR])
+    with stage_run(STAGE, sections, data_deps=[DATA, EVALUATOR], resume_key=run_name) as run:
         result = train_on_ray(
             stage=STAGE,
             sections=sections,
@@ -95,7 +96,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
             ),
             loop=cfg.loop,
             data_dir=root / DATA,
-            run_name=ray_run_name(STAGE, sections, data_deps=[DATA, EVALUATOR]),
+            run_name=run_name,
         )
         vqgan = VQGAN(cfg.model)
         vqgan.load_state_dict(result.module_states(ema_module=TokenizerTask.ema_module)["vqgan"])

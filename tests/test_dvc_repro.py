@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,15 @@ def test_repro_runs_noops_and_reruns_on_param_change(repo_copy: Path):
 
     shown = run(["dvc", "metrics", "show", "--json"], repo_copy).stdout
     assert "num_train" in shown
+
+    # The default remote (a folder beside the repo) works out of the box.
+    run(["dvc", "push", "prepare"], repo_copy)
+    assert any((repo_copy.parent / "genpipe-dvc-remote").rglob("*")), "dvc push wrote nothing"
+    shutil.rmtree(repo_copy / "data/processed")
+    shutil.rmtree(repo_copy / ".dvc/cache")
+    run(["dvc", "pull", "prepare"], repo_copy)
+    assert json.loads((repo_copy / "data/processed/meta.json").read_text())["image_size"] == 12
+    assert "Running stage" not in run(["dvc", "repro", "prepare"], repo_copy).stdout
 
 
 def test_full_pipeline_with_tiny_params(repo_copy: Path):

@@ -10,15 +10,13 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
 from components.config import load_stage
 from components.data.shards import SPLITS, read_meta
 from components.data.tokens import TOKENS_SCHEMA_VERSION, encode_split, write_token_split
 from components.io import atomic_dir, write_json
 from components.stages import EncodeConfig
 from components.tokenizer.export import load_vqgan
-from pipelines.runtime import init_ray, repo_root, stage_run, tracking_uri
+from pipelines.runtime import init_ray, print_config, repo_root, stage_run, tracking_uri
 
 STAGE = "encode"
 DATA, TOKENIZER, OUT = "data/processed", "models/tokenizer", "data/tokens"
@@ -51,7 +49,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
     f = vqgan.downsample_factor
     grid = (meta["image_size"] // f, meta["image_size"] // f)
     if dry_run:
-        print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
+        print_config(sections)
         return
     with stage_run(STAGE, sections, data_deps=[DATA, TOKENIZER]) as run:
         init_ray(sections["ray"])

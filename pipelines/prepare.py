@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from components.config import load_stage
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.io import write_json
-from pipelines.runtime import repo_root, stage_run
+from pipelines.runtime import print_config, repo_root, stage_run
 
 OUT_DIR = "data/processed"
 METRICS = "reports/prepare.json"
@@ -38,7 +36,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
     cfg: PrepareConfig = sections["prepare"]
     cfg = preflight(cfg)
     if dry_run:
-        print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
+        print_config(sections)
         return
     root = repo_root()
     with stage_run("prepare", sections) as run:

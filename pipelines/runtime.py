@@ -227,6 +227,11 @@ def stage_run(
     client.set_terminated(run_id, status="FINISHED")
 
 
+def print_config(sections: dict[str, StrictConfig]) -> None:
+    """`--dry-run`: the resolved config of every section the stage reads, as YAML."""
+    print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
+
+
 # --- exits ------------------------------------------------------------------------------------
 def fail(message: str) -> None:
     """One line on stderr, exit status 1."""

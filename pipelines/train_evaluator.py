@@ -10,17 +10,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 
 from components.config import load_stage
 from components.data.readers import ShardDataset
 from components.data.shards import read_meta
 from components.evaluation.evaluator import Evaluator, EvaluatorTask, predict, save_evaluator
 from components.evaluation.frechet import feature_stats, frechet_distance
-from components.io import atomic_dir, write_json
+from components.io import atomic_dir
 from components.stages import TrainEvaluatorConfig
-from pipelines.runtime import repo_root, stage_run
-from pipelines.training import ray_run_name, register, train_on_ray, write_curves
+from pipelines.runtime import print_config, repo_root, stage_run
+from pipelines.training import finish, ray_run_name, train_on_ray
 
 STAGE = "train_evaluator"
 DATA = "data/processed"
@@ -37,7 +36,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
     meta = read_meta(root / DATA)
     cfg.loop.per_worker_batch(sections["train"].num_workers)
     if dry_run:
-        print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
+        print_config(sections)
         return
     shape = {"in_channels": meta["channels"], "num_classes": meta["num_classes"]}
     run_name = ray_run_name(STAGE, sections, data_deps=[DATA])
@@ -55,15 +54,14 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         evaluator.load_state_dict(result.module_states(ema_module=EvaluatorTask.ema_module)["evaluator"])
         evaluator.eval()
         metrics = export(evaluator, data_dir=root / DATA, out=root / OUT)
-        write_json(root / METRICS, metrics)
-        run.log_metrics({f"final/{k}": v for k, v in metrics.items()})
-        write_curves(run, root / CURVES)
-        register(
+        finish(
             run,
             family="evaluator",
             model_dir=root / OUT,
             metrics=metrics,
-            enabled=sections["mlflow"].register_models,
+            metrics_path=root / METRICS,
+            curves_path=root / CURVES,
+            register_model=sections["mlflow"].register_models,
         )
     print(
         f"{STAGE}: test accuracy {metrics['test_accuracy']:.4f}, real-vs-real FD floor "

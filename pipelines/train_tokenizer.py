@@ -7,12 +7,10 @@ downloaded. Reconstructions of the test split are compared with the real test st
 
 from __future__ import annotations
 
-import hashlib
 from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 
 from components.config import load_stage
 from components.data.readers import ShardDataset
@@ -21,14 +19,14 @@ from components.evaluation.evaluator import load_evaluator
 from components.evaluation.frechet import FeatureStats, feature_stats, frechet_distance
 from components.evaluation.grid import make_grid, save_png
 from components.evaluation.recon import recon_metrics
-from components.io import save_model, write_json
+from components.io import save_model
 from components.stages import TrainTokenizerConfig
 from components.tokenizer.base import CodeUsage
 from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN
-from pipelines.runtime import repo_root, stage_run
+from pipelines.runtime import print_config, repo_root, stage_run
 from pipelines.train_evaluator import TEST_STATS, TRAIN_STATS
-from pipelines.training import ray_run_name, register, train_on_ray, write_curves
+from pipelines.training import finish, ray_run_name, train_on_ray
 
 STAGE = "train_tokenizer"
 DATA, EVALUATOR = "data/processed", "models/evaluator"
@@ -79,7 +77,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
     evaluator_dir = root / EVALUATOR
     load_evaluator(evaluator_dir)  # fail now, not in a worker, when it is missing
     if dry_run:
-        print(yaml.safe_dump({k: v.model_dump(mode="json") for k, v in sections.items()}, sort_keys=False))
+        print_config(sections)
         return
     needs_features = cfg.model.loss.perceptual_weight > 0
     run_name = ray_run_name(STAGE, sections, data_deps=[DATA, EVALUATOR])
@@ -102,21 +100,17 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         vqgan.load_state_dict(result.module_states(ema_module=TokenizerTask.ema_module)["vqgan"])
         vqgan.eval()
         metrics, grid = judge(vqgan, data_dir=root / DATA, evaluator_dir=evaluator_dir, num_grid=cfg.num_grid)
-        state = vqgan.state_dict()
-        save_model(root / OUT, state, vqgan.config_dict())
-        write_json(root / METRICS, metrics)
+        save_model(root / OUT, vqgan.state_dict(), vqgan.config_dict())
         save_png(grid, root / GRID)
         run.log_artifact(root / GRID)
-        run.log_metrics({f"final/{k}": v for k, v in metrics.items()})
-        write_curves(run, root / CURVES)
-        sha = hashlib.sha256((root / OUT / "model.safetensors").read_bytes()).hexdigest()
-        run.tags["model_sha256"] = sha
-        register(
+        finish(
             run,
             family="tokenizer",
             model_dir=root / OUT,
             metrics=metrics,
-            enabled=sections["mlflow"].register_models,
+            metrics_path=root / METRICS,
+            curves_path=root / CURVES,
+            register_model=sections["mlflow"].register_models,
         )
     print(
         f"{STAGE}: psnr {metrics['psnr']:.2f} dB, rFID {metrics['rfid']:.4f} "

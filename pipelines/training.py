@@ -11,12 +11,13 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from components.io import write_json
 from components.registry.registry import register_version, registered_name
 from components.registry.tracking import MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Task
-from pipelines.runtime import StageRun, absolute, dvc_data_hash, git_commit, init_ray, repo_root
+from pipelines.runtime import StageRun, absolute, dvc_data_hash, init_ray, repo_root
 
 
 def ray_run_name(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str]) -> str:
@@ -80,14 +81,25 @@ def write_curves(run: StageRun, path: Path) -> None:
     tmp.replace(path)
 
 
-def register(
-    run: StageRun, *, family: str, model_dir: Path, metrics: dict[str, float], enabled: bool
+def finish(
+    run: StageRun,
+    *,
+    family: str,
+    model_dir: Path,
+    metrics: dict[str, float],
+    metrics_path: Path,
+    curves_path: Path,
+    register_model: bool,
 ) -> str | None:
-    """Log `model_dir` into the run and register it as a new version of `genpipe-<family>`."""
+    """A training stage's last steps: metrics JSON, final metrics and curves, model logged and registered."""
+    write_json(metrics_path, metrics)
+    run.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+    write_curves(run, curves_path)
     run.log_artifacts(model_dir, "model")
-    if not enabled:
+    if not register_model:
         return None
-    tags = {**run.tags, "git_commit": git_commit(), **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    tags = {**run.tags, "model_sha256": sha, **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
     version = register_version(
         tracking_uri=run.tracking_uri,
         name=registered_name(family),

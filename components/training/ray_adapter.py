@@ -62,6 +62,7 @@ class _Spec:
     sample_sink_factory: Callable[[], SampleSink] | None
     shuffle_buffer: int | None
     has_val: bool
+    cache: bool  # hold this worker's train shard in memory after one pass (small data)
 
 
 def storage_uri(path: str) -> str:
@@ -108,6 +109,7 @@ def fit(
         sample_sink_factory=sample_sink_factory,
         shuffle_buffer=shuffle_buffer,
         has_val="val" in datasets,
+        cache=_fits_in_memory(datasets["train"], workers=train.num_workers),
     )
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
@@ -177,12 +179,54 @@ def _wrapper(*, world: int, device: torch.device) -> Callable[[nn.Module], nn.Mo
     return wrap
 
 
+CACHE_BYTES = 2 * 1024**3  # per worker: shards under this are held in memory after one pass
+
+
+def _fits_in_memory(ds: ray.data.Dataset, *, workers: int) -> bool:
+    """True for a materialized dataset whose per-worker shard is small enough to cache."""
+    if not isinstance(ds, ray.data.dataset.MaterializedDataset):
+        return False
+    return ds.size_bytes() / workers < CACHE_BYTES
+
+
+class _CachedShard:
+    """This worker's train shard pulled once from Ray Data, then reshuffled from memory each epoch.
+
+    Each `iter_torch_batches` call starts a new streaming execution of the split (0.05-0.4 s); with
+    an epoch of ~1 s on the default data that was a 10-20% slowdown. The rows a rank got in its first
+    pass (an equal share: streaming_split(equal=True)) stay its partition, as with a fixed sampler;
+    the per-epoch order comes from a generator seeded by (seed, epoch, rank), so a resume replays it.
+    """
+
+    def __init__(self, shard, *, micro: int, seed: int, rank: int, device: torch.device) -> None:
+        self.shard, self.micro, self.seed, self.rank, self.device = shard, micro, seed, rank, device
+        self.columns: dict[str, torch.Tensor] | None = None
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for batch in self.shard.iter_torch_batches(batch_size=4096, drop_last=False):
+            for k, v in batch.items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def __call__(self, epoch: int) -> Iterable[Batch]:
+        if self.columns is None:
+            self.columns = self._load()
+        n = len(next(iter(self.columns.values())))
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch + self.rank)
+        )
+        for start in range(0, n - self.micro + 1, self.micro):  # drop_last: equal micro-batches
+            idx = order[start : start + self.micro]
+            yield {k: v[idx].to(self.device, non_blocking=True) for k, v in self.columns.items()}
+
+
 def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int):
     """batches(epoch) over this worker's train shard and val_batches() over its val shard."""
     shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if spec.has_val else None
 
-    def batches(epoch: int) -> Iterable[Batch]:
+    def streamed(epoch: int) -> Iterable[Batch]:
         return shard.iter_torch_batches(
             batch_size=micro,
             drop_last=True,  # equal micro-batches on every rank keep DDP's mean exact
@@ -194,6 +238,11 @@ def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int):
     def val_batches() -> Iterable[Batch]:
         return val.iter_torch_batches(batch_size=micro, drop_last=False, device=device)
 
+    batches = (
+        _CachedShard(shard, micro=micro, seed=spec.train.seed, rank=rank, device=device)
+        if spec.cache
+        else streamed
+    )
     return batches, (val_batches if val is not None else None)
 
 

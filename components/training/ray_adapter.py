@@ -125,6 +125,7 @@ def fit(
             storage_path=storage_uri(train.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.num_to_keep),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per checkpoint
         ),
         datasets=datasets,
     )

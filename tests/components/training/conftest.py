@@ -41,6 +41,10 @@ class Faults:
     nonfinite_in: str = "loss"  # "loss" or "diagnostic"
     events: str | None = None  # JSON-lines file: build and first step of each attempt, per rank
     step_sleep: float = 0.0  # seconds per step, to leave time to kill a run from outside
+    # Crash only once this file exists: Ray's checkpoint_manager_snapshot.json, written when the
+    # controller has registered a reported checkpoint. A report the controller has not polled yet
+    # is lost with the worker, so crashing earlier makes the resume step depend on timing.
+    wait_for: str | None = None
 
 
 class RegressionTask(Task):
@@ -90,6 +94,9 @@ class RegressionTask(Task):
         if f.interrupt_at == step:
             raise Interrupted(f"interrupted at step {step}")
         if f.crash_at == step and _rank() == 0 and not Path(f.marker).exists():
+            deadline = time.time() + 120
+            while f.wait_for and not Path(f.wait_for).exists() and time.time() < deadline:
+                time.sleep(0.1)
             Path(f.marker).write_text("crashed")
             os._exit(1)
 

@@ -139,7 +139,12 @@ def test_two_phases_with_accumulation_under_ddp_match_the_plain_loop(ray_local, 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, toy, tmp_path):
     events, sink = tmp_path / "events.jsonl", tmp_path / "metrics.jsonl"
-    faults = toy.Faults(crash_at=6, marker=str(tmp_path / "crashed"), events=str(events))
+    faults = toy.Faults(
+        crash_at=6,
+        marker=str(tmp_path / "crashed"),
+        events=str(events),
+        wait_for=str(tmp_path / "ray" / "worker-crash" / "checkpoint_manager_snapshot.json"),
+    )
     result = fit(
         task_factory=partial(toy.RegressionTask, faults=faults),
         loop=LoopConfig(steps=10, checkpoint_every=4, **LOOP),

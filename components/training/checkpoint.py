@@ -1,7 +1,7 @@
 """Training state on disk: what exact resume needs, written atomically, read with weights_only.
 
-A state is a plain dict of tensors, numbers, strings, lists and dicts (so `torch.load(...,
-weights_only=True)` reads it back) with these keys:
+A state is a plain dict of tensors, numbers, strings, lists and dicts (so torch's weights-only
+loader reads it back, never unpickling code) with these keys:
     step        completed global steps
     epoch       data epoch of the next micro-batch
     batch       micro-batches of that epoch already consumed

@@ -17,7 +17,7 @@ from components.registry.tracking import MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Task
-from pipelines.runtime import StageRun, absolute, dvc_data_hash, init_ray, repo_root
+from pipelines.runtime import StageRun, absolute, dvc_data_hash, init_ray
 
 
 def ray_run_name(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str]) -> str:
@@ -109,11 +109,3 @@ def finish(
     )
     print(f"registered {registered_name(family)} version {version}")
     return version
-
-
-def rel(path: Path) -> str:
-    """A path relative to the repo root, for messages."""
-    try:
-        return str(path.relative_to(repo_root()))
-    except ValueError:
-        return str(path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -55,11 +54,6 @@ class MlflowSink:
 
     def close(self) -> None:
         self._client = None
-
-
-def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
-    """Upload a local directory into the run's artifacts."""
-    MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
 class MlflowSampleSink:

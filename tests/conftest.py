@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,11 @@ def repo_copy(tmp_path: Path) -> Path:
     ):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
     return dst
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on the loopback address that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

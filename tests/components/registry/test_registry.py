@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -78,15 +77,9 @@ def test_unknown_family_lists_valid():
         registered_name("gpt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path: Path):
-    port = _free_port()
+def mlflow_server(tmp_path: Path, free_port: int):
+    port = free_port
     proc = subprocess.Popen(
         [
             sys.executable,

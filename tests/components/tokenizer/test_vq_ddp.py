@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -53,15 +52,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_codebook_identical_across_ranks(tmp_path: Path) -> None:
+def test_codebook_identical_across_ranks(tmp_path: Path, free_port: int) -> None:
     out = tmp_path / "codebooks.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port, str(out)), nprocs=WORLD, join=True)
     result = torch.load(out, weights_only=True)
 
     with_restart = result["restart=True"]

@@ -229,3 +229,15 @@ _THIS = sys.modules[__name__]  # captured now: other test folders' conftest modu
 def toy():
     """This module, for tests that need the toy tasks and helpers."""
     return _THIS
+
+
+@pytest.fixture(scope="module")
+def fast_controller():
+    """Ray Train's controller polls every 0.2 s (default 2 s), so report() returns fast in tests."""
+    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    yield
+    if saved is None:
+        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    else:
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved

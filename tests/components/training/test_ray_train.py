@@ -31,10 +31,8 @@ LOOP = dict(batch_size=N, lr=0.1, schedule="cosine", warmup_steps=1, grad_clip=N
 
 
 @pytest.fixture(scope="module")
-def ray_local(toy):
-    """One local Ray for this module; the controller polls every 0.2 s so report() returns fast."""
-    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+def ray_local(toy, fast_controller):
+    """One local Ray for this module (with the fast controller poll)."""
     if ray.is_initialized():
         ray.shutdown()
     # Logical CPUs: 2 one-CPU workers plus room for Ray Data; the tests stay light on real cores.
@@ -43,10 +41,6 @@ def ray_local(toy):
     ray.cloudpickle.register_pickle_by_value(toy)  # conftest is not importable inside workers
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
 
 
 def _plain_weights(toy, steps: int) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import pytest
@@ -18,10 +17,8 @@ N = 8
 
 
 @pytest.fixture(scope="module")
-def cluster(toy):
+def cluster(toy, fast_controller):
     """Head (1 CPU, for Ray Data and the controller) plus two 1-CPU nodes: two 1-CPU workers cannot share one."""
-    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -33,10 +30,6 @@ def cluster(toy):
     yield c, nodes
     ray.shutdown()
     c.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ STAGE_SECTIONS: dict[str, type[StrictConfig]] = {
 }
 
 
-def _one_line(section: str, err: ValidationError, raw: dict[str, Any]) -> str:
+def _one_line(section: str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     key = f"{section}.{loc}" if loc else section
@@ -91,7 +91,7 @@ def validate_section(name: str, raw: Any) -> StrictConfig:
     try:
         return models[name].model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(_one_line(name, err, raw)) from None
+        raise ParamsError(_one_line(name, err)) from None
 
 
 def read_params(path: str | Path) -> dict[str, Any]:

@@ -50,9 +50,9 @@ def main(*, params: Path, dry_run: bool = False) -> None:
             data_dir=root / DATA,
             run_name=run_name,
         )
-        evaluator = Evaluator.from_config(cfg.model, **shape)
-        evaluator.load_state_dict(result.module_states(ema_module=EvaluatorTask.ema_module)["evaluator"])
-        evaluator.eval()
+        evaluator = result.load_module(
+            "evaluator", Evaluator.from_config(cfg.model, **shape), ema_module=EvaluatorTask.ema_module
+        )
         metrics = export(evaluator, data_dir=root / DATA, out=root / OUT)
         finish(
             run,

@@ -96,9 +96,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
             data_dir=root / DATA,
             run_name=run_name,
         )
-        vqgan = VQGAN(cfg.model)
-        vqgan.load_state_dict(result.module_states(ema_module=TokenizerTask.ema_module)["vqgan"])
-        vqgan.eval()
+        vqgan = result.load_module("vqgan", VQGAN(cfg.model), ema_module=TokenizerTask.ema_module)
         metrics, grid = judge(vqgan, data_dir=root / DATA, evaluator_dir=evaluator_dir, num_grid=cfg.num_grid)
         save_model(root / OUT, vqgan.state_dict(), vqgan.config_dict())
         save_png(grid, root / GRID)

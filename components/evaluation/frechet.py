@@ -126,7 +126,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     r = (v * w.sqrt()) @ v.T  # sigma_a^(1/2)
     tr_sqrt = _psd_eigvals(r @ s_b @ r)[0].sqrt().sum()  # same spectrum as sigma_a sigma_b
     d2 = (mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * tr_sqrt
-    return float(d2)
+    return max(float(d2), 0.0)  # identical sets can round to -1e-12
 
 
 @torch.no_grad()

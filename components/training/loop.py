@@ -96,7 +96,7 @@ class _Window:
     counts: dict[str, int] = field(default_factory=dict)
     samples: int = 0
     steps: int = 0
-    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)  # wall clock: data, logs, checkpoints
     lrs: dict[str, float] = field(default_factory=dict)  # what the last step used
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
@@ -111,9 +111,10 @@ class _Window:
         if keys:
             means = torch.stack([self.sums[k].float() / self.counts[k] for k in keys]).to(device)
             out = dict(zip(keys, dist.all_reduce_mean(means).tolist(), strict=True))
-        if self.seconds > 0:
-            out["perf/steps_per_s"] = self.steps / self.seconds
-            out["perf/samples_per_s"] = self.samples * dist.world_size() / self.seconds
+        seconds = time.perf_counter() - self.started
+        if self.steps > 0 and seconds > 0:
+            out["perf/steps_per_s"] = self.steps / seconds
+            out["perf/samples_per_s"] = self.samples * dist.world_size() / seconds
         return out
 
 
@@ -173,18 +174,18 @@ def train(
         return dict(state["metrics"])  # finished before: nothing to redo
     if sink is not None and dist.is_main():
         run.logged_up_to = sink.last_step()
+    run.window = _Window()  # the rate counts from here: not the task build or the restore
     for step in range(start, loop.steps):
-        tic = time.perf_counter()
         for phase in task.phases:
             if phase.active(step):
                 for _ in range(phase.repeats):
                     _update(run, phase, step=step)
-        _end_step(run, seconds=time.perf_counter() - tic)
+        _end_step(run)
         _after_step(run, done=step + 1)
     return dict(run.latest)
 
 
-def _end_step(run: _Run, *, seconds: float) -> None:
+def _end_step(run: _Run) -> None:
     """Advance the EMA and the LR clocks once per global step; note the LR the step used."""
     if run.ema is not None:
         run.ema.update()
@@ -195,7 +196,6 @@ def _end_step(run: _Run, *, seconds: float) -> None:
         for scheduler in run.schedulers.values():
             scheduler.step()
     run.window.steps += 1
-    run.window.seconds += seconds
 
 
 def _setup(

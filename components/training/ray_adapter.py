@@ -29,6 +29,15 @@ from components.training.task import Batch, Task
 
 DATASET_KEYS = ("train", "val")
 
+# glibc malloc in a Train worker: measured on the default evaluator, every step's activation-sized
+# blocks were mmapped and unmapped anew (~3,700 minor page faults per step, a fifth of the worker's
+# CPU in the kernel, 0.73x the speed of the same loop in a plain process). A fixed mmap threshold
+# keeps blocks under 32 MiB in the heap and a 1 GiB trim threshold keeps freed heap for the next
+# step: no faults after the first steps, the same speed as a plain process. PyTorch's CPU tuning
+# guides make the same point with jemalloc/tcmalloc; these two variables need no extra library.
+# A value already set in the driver's environment wins.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024**2), "MALLOC_TRIM_THRESHOLD_": str(1024**3)}
+
 
 @dataclass(frozen=True)
 class FitResult:
@@ -50,6 +59,11 @@ class FitResult:
         """Final module state dicts for export, with EMA weights in `ema_module` when kept."""
         return module_states(self.state(), ema_module=ema_module, use_ema=use_ema)
 
+    def load_module(self, name: str, module: nn.Module, *, ema_module: str | None) -> nn.Module:
+        """`module` with the final weights of the task's module `name` (EMA where kept), in eval mode."""
+        module.load_state_dict(self.module_states(ema_module=ema_module)[name])
+        return module.eval()
+
 
 @dataclass(frozen=True)
 class _Spec:
@@ -70,6 +84,11 @@ def storage_uri(path: str) -> str:
     if "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables of every Train worker process (read by glibc at process start)."""
+    return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -126,6 +145,7 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.num_to_keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per checkpoint
+            worker_runtime_env={"env_vars": worker_env()},
         ),
         datasets=datasets,
     )

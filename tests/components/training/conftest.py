@@ -149,6 +149,11 @@ def _rank() -> int:
     return rank()
 
 
+def _env() -> dict[str, str | None]:
+    """The malloc variables this process started with (the Ray adapter sets them for workers)."""
+    return {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+
+
 def _event(faults: Faults, name: str, **extra) -> None:
     if faults.events is None:
         return
@@ -159,7 +164,10 @@ def _event(faults: Faults, name: str, **extra) -> None:
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     with open(faults.events, "a") as f:
         f.write(
-            json.dumps({"event": name, "rank": _rank(), "node": node, "pid": os.getpid(), **extra}) + "\n"
+            json.dumps(
+                {"event": name, "rank": _rank(), "node": node, "pid": os.getpid(), "env": _env(), **extra}
+            )
+            + "\n"
         )
 
 

@@ -23,7 +23,7 @@ import torch
 
 from components.training.config import LoopConfig, TrainConfig
 from components.training.loop import NonFiniteError, train
-from components.training.ray_adapter import fit, resolve_precision, storage_uri
+from components.training.ray_adapter import fit, resolve_precision, storage_uri, worker_env
 
 N = 8  # samples = the global batch
 ATOL = 1e-6  # float32 summation order: 2 shards of 4 vs 1 of 8
@@ -155,6 +155,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, toy, tmp_pa
         4,
         4,
     ]  # two attempts x 2 ranks
+    # Every worker process, the restarted one included, started with the adapter's malloc settings.
+    assert {json.dumps(e["env"]) for e in _events(toy, events, "build")} == {json.dumps(worker_env())}
     assert _steps(sink) == list(range(1, 11))  # 5 and 6 ran twice, were logged once
     assert result.state()["step"] == 10 and result.metrics["lr/main"] == pytest.approx(0.01)
     torch.testing.assert_close(

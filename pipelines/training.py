@@ -42,13 +42,22 @@ def train_on_ray(
     loop: LoopConfig,
     data_dir: Path,
     run_name: str,
+    reader: str = "images",
 ):
-    """Train `task_factory()` on the prepared shards through Ray Train, logging into `run`."""
+    """Train `task_factory()` on the train and val splits of `data_dir` through Ray Train, logging into `run`.
+
+    `reader` names the data format: "images" (data/processed: image, label) or "tokens" (data/tokens:
+    tokens, latent, label), the inputs of the priors and of latent diffusion.
+    """
     from components.data.raydata import ray_dataset
+    from components.data.tokens import ray_token_dataset
     from components.training.ray_adapter import fit
 
+    readers = {"images": ray_dataset, "tokens": ray_token_dataset}
+    if reader not in readers:
+        raise ValueError(f"unknown reader {reader!r}; valid: {', '.join(readers)}")
     init_ray(sections["ray"])
-    datasets = {"train": ray_dataset(data_dir, "train"), "val": ray_dataset(data_dir, "val")}
+    datasets = {split: readers[reader](data_dir, split) for split in ("train", "val")}
     result = fit(
         task_factory=task_factory,
         loop=loop,

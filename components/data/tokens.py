@@ -169,3 +169,33 @@ def read_tokens(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray]:
         "tokens": tokens,
         "latent": latent,
     }
+
+
+def _token_batch(batch: dict[str, np.ndarray], *, grid: tuple[int, int], latent_dim: int) -> dict[str, np.ndarray]:
+    """Flat Parquet lists -> tokens (B, h, w) int64, latent (B, D, h, w) float32, label (B,) int64."""
+    h, w = grid
+
+    def rows(column: np.ndarray) -> np.ndarray:  # fixed-size lists may arrive as an object array of rows
+        return np.stack(column) if column.dtype == object else column
+
+    n = len(batch["label"])
+    return {
+        "tokens": rows(batch["tokens"]).astype(np.int64).reshape(n, h, w),
+        "latent": rows(batch["latent"]).astype(np.float32).reshape(n, latent_dim, h, w),
+        "label": np.asarray(batch["label"], dtype=np.int64),
+    }
+
+
+def ray_token_dataset(tokens_dir: str | Path, split: str, *, materialize: bool = True) -> ray.data.Dataset:
+    """One split of data/tokens as a Ray Dataset (the columns of `_token_batch`) for a Train worker."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is not one of {list(SPLITS)}")
+    meta = read_token_meta(tokens_dir)
+    files = [str((Path(tokens_dir) / name).resolve()) for name in meta["shards"][split]]  # workers cd
+    ds = ray.data.read_parquet(files, columns=["tokens", "latent", "label"])
+    ds = ds.map_batches(
+        _token_batch,
+        batch_format="numpy",
+        fn_kwargs={"grid": tuple(meta["grid"]), "latent_dim": meta["latent_channels"]},
+    )
+    return ds.materialize() if materialize else ds

@@ -11,8 +11,10 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -159,3 +161,14 @@ def test_encode(workspace: Path):
     assert test["tokens"].shape == (prepared["counts"]["test"], 4, 4)
     assert test["tokens"].min() >= 0 and test["tokens"].max() < 32
     assert test["latent"].shape[1:] == (meta["latent_channels"], 4, 4)
+    # The Ray Data view the priors and latent diffusion train on holds the same rows, shaped.
+    from components.data.tokens import ray_token_dataset
+
+    batch = next(
+        iter(ray_token_dataset(workspace / "data/tokens", "test").iter_torch_batches(batch_size=10**6))
+    )
+    order = np.lexsort(test["latent"].reshape(len(test["latent"]), -1).T)
+    got = np.lexsort(batch["latent"].numpy().reshape(len(batch["latent"]), -1).T)
+    np.testing.assert_array_equal(batch["tokens"].numpy()[got], test["tokens"][order])
+    np.testing.assert_array_equal(batch["label"].numpy()[got], test["label"][order])
+    assert batch["tokens"].dtype == torch.int64 and batch["latent"].dtype == torch.float32

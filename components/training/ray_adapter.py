@@ -10,6 +10,7 @@ checkpoint that run reported, after a worker failure and after a killed driver a
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -267,9 +268,23 @@ def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int):
     return batches, (val_batches if val is not None else None)
 
 
+def _quiet_report_log() -> None:
+    """Drop Ray's INFO line per report (every metric of the checkpoint, in one long line).
+
+    Ray 2.60 logs it under a logger named by its source file, outside the `ray.train` logger that
+    LoggingConfig(log_level) sets, so the level is set here; a later Ray that moves it only logs more.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry: build the task and its data on this rank, then run the loop."""
     spec: _Spec = config["spec"]
+    _quiet_report_log()
     torch.set_num_threads(spec.train.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-Batch = dict[str, torch.Tensor]  # "image": (B, C, H, W) float in [-1, 1]; "label": (B,) int64
+# Images (data/processed): "image" (B, C, H, W) float in [-1, 1], "label" (B,) int64.
+# Tokens (data/tokens): "tokens" (B, h, w) int64, "latent" (B, D, h, w) float32, "label" (B,) int64.
+Batch = dict[str, torch.Tensor]
 Wrap = Callable[[nn.Module], nn.Module]  # identity in one process, DDP under Ray Train
 
 

@@ -78,6 +78,11 @@ def dvc_data_hash(deps: list[str]) -> str:
 
 
 # --- Ray --------------------------------------------------------------------------------------
+def joins_cluster(cfg: RayConfig) -> str | None:
+    """The address of the Ray cluster to join (RAY_ADDRESS, else `ray.address`); None: a local instance."""
+    return os.environ.get("RAY_ADDRESS") or cfg.address
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join RAY_ADDRESS (or `ray.address`), else start a local instance with explicit resources."""
     import ray
@@ -87,7 +92,7 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each worker line prints twice
     _quiet_ray_data()
-    address = os.environ.get("RAY_ADDRESS") or cfg.address
+    address = joins_cluster(cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
         return

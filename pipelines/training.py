@@ -15,9 +15,9 @@ from components.io import write_json
 from components.registry.registry import register_version, registered_name
 from components.registry.tracking import MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
-from components.training.config import LoopConfig
+from components.training.config import LoopConfig, TrainConfig
 from components.training.task import Task
-from pipelines.runtime import StageRun, absolute, dvc_data_hash, init_ray
+from pipelines.runtime import StageRun, absolute, dvc_data_hash, init_ray, joins_cluster
 
 
 def ray_run_name(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str]) -> str:
@@ -57,6 +57,7 @@ def train_on_ray(
     if reader not in readers:
         raise ValueError(f"unknown reader {reader!r}; valid: {', '.join(readers)}")
     init_ray(sections["ray"])
+    check_resources(sections["train"], local=joins_cluster(sections["ray"]) is None)
     datasets = {split: readers[reader](data_dir, split) for split in ("train", "val")}
     result = fit(
         task_factory=task_factory,
@@ -70,6 +71,34 @@ def train_on_ray(
     if result.resumed_from:
         print(f"{stage}: resumed run {run_name} from step {result.resumed_from}")
     return result
+
+
+def check_resources(train: TrainConfig, *, local: bool) -> None:
+    """Fail fast where Ray Train would wait for ever: a local instance short of the CPUs or GPUs asked for.
+
+    A joined cluster may grow (the autoscaler adds GPU nodes on demand): there it is only a note.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": ("cpus_per_worker", train.num_workers * train.cpus_per_worker)}
+    if train.use_gpu:
+        need["GPU"] = ("gpus_per_worker", train.num_workers * train.gpus_per_worker)
+    for kind, (per_worker, n) in need.items():
+        if have.get(kind, 0.0) >= n:
+            continue
+        what = (
+            f"train.num_workers={train.num_workers} x train.{per_worker}={getattr(train, per_worker):g} "
+            f"needs {n:g} {kind}s and the Ray cluster has {have.get(kind, 0.0):g}"
+        )
+        if not local:
+            print(f"note: {what}; Ray Train waits until the autoscaler adds them")
+        elif kind == "GPU":
+            raise ValueError(f"{what}: set train.use_gpu=false, or join a GPU cluster with RAY_ADDRESS")
+        else:
+            raise ValueError(
+                f"{what}: lower train.num_workers or train.cpus_per_worker, or raise ray.num_cpus"
+            )
 
 
 def write_curves(run: StageRun, path: Path) -> None:

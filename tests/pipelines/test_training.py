@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray
 
-from pipelines.training import train_on_ray
+from components.training.config import TrainConfig
+from pipelines.training import check_resources, train_on_ray
 
 
 def test_unknown_reader_names_the_valid_ones():
@@ -21,3 +23,43 @@ def test_unknown_reader_names_the_valid_ones():
             run_name="unused",
             reader="pixels",
         )
+
+
+@pytest.fixture(scope="module")
+def two_cpu_ray():
+    """A local Ray of 2 logical CPUs and no GPU (this machine's default instance)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray.cluster_resources()
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("train", "match"),
+    [
+        (
+            dict(use_gpu=True),
+            "train.num_workers=1 x train.gpus_per_worker=1 needs 1 GPUs and the Ray cluster has 0",
+        ),
+        (
+            dict(num_workers=3),
+            "train.num_workers=3 x train.cpus_per_worker=1 needs 3 CPUs and the Ray cluster has 2",
+        ),
+        (dict(cpus_per_worker=2.5), "x train.cpus_per_worker=2.5 needs 2.5 CPUs"),
+    ],
+)
+def test_a_local_instance_short_of_resources_fails_fast(two_cpu_ray, train, match):
+    # Ray Train would wait for ever for a placement group this instance can never hold.
+    if two_cpu_ray.get("CPU") != 2 or two_cpu_ray.get("GPU", 0) != 0:
+        pytest.skip(f"another test's Ray instance is running with {two_cpu_ray}")
+    with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+        check_resources(TrainConfig(**train), local=True)
+
+
+def test_what_fits_passes_and_a_joined_cluster_only_notes(two_cpu_ray, capsys):
+    check_resources(TrainConfig(num_workers=2), local=True)
+    check_resources(TrainConfig(use_gpu=True, num_workers=4), local=False)
+    out = capsys.readouterr().out
+    assert "needs 4 CPUs" in out and "needs 4 GPUs" in out and "autoscaler" in out

@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench lint format clean
+.PHONY: setup run test bench gpu-check gpu-wheels lint format clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,17 @@ test: setup  ## the whole test suite (CI runs this)
 
 bench: setup  ## benchmarks; figures go to BENCHMARKS.md
 	$(BIN)/python -m benchmarks.run
+
+gpu-check: setup  ## the training loop on CUDA with bf16 autocast (see BENCHMARKS.md, "GPU check")
+	$(BIN)/python -m benchmarks.gpu_check
+
+# The lent GPU machine (Python 3.12, PyTorch, no network) lacks pydantic: its wheels, for the device
+# tool's `carry`, at the versions this venv runs.
+gpu-wheels: setup
+	rm -rf .whl && $(BIN)/python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $$($(BIN)/python -c "from importlib.metadata import version as v; \
+	  print(' '.join(f'{n}=={v(n)}' for n in ('pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection')))")
 
 lint: setup
 	$(BIN)/ruff check components pipelines tests benchmarks

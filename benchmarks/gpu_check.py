@@ -72,6 +72,7 @@ def timed_train(
         "wall_s": time.perf_counter() - tic,
         "images_per_s": metrics.get("perf/samples_per_s", float("nan")),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "loop_logged_mem_gib": metrics.get("perf/max_mem_gib"),  # what MLflow gets as perf/max_mem_gib
         "metrics": metrics,
     }
 

@@ -115,6 +115,8 @@ class _Window:
         if self.steps > 0 and seconds > 0:
             out["perf/steps_per_s"] = self.steps / seconds
             out["perf/samples_per_s"] = self.samples * dist.world_size() / seconds
+        if device.type == "cuda":  # this rank's peak since the run began (rank 0's is what gets logged)
+            out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         return out
 
 

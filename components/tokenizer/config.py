@@ -39,6 +39,7 @@ class QuantizerConfig(StrictConfig):
     tau_end: float = Field(default=1.0 / 16, gt=0)
     anneal_steps: int = Field(default=150_000, ge=1)  # DALL-E anneals over its first 150k updates
     kl_weight: float = Field(default=5e-4, ge=0)  # taming-transformers' GumbelQuantize
+    diversity_weight: float = Field(default=0.0, ge=0)  # KL(batch-mean q || uniform), wav2vec 2.0
     hard: bool = False  # straight-through hard one-hot in training (else soft relaxation)
     # fsq (Mentzer et al. 2023, table 1: ~2^10 codes)
     levels: tuple[int, ...] = (8, 5, 5, 5)

@@ -28,7 +28,12 @@ def _vq(cfg: QuantizerConfig, dim: int) -> Quantizer:
 
 def _gumbel(cfg: QuantizerConfig, dim: int) -> Quantizer:
     return GumbelQuantizer(
-        codebook_size=cfg.codebook_size, dim=dim, kl_weight=cfg.kl_weight, hard=cfg.hard, tau=cfg.tau_start
+        codebook_size=cfg.codebook_size,
+        dim=dim,
+        kl_weight=cfg.kl_weight,
+        diversity_weight=cfg.diversity_weight,
+        hard=cfg.hard,
+        tau=cfg.tau_start,
     )
 
 

@@ -82,6 +82,27 @@ def test_gumbel_kl_to_uniform() -> None:
     assert q(torch.randn(1, 4, 2, 2)).loss.item() == pytest.approx(math.log(8), rel=1e-4)
 
 
+def test_gumbel_diversity_penalises_a_collapsed_batch_not_confident_positions() -> None:
+    # Each position certain of its own code, all K codes used equally: per-position KL = log K,
+    # batch-mean q uniform, so the diversity term is 0. All positions on one code: both are log K.
+    k = 4
+    q = GumbelQuantizer(codebook_size=k, dim=k, kl_weight=0.0, diversity_weight=1.0).eval()
+    with torch.no_grad():
+        q.proj.weight.copy_(100.0 * torch.eye(k).view(k, k, 1, 1))
+        q.proj.bias.zero_()
+    spread = torch.eye(k).view(1, k, 2, 2)  # position p has z = e_p: logits favour code p
+    out = q(spread)
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-5)
+    assert out.diagnostics["diversity_kl"].item() == pytest.approx(0.0, abs=1e-5)
+    collapsed = torch.eye(k)[0].view(1, k, 1, 1).expand(1, k, 2, 2)
+    assert q(collapsed).loss.item() == pytest.approx(math.log(k), rel=1e-4)
+    # Short of saturation, its gradient lowers the over-used code's logit and raises the others.
+    with torch.no_grad():
+        q.proj.weight.mul_(0.02)  # logits 2 apart: q = (0.71, 0.10, 0.10, 0.10) everywhere
+    q(collapsed).loss.backward()
+    assert q.proj.bias.grad[0] > 0 and (q.proj.bias.grad[1:] < 0).all()
+
+
 def test_gumbel_tau_schedule_is_exponential() -> None:
     kw = dict(tau_start=1.0, tau_end=1 / 16, anneal_steps=100)
     assert gumbel_tau(0, **kw) == pytest.approx(1.0)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from components.evaluation.curves import plot_curves
 from components.io import write_json
 from components.registry.registry import register_version, registered_name
-from components.registry.tracking import MlflowSampleSink, MlflowSink
+from components.registry.tracking import STEP_KEY, MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
 from components.training.config import LoopConfig, TrainConfig
 from components.training.task import Task
@@ -101,10 +102,13 @@ def check_resources(train: TrainConfig, *, local: bool) -> None:
             )
 
 
-def write_curves(run: StageRun, path: Path) -> None:
+def write_curves(run: StageRun, path: Path) -> dict[int, dict[str, float]]:
     """Every per-step metric of the run as one CSV (`step` + one column per metric) for dvc plots."""
     client = MlflowClient(tracking_uri=run.tracking_uri)
-    keys = sorted(client.get_run(run.run_id).data.metrics)
+    # final/* are logged once after training (no step); train/step only marks which steps were logged.
+    keys = sorted(
+        k for k in client.get_run(run.run_id).data.metrics if not k.startswith("final/") and k != STEP_KEY
+    )
     rows: dict[int, dict[str, float]] = {}
     for key in keys:
         for m in client.get_metric_history(run.run_id, key):
@@ -117,6 +121,7 @@ def write_curves(run: StageRun, path: Path) -> None:
         for step in sorted(rows):
             writer.writerow({"step": step, **rows[step]})
     tmp.replace(path)
+    return rows
 
 
 def finish(
@@ -132,7 +137,9 @@ def finish(
     """A training stage's last steps: metrics JSON, final metrics and curves, model logged and registered."""
     write_json(metrics_path, metrics)
     run.log_metrics({f"final/{k}": v for k, v in metrics.items()})
-    write_curves(run, curves_path)
+    rows = write_curves(run, curves_path)
+    plot_curves(rows, curves_path.with_suffix(".png"), title=f"{family}: training curves")
+    run.log_artifact(curves_path.with_suffix(".png"), "plots")
     run.log_artifacts(model_dir, "model")
     if not register_model:
         return None

@@ -127,6 +127,10 @@ def test_train_evaluator(workspace: Path):
     assert len(versions) == 1 and versions[0]["tags"]["params_hash"] == runs[0].data.tags["params_hash"]
     curves = (workspace / "reports/plots/train_evaluator.csv").read_text().splitlines()
     assert curves[0].startswith("step,") and len(curves) > 3
+    assert "final/" not in curves[0] and curves[1].startswith("10,")  # per-step rows only
+    assert (workspace / "reports/plots/train_evaluator.png").read_bytes()[:4] == b"\x89PNG"
+    logged = _client(workspace).list_artifacts(runs[0].info.run_id, "plots")
+    assert [a.path for a in logged] == ["plots/train_evaluator.png"]
 
 
 def test_train_evaluator_rerun_resumes_finished_run(workspace: Path):

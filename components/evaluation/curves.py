@@ -1,6 +1,6 @@
 """Training curves as one PNG per run: what a person looks at after training (dvc plots reads the CSV).
 
-Panels against the global step, four to a row: the losses (`<phase>/loss`) together, each validation
+Panels against the global step, four to a row: the training losses (`<phase>/loss`) together, each validation
 metric (`val/*`) alone since their scales differ, the learning rates (`lr/*`) and the throughput
 (`perf/samples_per_s`). A run without per-step metrics
 gets a one-panel image that says so (the stage's declared output must still exist).
@@ -18,7 +18,7 @@ COLUMNS = 4
 
 def _panels(keys: list[str]) -> list[tuple[str, list[str]]]:
     """(title, metrics) per panel: losses together, each validation metric alone (scales differ)."""
-    panels = [("losses", [k for k in keys if k.endswith("/loss")])]
+    panels = [("losses", [k for k in keys if k.endswith("/loss") and not k.startswith("val/")])]
     panels += [(k, [k]) for k in keys if k.startswith("val/")]
     panels += [("learning rate", [k for k in keys if k.startswith("lr/")])]
     panels += [("images / s", [k for k in keys if k == "perf/samples_per_s"])]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from components.evaluation.curves import plot_curves
+from components.evaluation.curves import _panels, plot_curves
 
 
 def _rows(keys: list[str]) -> dict[int, dict[str, float]]:
@@ -36,3 +36,11 @@ def test_a_run_without_curves_still_gets_its_image(tmp_path):
     plot_curves({}, path, title="test")  # a re-run that found its Ray run finished trains no step
     with Image.open(path) as image:
         assert image.width == pytest.approx(420, abs=2)
+
+
+def test_validation_loss_gets_its_own_panel_not_the_training_losses():
+    assert _panels(["d/loss", "g/loss", "val/loss", "lr/g"]) == [
+        ("losses", ["d/loss", "g/loss"]),
+        ("val/loss", ["val/loss"]),
+        ("learning rate", ["lr/g"]),
+    ]

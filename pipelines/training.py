@@ -21,13 +21,33 @@ from components.training.task import Task
 from pipelines.runtime import StageRun, absolute, dvc_data_hash, init_ray, joins_cluster
 
 
+def code_hash() -> str:
+    """sha256 over genpipe's own sources (components/ and pipelines/, *.py) as this process runs them."""
+    import components
+    import pipelines
+
+    digest = hashlib.sha256()
+    for package in (components, pipelines):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package.__name__}/{path.relative_to(root)}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def ray_run_name(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str]) -> str:
-    """`<stage>-<hash>` of the stage and `train` params and the data: same inputs resume, new ones start fresh."""
+    """`<stage>-<hash>` of the stage and `train` params, the data and the code.
+
+    Same inputs resume the run's latest checkpoint (a killed stage); anything else starts fresh.
+    The code counts too: DVC re-runs a stage when its code changes, and resuming a finished run
+    would hand back weights the old code trained.
+    """
     blob = json.dumps(
         {
             "stage": sections[stage].model_dump(mode="json"),
             "train": sections["train"].model_dump(mode="json"),
             "data": dvc_data_hash(data_deps),
+            "code": code_hash(),
         },
         sort_keys=True,
     )

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from components.training.config import TrainConfig
-from pipelines.training import check_resources, train_on_ray
+from components.stages import TrainEvaluatorConfig
+from components.training.config import LoopConfig, TrainConfig
+from pipelines import training
+from pipelines.training import check_resources, code_hash, ray_run_name, train_on_ray
 
 
 def test_unknown_reader_names_the_valid_ones():
@@ -63,3 +65,20 @@ def test_what_fits_passes_and_a_joined_cluster_only_notes(two_cpu_ray, capsys):
     check_resources(TrainConfig(use_gpu=True, num_workers=4), local=False)
     out = capsys.readouterr().out
     assert "needs 4 CPUs" in out and "needs 4 GPUs" in out and "autoscaler" in out
+
+
+def test_the_ray_run_name_follows_params_and_code(monkeypatch):
+    # Same params and code resume a killed run; new params or new code (DVC re-runs the stage when
+    # its code changes) must start fresh, not hand back the weights the old code trained.
+    def sections(steps: int) -> dict:
+        loop = LoopConfig(steps=steps, batch_size=8, lr=0.1)
+        return {"train_evaluator": TrainEvaluatorConfig(loop=loop), "train": TrainConfig()}
+
+    name = ray_run_name("train_evaluator", sections(10), data_deps=[])
+    assert name.startswith("train_evaluator-") and name == ray_run_name(
+        "train_evaluator", sections(10), data_deps=[]
+    )
+    assert ray_run_name("train_evaluator", sections(11), data_deps=[]) != name
+    assert len(code_hash()) == 64 and code_hash() == code_hash()
+    monkeypatch.setattr(training, "code_hash", lambda: "0" * 64)
+    assert ray_run_name("train_evaluator", sections(10), data_deps=[]) != name

@@ -28,38 +28,26 @@ import torch
 from components.config import load_stage
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
-from components.data.readers import ShardDataset
+from components.data.readers import ShardDataset, epoch_batches
 from components.evaluation.evaluator import EvaluatorTask, predict
 from components.evaluation.recon import recon_metrics
-from components.tokenizer.base import CodeUsage
 from components.tokenizer.task import TokenizerTask
+from components.tokenizer.vqgan import reconstruct
 from components.training.checkpoint import LocalCheckpointIO
 from components.training.loop import train
-
-
-def batches_of(ds: ShardDataset, *, batch: int, seed: int = 0):
-    """batches(epoch): shuffled in-memory micro-batches (CPU; the loop moves them to the device)."""
-
-    def batches(epoch: int):
-        order = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(seed + epoch))
-        for start in range(0, len(order) - batch + 1, batch):
-            idx = order[start : start + batch]
-            yield {"image": ds.images[idx], "label": ds.labels[idx]}
-
-    return batches
 
 
 def timed_train(
     task, *, loop, data: ShardDataset, device: torch.device, checkpoint_io=None, seed: int = 0
 ) -> dict:
-    """Train; wall seconds, images/s of the last log window, peak GPU memory (GiB) and the metrics."""
+    """Train; wall seconds, images/s of the last log window and peak GPU memory (GiB)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tic = time.perf_counter()
     metrics = train(
         task,
         loop=loop,
-        batches=batches_of(data, batch=loop.batch_size),
+        batches=epoch_batches({"image": data.images, "label": data.labels}, batch=loop.batch_size, seed=0),
         device=device,
         precision="bf16" if device.type == "cuda" else "fp32",
         checkpoint_io=checkpoint_io,
@@ -73,7 +61,6 @@ def timed_train(
         "images_per_s": metrics.get("perf/samples_per_s", float("nan")),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "loop_logged_mem_gib": metrics.get("perf/max_mem_gib"),  # what MLflow gets as perf/max_mem_gib
-        "metrics": metrics,
     }
 
 
@@ -83,7 +70,6 @@ def evaluator_run(cfg, loop, data, test, device) -> tuple[dict, torch.nn.Module]
     out = timed_train(task, loop=loop, data=data, device=device)
     net = task.modules["evaluator"].eval()
     out["test_accuracy"] = float((predict(net, test.images) == test.labels).float().mean())
-    del out["metrics"]
     return out, net
 
 
@@ -91,15 +77,8 @@ def tokenizer_run(cfg, loop, data, test, device, evaluator) -> dict:
     frozen = evaluator.to(device).requires_grad_(False)
     task = TokenizerTask(cfg.model, loop, feature_fn=frozen.feature_maps)
     out = timed_train(task, loop=loop, data=data, device=device)
-    vqgan, usage = task.modules["vqgan"].eval(), CodeUsage(cfg.model.quantizer.codebook_size)
-    with torch.no_grad():
-        recons = []
-        for x in test.images.split(256):
-            x_rec, _, indices, _ = vqgan(x.to(device))
-            recons.append(x_rec.float().clamp(-1, 1).cpu())
-            usage.update(indices)
-    out.update(psnr=recon_metrics(torch.cat(recons), test.images)["psnr"], codebook_usage=usage.usage())
-    del out["metrics"]
+    x_rec, usage = reconstruct(task.modules["vqgan"].eval(), test.images)
+    out.update(psnr=recon_metrics(x_rec, test.images)["psnr"], codebook_usage=usage.usage())
     return out
 
 

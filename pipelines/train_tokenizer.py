@@ -21,9 +21,8 @@ from components.evaluation.grid import make_grid, save_png
 from components.evaluation.recon import recon_metrics
 from components.io import save_model
 from components.stages import TrainTokenizerConfig
-from components.tokenizer.base import CodeUsage
 from components.tokenizer.task import TokenizerTask
-from components.tokenizer.vqgan import VQGAN
+from components.tokenizer.vqgan import VQGAN, reconstruct
 from pipelines.runtime import print_config, repo_root, stage_run
 from pipelines.train_evaluator import TEST_STATS, TRAIN_STATS
 from pipelines.training import finish, ray_run_name, train_on_ray
@@ -121,13 +120,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
 def judge(vqgan: VQGAN, *, data_dir: Path, evaluator_dir: Path, num_grid: int):
     """Reconstruction metrics on the test split and a grid of originals over reconstructions."""
     test = ShardDataset(data_dir, "test")
-    usage = CodeUsage(vqgan.codebook_size)
-    recons = []
-    for x in test.images.split(256):
-        x_rec, _, indices, _ = vqgan(x)
-        recons.append(x_rec.clamp(-1, 1))
-        usage.update(indices)
-    x_rec = torch.cat(recons)
+    x_rec, usage = reconstruct(vqgan, test.images)
     evaluator = load_evaluator(evaluator_dir)
     rec_stats = feature_stats(evaluator, x_rec)
     test_stats = FeatureStats.load(evaluator_dir / TEST_STATS)

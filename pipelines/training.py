@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from components.evaluation.curves import plot_curves
-from components.io import write_json
+from components.io import atomic_file, write_json
 from components.registry.registry import register_version, registered_name
 from components.registry.tracking import STEP_KEY, MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
@@ -133,14 +133,11 @@ def write_curves(run: StageRun, path: Path) -> dict[int, dict[str, float]]:
     for key in keys:
         for m in client.get_metric_history(run.run_id, key):
             rows.setdefault(int(m.step), {})[key] = m.value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", *keys])
         writer.writeheader()
         for step in sorted(rows):
             writer.writerow({"step": step, **rows[step]})
-    tmp.replace(path)
     return rows
 
 

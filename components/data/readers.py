@@ -6,6 +6,7 @@ and indexing a float tensor is both the simplest and the fastest reader for unit
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +36,21 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"image": self.images[i], "label": self.labels[i]}
+
+
+def epoch_batches(
+    columns: dict[str, torch.Tensor], *, batch: int, seed: int, rank: int = 0, device: torch.device | None = None
+) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """batches(epoch) over in-memory columns: a reshuffle seeded by (seed, epoch, rank), equal batches.
+
+    The order depends only on its arguments, never on the global RNG, so a resume replays an epoch.
+    """
+    n = len(next(iter(columns.values())))
+
+    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch + rank))
+        for start in range(0, n - batch + 1, batch):  # drop_last: equal batches (DDP's mean stays exact)
+            idx = order[start : start + batch]
+            yield {k: v[idx].to(device or v.device, non_blocking=True) for k, v in columns.items()}
+
+    return batches

@@ -8,10 +8,11 @@ gets a one-panel image that says so (the stage's declared output must still exis
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from components.io import atomic_file
 
 COLUMNS = 4
 
@@ -44,8 +45,5 @@ def plot_curves(rows: dict[int, dict[str, float]], path: str | Path, *, title: s
         if len(ks) > 1 or name != ks[0]:
             ax.legend(fontsize="small")
     fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")

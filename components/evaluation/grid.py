@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from components.io import atomic_file
 
 MIN_TILE = 64  # automatic upscaling makes each tile at least this many pixels on its longer side
 
@@ -57,14 +57,6 @@ def save_png(grid: np.ndarray, path: str | Path) -> None:
     """Write a uint8 (H, W, C) grid as PNG, atomically (temp file + rename)."""
     if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] not in (1, 3):
         raise ValueError(f"save_png needs a uint8 (H, W, 1|3) array, got {grid.dtype} {grid.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")

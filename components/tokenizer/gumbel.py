@@ -65,8 +65,9 @@ class GumbelQuantizer(Quantizer):
         indices = y.argmax(dim=1)  # (B, h, w)
         z_q = torch.einsum("bkhw,kd->bdhw", y, self.embed.weight)
         log_q = F.log_softmax(logits, dim=1)
-        kl = (log_q.exp() * (log_q + math.log(self.codebook_size))).sum(dim=1).mean()
-        q_bar = log_q.exp().mean(dim=(0, 2, 3))  # (K,): over the batch and positions
+        q = log_q.exp()
+        kl = (q * (log_q + math.log(self.codebook_size))).sum(dim=1).mean()
+        q_bar = q.mean(dim=(0, 2, 3))  # (K,): over the batch and positions
         diversity = math.log(self.codebook_size) + (q_bar * q_bar.clamp_min(1e-12).log()).sum()
         diagnostics = batch_diagnostics(indices, self.codebook_size)
         diagnostics["kl"] = kl.detach()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from components.nn.autoencoder import Decoder, Encoder
+from components.tokenizer.base import CodeUsage
 from components.tokenizer.config import TokenizerConfig
 from components.tokenizer.quantizers import build_quantizer
 
@@ -83,3 +84,17 @@ class VQGAN(nn.Module):
         """x -> (x_rec, quantizer loss, indices, diagnostics)."""
         z_q, indices, qloss, diagnostics = self.encode(x)
         return self.decode(z_q), qloss, indices, diagnostics
+
+
+@torch.no_grad()
+def reconstruct(
+    vqgan: VQGAN, images: torch.Tensor, *, batch_size: int = 256
+) -> tuple[torch.Tensor, CodeUsage]:
+    """Reconstructions (N, C, H, W) in [-1, 1] on the CPU and the code usage, batch by batch on the model's device."""
+    device = next(vqgan.parameters()).device
+    usage, recons = CodeUsage(vqgan.codebook_size), []
+    for x in images.split(batch_size):
+        x_rec, _, indices, _ = vqgan(x.to(device))
+        recons.append(x_rec.float().clamp(-1, 1).cpu())
+        usage.update(indices)
+    return torch.cat(recons), usage

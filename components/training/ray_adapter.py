@@ -23,6 +23,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from components.data.readers import epoch_batches
 from components.training.checkpoint import State, load_state, module_states, save_state
 from components.training.config import LoopConfig, TrainConfig
 from components.training.loop import MetricSink, NonFiniteError, SampleSink, train
@@ -222,7 +223,7 @@ class _CachedShard:
 
     def __init__(self, shard, *, micro: int, seed: int, rank: int, device: torch.device) -> None:
         self.shard, self.micro, self.seed, self.rank, self.device = shard, micro, seed, rank, device
-        self.columns: dict[str, torch.Tensor] | None = None
+        self.batches: Callable[[int], Iterable[Batch]] | None = None
 
     def _load(self) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {}
@@ -232,15 +233,11 @@ class _CachedShard:
         return {k: torch.cat(v) for k, v in parts.items()}
 
     def __call__(self, epoch: int) -> Iterable[Batch]:
-        if self.columns is None:
-            self.columns = self._load()
-        n = len(next(iter(self.columns.values())))
-        order = torch.randperm(
-            n, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch + self.rank)
-        )
-        for start in range(0, n - self.micro + 1, self.micro):  # drop_last: equal micro-batches
-            idx = order[start : start + self.micro]
-            yield {k: v[idx].to(self.device, non_blocking=True) for k, v in self.columns.items()}
+        if self.batches is None:
+            self.batches = epoch_batches(
+                self._load(), batch=self.micro, seed=self.seed, rank=self.rank, device=self.device
+            )
+        return self.batches(epoch)
 
 
 def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int):

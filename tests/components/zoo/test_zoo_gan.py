@@ -1,0 +1,128 @@
+"""DCGAN / WGAN-GP: the penalty's closed form, phase isolation and repeats, export -> load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from components.generators import load_generator
+from components.training.config import LoopConfig
+from components.zoo.gan import Discriminator, GANConfig, GANTask, Generator, export, gradient_penalty
+from tests.components.zoo.zoo_util import batch, read_config, run_task
+
+torch.set_num_threads(1)
+
+LOOP = LoopConfig(steps=2, batch_size=4, lr=1e-3)
+
+
+def _cfg(**kw) -> GANConfig:
+    return GANConfig(**{"latent_dim": 8, "g_channels": 4, "d_channels": 4, **kw})
+
+
+def test_gradient_penalty_of_a_linear_critic_matches_the_closed_form() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(12, requires_grad=True)
+    x_hat = torch.randn(5, 3, 2, 2, requires_grad=True)
+    scores = x_hat.flatten(1) @ w + 0.3  # C(x) = <w, x> + b: grad_x C = w everywhere
+    gp = gradient_penalty(scores, x_hat)
+    norm = w.detach().norm()
+    torch.testing.assert_close(gp, torch.full((5,), float((norm - 1) ** 2)))
+    gp.sum().backward()  # the penalty's own gradient: 2 (||w|| - 1) w / ||w|| per sample
+    torch.testing.assert_close(w.grad, 5 * 2 * (norm - 1) * w.detach() / norm)
+
+
+def test_generator_shapes_and_projection_for_unlabelled() -> None:
+    for shape in [(1, 16, 16), (3, 32, 32), (1, 28, 28)]:
+        g = Generator(_cfg(), image_shape=shape, num_classes=10)
+        x = g(torch.randn(2, 8), torch.tensor([0, 9]))
+        assert x.shape == (2, *shape) and x.abs().max() <= 1
+    d = Discriminator(_cfg(), image_shape=(1, 16, 16), num_classes=10)
+    x = torch.randn(2, 1, 16, 16)
+    unlabelled = d(x, torch.tensor([-1, -1]))
+    torch.testing.assert_close(unlabelled, d.psi(d.features(x).flatten(1)).squeeze(1))  # no projection
+    assert not torch.allclose(d(x, torch.tensor([3, 3])), unlabelled)
+
+
+def test_generator_phase_leaves_no_gradient_in_the_discriminator() -> None:
+    task = GANTask(_cfg(), LOOP, image_shape=(1, 8, 8), num_classes=3)
+    task.build(device=torch.device("cpu"), wrap=lambda m: m)
+    loss, _ = task.step("generator", batch(4), step=0)
+    loss.backward()
+    assert all(p.grad is None for p in task.modules["discriminator"].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.modules["generator"].parameters())
+    task.modules["generator"].zero_grad(set_to_none=True)
+    loss, _ = task.step("discriminator", batch(4), step=0)
+    loss.backward()  # the fakes are made under no_grad
+    assert all(p.grad is None for p in task.modules["generator"].parameters())
+
+
+@pytest.mark.parametrize(("loss", "repeats", "family"), [("ns", 1, "gan"), ("wgan_gp", 3, "wgan")])
+def test_both_phases_step_and_the_export_round_trips(tmp_path, loss, repeats, family) -> None:
+    cfg = _cfg(loss=loss, n_critic=repeats if loss == "wgan_gp" else None)
+    task = GANTask(cfg, LOOP, image_shape=(1, 8, 8), num_classes=3)
+    assert [(p.name, p.repeats) for p in task.phases] == [("discriminator", repeats), ("generator", 1)]
+    calls: list[str] = []
+    real_step = task.step
+
+    def counting_step(phase, b, *, step):
+        calls.append(phase)
+        return real_step(phase, b, step=step)
+
+    task.step = counting_step
+    sink = run_task(task, steps=3, data=batch(16))
+    assert calls == (["discriminator"] * repeats + ["generator"]) * 3
+    last = sink.rows[-1]
+    keys = ["discriminator/loss", "generator/loss", "val/g_loss"]
+    keys += ["discriminator/wasserstein", "val/wasserstein"] if loss == "wgan_gp" else ["val/d_loss"]
+    assert all(math.isfinite(last[k]) for k in keys)
+    if loss == "wgan_gp":  # the critic loss is -W + lambda GP
+        assert last["discriminator/loss"] == pytest.approx(
+            -last["discriminator/wasserstein"] + 10 * last["discriminator/gp"], rel=1e-4, abs=1e-5
+        )
+
+    export(
+        tmp_path / family,
+        state=task.modules["generator"].state_dict(),
+        config=cfg,
+        image_shape=(1, 8, 8),
+        num_classes=3,
+    )
+    assert read_config(tmp_path / family)["family"] == family
+    gen = load_generator(tmp_path / family)
+    assert (
+        gen.num_classes == 3 and gen.image_shape == (1, 8, 8) and gen.default_options == {"truncation": None}
+    )
+    labels = torch.tensor([0, 1, 2, 2])
+    a = gen.sample(labels, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, gen.sample(labels, generator=torch.Generator().manual_seed(3)))
+    assert a.shape == (4, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
+    truncated = gen.sample(labels, generator=torch.Generator().manual_seed(3), truncation=0.5)
+    assert not torch.equal(a, truncated)
+    with pytest.raises(ValueError, match="truncation=0 must be null or a positive number"):
+        gen.sample(labels, generator=torch.Generator(), truncation=0)
+    assert gen.sample(4, generator=torch.Generator()).shape == (4, 1, 8, 8)  # n: classes drawn uniformly
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        gen.sample(torch.tensor([3]), generator=torch.Generator())
+
+
+def test_unconditional_and_rgb() -> None:
+    task = GANTask(_cfg(loss="wgan_gp", n_critic=2), LOOP, image_shape=(3, 16, 16), num_classes=0)
+    sink = run_task(task, steps=2, data=batch(8, shape=(3, 16, 16), num_classes=0))
+    assert math.isfinite(sink.rows[-1]["generator/loss"])
+    assert task.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 3, 16, 16)
+
+
+def test_bad_configs_are_one_line() -> None:
+    with pytest.raises(ValidationError, match="'ns' or 'wgan_gp'"):
+        GANConfig(loss="hinge")
+    with pytest.raises(ValidationError, match="'layer' or 'none'"):
+        GANConfig(d_norm="batch")
+    with pytest.raises(ValidationError, match="extra"):
+        GANConfig(ncritic=5)
+    with pytest.raises(ValueError, match=r"^wgan: image size 6x6 must be even and at least 8$"):
+        GANTask(GANConfig(loss="wgan_gp"), LOOP, image_shape=(1, 6, 6), num_classes=0)
+    assert GANConfig(loss="wgan_gp").adam_betas == (0.0, 0.9) and GANConfig().adam_betas == (0.5, 0.999)
+    assert GANConfig(loss="wgan_gp").critic_repeats == 5 and GANConfig().critic_repeats == 1

@@ -147,7 +147,7 @@ def _decode_step(
     # Step 3: confidence with annealed Gumbel noise; kept tokens get +inf so they are never re-masked
     log_p = logits.log_softmax(dim=-1).gather(-1, sampled[..., None]).squeeze(-1)  # (B, N)
     u = torch.rand(B, N, generator=generator, device=x.device).clamp_(1e-20, 1.0)
-    gumbel = -torch.log(-torch.log(u).clamp_min(1e-20))
+    gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))  # Gumbel(0, 1), finite
     confidence = log_p + choice_temperature * (1.0 - t / steps) * gumbel
     confidence = confidence.masked_fill(~unknown, math.inf)
     # Step 4: re-mask the n_mask least confident positions (all of them were unknown before this step)

@@ -1,0 +1,436 @@
+"""Glow: a multi-scale normalizing flow with a class-conditional prior (Kingma & Dhariwal 2018).
+
+Each of `levels` scales squeezes (C, H, W) -> (4C, H/2, W/2) (Dinh et al. 2017, sec. 3.6) and runs
+`steps_per_level` flow steps (Glow, table 1):
+    actnorm      y = (x + b) * exp(s),   data-dependent init: zero mean, unit variance per channel,
+    1x1 conv     y = W x,  W = P L (U + diag(sign * exp(log_s))) (LU form, eq. in sec. 3.2),
+    coupling     y_b = (x_b + t(x_a, y)) * sigmoid(s(x_a, y) + 2),  y_a = x_a,
+with log|det| = H W sum s, H W sum log_s, sum log sigmoid(.) respectively. The sigmoid(s + 2) scale
+of Glow's code keeps each coupling contractive near the identity at init (scale ~0.88) and bounded.
+Between scales half the channels are factored out (multi-scale split) with a Gaussian prior whose
+mean and log-std come from the kept half (a zero-initialised conv) plus a per-class bias; the top
+latent's prior is a learned per-class mean and log-std per channel (Glow's class-conditional
+prior). Couplings also get a per-class bias in their hidden layer.
+
+Likelihood: the change of variables log p(x|y) = log p(z|y) + log|det dz/dx| on x in [-1, 1];
+8-bit images are dequantized uniformly into bins of width 1/128 (Theis et al. 2016), so with
+D = C H W, bits/dim = (-log p(x) + D log 128) / (D log 2) (dequantized_bits_per_dim in
+components/evaluation/likelihood.py, which accounts for the [-1, 1] scaling and the 256 levels).
+Sampling draws every latent at temperature T (z = mu + T sigma eps, Glow sec. 5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from components.evaluation.likelihood import dequantize, dequantized_bits_per_dim
+from components.generators import merge_options
+from components.schema import StrictConfig
+from components.training import distributed as dist
+from components.training.config import LoopConfig
+from components.training.task import Batch, Phase, Task, Wrap
+from components.zoo.common import (
+    check_image_shape,
+    check_temperature,
+    embedding_rows,
+    export_generator,
+    label_rows,
+    marginal_nll,
+    progress_labels,
+    read_export,
+    request,
+)
+
+FAMILY = "flow"
+PROGRESS_TEMPERATURE = 0.7  # Glow's figures sample at T = 0.7
+LOG_2PI = math.log(2 * math.pi)
+
+
+class FlowConfig(StrictConfig):
+    """Scales, steps per scale and the width of the coupling networks."""
+
+    levels: int = Field(default=2, ge=1, description="squeeze scales; H and W must divide by 2**levels")
+    steps_per_level: int = Field(default=8, ge=1, description="K of Glow (32 there)")
+    hidden_channels: int = Field(default=128, ge=4, description="coupling network width (512 in Glow)")
+
+
+def squeeze(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 patch becomes four channels."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2)
+    return x.permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unsqueeze(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `squeeze`."""
+    b, c, h, w = x.shape
+    x = x.view(b, c // 4, 2, 2, h, w)
+    return x.permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
+
+
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, exp(log_std)^2) summed per sample, (B,)."""
+    lp = -0.5 * (LOG_2PI + 2 * log_std + (z - mean).pow(2) * torch.exp(-2 * log_std))
+    return lp.flatten(1).sum(1)
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine y = (x + b) exp(s), initialised from the first training batch (Glow 3.1)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _init(self, x: torch.Tensor) -> None:
+        # Moments averaged over DDP ranks: every rank must start from the same parameters.
+        mean = dist.all_reduce_mean(x.mean(dim=(0, 2, 3)))
+        sq = dist.all_reduce_mean(x.pow(2).mean(dim=(0, 2, 3)))
+        std = (sq - mean.pow(2)).clamp_min(0).sqrt()
+        self.bias.copy_(-mean.view_as(self.bias))
+        self.log_scale.copy_(-torch.log(std + 1e-6).view_as(self.log_scale))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and not bool(self.initialized):
+            self._init(x)
+        logdet = x.shape[2] * x.shape[3] * self.log_scale.sum()
+        return (x + self.bias) * torch.exp(self.log_scale), logdet.expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.exp(-self.log_scale) - self.bias
+
+
+class InvConv1x1(nn.Module):
+    """Invertible 1x1 convolution in LU form, initialised with a random rotation (Glow 3.2)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(channels, channels))
+        p, lower, upper = torch.linalg.lu(q)
+        s = torch.diagonal(upper)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(s.abs()))
+
+    def weight(self) -> torch.Tensor:
+        eye = torch.eye(self.lower.shape[0], device=self.lower.device, dtype=self.lower.dtype)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.perm @ lower @ upper
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = x.shape[2] * x.shape[3] * self.log_s.sum()
+        return nn.functional.conv2d(x, self.weight()[:, :, None, None]), logdet.expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(y, torch.linalg.inv(self.weight())[:, :, None, None])
+
+
+class Coupling(nn.Module):
+    """Affine coupling: x_b -> (x_b + t) * sigmoid(s + 2) with (s, t) from x_a and the class."""
+
+    def __init__(self, channels: int, *, hidden: int, rows: int) -> None:
+        super().__init__()
+        self.split = channels // 2
+        out = channels - self.split
+        self.conv_in = nn.Conv2d(self.split, hidden, 3, padding=1)
+        self.embed = nn.Embedding(rows, hidden) if rows else None
+        self.mid = nn.Conv2d(hidden, hidden, 1)
+        self.conv_out = nn.Conv2d(hidden, 2 * out, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # Glow: every coupling starts near the identity
+        nn.init.zeros_(self.conv_out.bias)
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)
+
+    def _params(self, x_a: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv_in(x_a)
+        if self.embed is not None:
+            h = h + self.embed(y)[:, :, None, None]
+        shift, s = self.conv_out(torch.relu(self.mid(torch.relu(h)))).chunk(2, dim=1)
+        return shift, torch.sigmoid(s + 2.0)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x_a, x_b = x[:, : self.split], x[:, self.split :]
+        shift, scale = self._params(x_a, y)
+        return torch.cat([x_a, (x_b + shift) * scale], dim=1), torch.log(scale).flatten(1).sum(1)
+
+    def inverse(self, y_: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        y_a, y_b = y_[:, : self.split], y_[:, self.split :]
+        shift, scale = self._params(y_a, y)
+        return torch.cat([y_a, y_b / scale - shift], dim=1)
+
+
+class FlowStep(nn.Module):
+    """actnorm -> invertible 1x1 conv -> affine coupling."""
+
+    def __init__(self, channels: int, *, hidden: int, rows: int) -> None:
+        super().__init__()
+        self.actnorm = ActNorm(channels)
+        self.invconv = InvConv1x1(channels)
+        self.coupling = Coupling(channels, hidden=hidden, rows=rows)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, ld_a = self.actnorm(x)
+        x, ld_w = self.invconv(x)
+        x, ld_c = self.coupling(x, y)
+        return x, ld_a + ld_w + ld_c
+
+    def inverse(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.actnorm.inverse(self.invconv.inverse(self.coupling.inverse(x, y)))
+
+
+class SplitPrior(nn.Module):
+    """(mean, log_std) of a factored-out half from the kept half and the class; N(0, I) at init."""
+
+    def __init__(self, kept: int, out: int, *, rows: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(kept, 2 * out, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.embed = nn.Embedding(max(rows, 1), 2 * out)
+        nn.init.zeros_(self.embed.weight)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = y if y is not None else torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+        return (self.conv(h) + self.embed(rows)[:, :, None, None]).chunk(2, dim=1)
+
+
+class Glow(nn.Module):
+    """x (B, C, H, W) <-> latents [z_1 .. z_L]; `log_prob` gives log p(x|y) in nats, (B,)."""
+
+    def __init__(self, cfg: FlowConfig, *, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = check_image_shape(
+            image_shape, multiple=2**cfg.levels, family=FAMILY, why=f"levels={cfg.levels} squeezes"
+        )
+        self.cfg, self.image_shape, self.num_classes = cfg, (c, h, w), num_classes
+        rows = embedding_rows(num_classes)
+        self.levels, self.priors = nn.ModuleList(), nn.ModuleList()
+        self.splits: list[int] = []  # channels factored out after each level but the last
+        channels = c
+        for i in range(cfg.levels):
+            channels *= 4
+            steps = [
+                FlowStep(channels, hidden=cfg.hidden_channels, rows=rows) for _ in range(cfg.steps_per_level)
+            ]
+            self.levels.append(nn.ModuleList(steps))
+            h, w = h // 2, w // 2
+            if i < cfg.levels - 1:
+                out = channels // 2
+                self.priors.append(SplitPrior(channels - out, out, rows=rows))
+                self.splits.append(out)
+                channels -= out
+        self.top_shape = (channels, h, w)
+        self.top_prior = nn.Parameter(torch.zeros(max(rows, 1), 2 * channels))  # per-class mean, log-std
+
+    def _top(self, y: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.top_prior[y] if y is not None else self.top_prior[:1].expand(n, -1)
+        return row[:, :, None, None].chunk(2, dim=1)  # (B, C_top, 1, 1) each
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(latents, log|det dz/dx| (B,), log p(z|y) (B,))."""
+        h, logdet = x, x.new_zeros(x.shape[0])
+        log_pz, zs = x.new_zeros(x.shape[0]), []
+        for i, steps in enumerate(self.levels):
+            h = squeeze(h)
+            for step in steps:
+                h, ld = step(h, y)
+                logdet = logdet + ld
+            if i < len(self.priors):
+                z, h = h[:, : self.splits[i]], h[:, self.splits[i] :]  # factor out the first half
+                mean, log_std = self.priors[i](h, y)
+                log_pz = log_pz + gaussian_log_prob(z, mean, log_std)
+                zs.append(z)
+        mean, log_std = self._top(y, x.shape[0])
+        zs.append(h)
+        return zs, logdet, log_pz + gaussian_log_prob(h, mean, log_std)
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        _, logdet, log_pz = self(x, y)
+        return log_pz + logdet
+
+    def inverse(
+        self,
+        y: torch.Tensor | None,
+        *,
+        n: int,
+        pick: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """x from latents chosen by pick(index, mean, log_std): index 0..L-1 as `forward` lists them."""
+        mean, log_std = self._top(y, n)
+        shape = (n, *self.top_shape)
+        h = pick(len(self.levels) - 1, mean.expand(shape), log_std.expand(shape))
+        for i in reversed(range(len(self.levels))):
+            if i < len(self.priors):
+                mean, log_std = self.priors[i](h, y)
+                h = torch.cat([pick(i, mean, log_std), h], dim=1)
+            for step in reversed(self.levels[i]):
+                h = step.inverse(h, y)
+            h = unsqueeze(h)
+        return h
+
+    def invert(self, zs: list[torch.Tensor], y: torch.Tensor | None) -> torch.Tensor:
+        """x from given latents (the exact inverse of `forward`)."""
+        return self.inverse(y, n=zs[0].shape[0], pick=lambda i, mean, log_std: zs[i])
+
+    def sample(
+        self, y: torch.Tensor | None, *, n: int, temperature: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1]: every latent drawn at temperature T."""
+
+        def draw(i: int, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+            return mean + temperature * torch.exp(log_std) * eps
+
+        return self.inverse(y, n=n, pick=draw).clamp(-1, 1)
+
+
+def _bpd(log_px: torch.Tensor, num_dims: int) -> torch.Tensor:
+    return dequantized_bits_per_dim(-log_px, num_dims=num_dims)
+
+
+class FlowTask(Task):
+    """Maximum likelihood of dequantized images (loss: bits/dim); `flow` is averaged and exported."""
+
+    phases = (Phase("main", "main"),)
+    ema_module = "flow"
+
+    def __init__(
+        self, model: FlowConfig, loop: LoopConfig, *, image_shape: tuple[int, int, int], num_classes: int
+    ) -> None:
+        super().__init__()
+        self.cfg, self.loop, self.num_classes = model, loop, num_classes
+        self.image_shape = check_image_shape(
+            image_shape, multiple=2**model.levels, family=FAMILY, why=f"levels={model.levels} squeezes"
+        )
+        embedding_rows(num_classes)
+        self.num_dims = math.prod(self.image_shape)
+        self.device = torch.device("cpu")
+
+    def build(self, *, device: torch.device, wrap: Wrap) -> None:
+        self.device = torch.device(device)
+        flow = Glow(self.cfg, image_shape=self.image_shape, num_classes=self.num_classes)
+        self.modules = {"flow": flow.to(self.device)}
+        self.wrapped = {k: wrap(m) for k, m in self.modules.items()}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        params = self.modules["flow"].parameters()
+        return {
+            "main": torch.optim.AdamW(
+                params, lr=self.loop.lr, betas=self.loop.betas, weight_decay=self.loop.weight_decay
+            )
+        }
+
+    def _log_px(self, batch: Batch, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = dequantize(batch["image"].float(), generator=generator)
+        y = label_rows(batch.get("label"), num_classes=self.num_classes)
+        # log-determinants and inverses need fp32: no bf16 autocast inside the flow
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            _, logdet, log_pz = self.wrapped["flow"](x, y)
+        return log_pz + logdet
+
+    def step(self, phase: str, batch: Batch, *, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if phase != "main":
+            raise ValueError(f"unknown phase {phase!r}; valid: ['main']")
+        bpd = _bpd(self._log_px(batch), self.num_dims)
+        loss = bpd.mean()
+        return loss, {"bpd": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """bits/dim of -log p(x|y) (given the batch labels), one fixed dequantization draw."""
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        total, count = 0.0, 0
+        for batch in batches:
+            bpd = _bpd(
+                self._log_px({k: v.to(self.device) for k, v in batch.items()}, generator=generator),
+                self.num_dims,
+            )
+            total, count = total + float(bpd.sum()), count + bpd.numel()
+        if count == 0:
+            raise ValueError("evaluate got no validation samples")
+        return {"bpd": total / count}
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator) -> torch.Tensor:
+        y = label_rows(
+            progress_labels(n, num_classes=self.num_classes, device=self.device), num_classes=self.num_classes
+        )
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self.modules["flow"].sample(y, n=n, temperature=PROGRESS_TEMPERATURE, generator=generator)
+
+
+class FlowGenerator:
+    """A loaded Glow: samples at a temperature and exact (dequantized) bits/dim."""
+
+    def __init__(self, flow: Glow, *, default_options: dict[str, Any]) -> None:
+        self.flow = flow
+        self.num_classes, self.image_shape = flow.num_classes, flow.image_shape
+        self.default_options = dict(default_options)
+        self.device = flow.top_prior.device
+
+    @torch.no_grad()
+    def sample(
+        self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
+    ) -> torch.Tensor:
+        """Inverse flow of latents drawn at temperature T (option `temperature`)."""
+        opts = merge_options(FAMILY, self.default_options, options)
+        temperature = check_temperature(opts["temperature"], family=FAMILY)
+        n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
+        return self.flow.sample(y, n=n, temperature=temperature, generator=generator)
+
+    @torch.no_grad()
+    def bits_per_dim(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+        """-log p(x) in bits/dim, (n,), under the uniform class mixture; one dequantization draw."""
+        x = dequantize(images.float().to(generator.device), generator=generator).to(self.device)
+
+        def nll(y: torch.Tensor | None) -> torch.Tensor:
+            return -self.flow.log_prob(x, y)
+
+        nats = marginal_nll(nll, n=x.shape[0], num_classes=self.num_classes, device=self.device)
+        return dequantized_bits_per_dim(nats, num_dims=math.prod(self.image_shape))
+
+
+def export(
+    path: str | Path,
+    *,
+    state: dict[str, torch.Tensor],
+    config: FlowConfig,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    temperature: float = PROGRESS_TEMPERATURE,
+) -> None:
+    """Write the flow (`state`: the `flow` module's, EMA-averaged where kept) as a generator folder."""
+    check_temperature(temperature, family=FAMILY)
+    export_generator(
+        path,
+        family=FAMILY,
+        state=state,
+        config=config,
+        image_shape=image_shape,
+        num_classes=num_classes,
+        sampling={"temperature": temperature},
+    )
+
+
+def load(model_dir: str | Path, *, device: torch.device) -> FlowGenerator:
+    """Rebuild an exported flow in eval mode on `device`."""
+    state, cfg, shape, num_classes, sampling = read_export(model_dir, config_cls=FlowConfig)
+    flow = Glow(cfg, image_shape=shape, num_classes=num_classes)
+    flow.load_state_dict(state)
+    return FlowGenerator(flow.to(device).eval(), default_options=sampling)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from components.prior.config import GPTConfig
-from components.prior.sampling import filter_logits, guide, sample_logits
+from components.prior.sampling import filter_logits, guidance_classes, guide, sample_logits
 from components.prior.transformer import KVCache, Transformer, eval_mode
 
 
@@ -58,14 +58,12 @@ def generate(
     """
     with eval_mode(model):  # dropout off: cached and uncached paths compute the same function
         device = model.net.pos_emb.device
-        classes, guided = condition(model, labels, guidance=guidance, device=device)
+        classes, guided = guidance_classes(
+            labels, num_classes=model.num_classes, guidance=guidance, device=device
+        )
         n = classes.shape[0] // 2 if guided else classes.shape[0]
         tokens = torch.empty(classes.shape[0], 0, dtype=torch.long, device=device)
-        cache = None
-        if use_cache:
-            cache = KVCache.empty(
-                model.config, batch=classes.shape[0], max_len=model.num_tokens, like=model.net.pos_emb
-            )
+        cache = KVCache(max_len=model.num_tokens) if use_cache else None
         for i in range(model.num_tokens):
             if cache is None:  # the whole prefix again
                 logits = model.net.run(tokens, classes, causal=True)[:, -1]
@@ -81,26 +79,3 @@ def generate(
                 nxt = nxt.repeat(2)  # the conditional and the null half continue the same sequence
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         return tokens[:n]
-
-
-def condition(
-    model: nn.Module, labels: torch.Tensor | int, *, guidance: float, device: torch.device
-) -> tuple[torch.Tensor, bool]:
-    """Class ids for the forward pass, [labels; null] (2B,) when guided, and whether it is guided."""
-    num_classes = model.num_classes
-    if guidance < 0:
-        raise ValueError(f"guidance={guidance} must be >= 0 (1: plain conditional)")
-    if isinstance(labels, int):
-        if num_classes == 0 and guidance != 1.0:
-            raise ValueError(
-                f"guidance={guidance} needs a class-conditional model; this one has num_classes=0"
-            )
-        return torch.full((labels,), num_classes, dtype=torch.long, device=device), False
-    labels = labels.to(device=device, dtype=torch.long)
-    if labels.ndim != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= num_classes)):
-        raise ValueError(
-            f"labels must be a 1-D tensor of classes in [0, {num_classes}); use an int for unconditional"
-        )
-    if guidance == 1.0:
-        return labels, False
-    return torch.cat([labels, torch.full_like(labels, num_classes)]), True

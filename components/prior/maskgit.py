@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.prior.config import MaskGITConfig
-from components.prior.gpt import condition
-from components.prior.sampling import filter_logits, guide, mask_ratio
+from components.prior.sampling import filter_logits, guidance_classes, guide, mask_ratio
 from components.prior.transformer import Transformer, eval_mode
 
 
@@ -102,7 +101,9 @@ def generate(
         raise ValueError(f"choice_temperature={choice_temperature} must be >= 0")
     with eval_mode(model):
         device = model.net.pos_emb.device
-        classes, guided = condition(model, labels, guidance=guidance, device=device)
+        classes, guided = guidance_classes(
+            labels, num_classes=model.num_classes, guidance=guidance, device=device
+        )
         n = classes.shape[0] // 2 if guided else classes.shape[0]
         x = torch.full((n, model.num_tokens), model.mask_id, dtype=torch.long, device=device)
         history = []

@@ -72,6 +72,33 @@ def guide(logits: torch.Tensor, *, scale: float) -> torch.Tensor:
     return l_u + scale * (l_c - l_u)
 
 
+def guidance_classes(
+    labels: torch.Tensor | int, *, num_classes: int, guidance: float, device: torch.device
+) -> tuple[torch.Tensor, bool]:
+    """Class ids for the forward pass and whether it is guided: [labels; null] (2B,) when guidance != 1.
+
+    `labels` (B,) in [0, num_classes), or an int B for B unconditional samples (the null class
+    num_classes): those have no condition to guide, so guidance is an error only for a model that
+    has no classes at all.
+    """
+    if guidance < 0:
+        raise ValueError(f"guidance={guidance} must be >= 0 (1: plain conditional)")
+    if isinstance(labels, int):
+        if num_classes == 0 and guidance != 1.0:
+            raise ValueError(
+                f"guidance={guidance} needs a class-conditional model; this one has num_classes=0"
+            )
+        return torch.full((labels,), num_classes, dtype=torch.long, device=device), False
+    labels = labels.to(device=device, dtype=torch.long)
+    if labels.ndim != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(
+            f"labels must be a 1-D tensor of classes in [0, {num_classes}); use an int for unconditional"
+        )
+    if guidance == 1.0:
+        return labels, False
+    return torch.cat([labels, torch.full_like(labels, num_classes)]), True
+
+
 def sample_logits(logits: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
     """One draw from softmax(logits) (B, V) -> (B,) int64, randomness from `generator` only."""
     return torch.multinomial(logits.float().softmax(dim=-1), 1, generator=generator).squeeze(-1)

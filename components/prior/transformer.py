@@ -34,17 +34,23 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 @dataclass
 class KVCache:
-    """Keys and values per layer, preallocated to the full length; `length` positions are filled."""
+    """Keys and values per layer for up to `max_len` positions; `length` positions are filled."""
 
-    k: list[torch.Tensor] = field(default_factory=list)  # each (B, H, T, d)
-    v: list[torch.Tensor] = field(default_factory=list)
+    max_len: int
+    k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H, max_len, d)
+    v: dict[int, torch.Tensor] = field(default_factory=dict)
     length: int = 0
 
-    @classmethod
-    def empty(cls, config: TransformerConfig, *, batch: int, max_len: int, like: torch.Tensor) -> KVCache:
-        shape = (batch, config.heads, max_len, config.width // config.heads)
-        new = [like.new_zeros(shape) for _ in range(2 * config.layers)]
-        return cls(k=new[: config.layers], v=new[config.layers :])
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, d) after the filled positions; all keys and values so far."""
+        if layer not in self.k:  # allocated at the first write, in the dtype autocast gives k and v
+            B, H, _, d = k.shape
+            self.k[layer] = k.new_zeros(B, H, self.max_len, d)
+            self.v[layer] = v.new_zeros(B, H, self.max_len, d)
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class SelfAttention(nn.Module):
@@ -66,9 +72,7 @@ class SelfAttention(nn.Module):
         mask = None
         if cache is not None:
             start = cache.length
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
+            k, v = cache.append(layer, k, v)
             if causal and T > 1:  # query i sits at position start + i and sees keys 0..start + i
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             causal = False  # a single new query may see the whole cache
@@ -130,18 +134,6 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def class_ids(self, labels: torch.Tensor | None, *, batch: int, device: torch.device) -> torch.Tensor:
-        """Labels (B,) in [0, num_classes] (num_classes: null), or None for all null."""
-        if labels is None:
-            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
-        if labels.shape != (batch,):
-            raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        return labels.to(device=device, dtype=torch.long)
 
     def run(
         self,

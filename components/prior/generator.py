@@ -106,7 +106,7 @@ class PriorGenerator:
     def sample(
         self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
     ) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] for labels (n,) int64, or `labels` unconditional samples."""
+        """Images (n, C, H, W) in [-1, 1] for labels (n,) int64; an int n draws n from the null class."""
         options = merge_options(f"{FAMILY}/{self.kind}", self.default_options, options)
         sampling_config(options)  # values: one line naming the option and the rule
         n, labels = sample_labels(labels, num_classes=self.num_classes)

@@ -1,5 +1,5 @@
 """Autoregressive prior over token grids: the transformer of "Taming Transformers" (Esser et al. 2021,
-sec. 3.2, eq. 8-9), a decoder-only GPT (Radford et al. 2019).
+sec. 3.2, eq. 8-10), a decoder-only GPT (Radford et al. 2019).
 
 p(s | c) = prod_i p(s_i | s_<i, c) over the row-major token grid s (N = h * w tokens), class c as a
 token prepended to the sequence (the null class for unconditional / guided sampling). Training

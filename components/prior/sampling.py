@@ -2,7 +2,8 @@
 
 Top-k (Fan et al. 2018) keeps the k largest logits; top-p / nucleus sampling (Holtzman et al. 2020,
 eq. 2-3) keeps the smallest set V_p of most likely tokens with sum_{x in V_p} p(x) >= p.
-Classifier-free guidance (Ho & Salimans 2022, eq. 6) on logits: l = l_u + w * (l_c - l_u).
+Classifier-free guidance (Ho & Salimans 2022, eq. 6, with w = 1 + their w) on logits:
+l = l_u + w * (l_c - l_u), so w = 1 is the conditional model and w = 0 the unconditional one.
 Mask schedules gamma(r) (Chang et al. 2022, sec. 3.3) give the masked share at progress r in [0, 1],
 decreasing from gamma(0) = 1 to gamma(1) = 0.
 """

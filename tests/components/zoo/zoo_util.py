@@ -40,11 +40,13 @@ class Sink:
         pass
 
 
-def run_task(task, *, steps: int = 3, data: dict[str, torch.Tensor], lr: float = 1e-3, **loop) -> Sink:
-    """Train `task` for `steps` on the in-memory `data` (micro-batches of 4); the metric rows."""
-    cfg = LoopConfig(
-        **{"steps": steps, "batch_size": 4, "lr": lr, "log_every": 1, "schedule": "constant", **loop}
-    )
+def run_task(task, *, steps: int = 3, data: dict[str, torch.Tensor]) -> Sink:
+    """Train `task` for `steps` on the in-memory `data` (micro-batches of 4); the metric rows.
+
+    The optimizers take their lr from the task's own LoopConfig, so the loop runs with that one.
+    """
+    base = task.loop.model_dump()
+    cfg = LoopConfig(**{**base, "steps": steps, "batch_size": 4, "log_every": 1, "schedule": "constant"})
     n = data["image"].shape[0]
 
     def batches(epoch: int):

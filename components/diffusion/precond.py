@@ -76,7 +76,8 @@ class DDPMPrecond(Preconditioner):
         table = ddpm_sigmas(beta_schedule=config.beta_schedule, num_timesteps=config.num_timesteps)
         # Not persistent: rebuilt from the config, so exports hold weights only.
         self.register_buffer("sigmas", table.float(), persistent=False)
-        self.register_buffer("log_sigmas", table.log().float(), persistent=False)
+        # log of the float32 table, so that sigma_to_t is exact on table entries
+        self.register_buffer("log_sigmas", table.float().log(), persistent=False)
 
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
         c_in = 1 / (sigma**2 + 1).sqrt()

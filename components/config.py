@@ -14,7 +14,13 @@ from pydantic import Field, ValidationError
 
 from components.data.config import PrepareConfig
 from components.schema import StrictConfig
-from components.stages import EncodeConfig, TrainEvaluatorConfig, TrainTokenizerConfig
+from components.stages import (
+    EncodeConfig,
+    EvaluateConfig,
+    TrainDiffusionConfig,
+    TrainEvaluatorConfig,
+    TrainTokenizerConfig,
+)
 from components.training.config import TrainConfig
 
 
@@ -51,6 +57,8 @@ STAGE_SECTIONS: dict[str, type[StrictConfig]] = {
     "train_evaluator": TrainEvaluatorConfig,
     "train_tokenizer": TrainTokenizerConfig,
     "encode": EncodeConfig,
+    "train_diffusion": TrainDiffusionConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
+
+from components.diffusion.config import DiffusionStageConfig
 from components.evaluation.evaluator import EvaluatorConfig
+from components.generators import MODELS
 from components.schema import StrictConfig
 from components.tokenizer.config import TokenizerConfig
 from components.training.config import LoopConfig
@@ -31,3 +35,38 @@ class EncodeConfig(StrictConfig):
     batch_size: int = Field(default=256, gt=0)
     num_actors: int = Field(default=1, ge=1, description="Ray Data actors, each holding one tokenizer")
     shard_rows: int = Field(default=4096, gt=0)
+
+
+class EvaluateConfig(StrictConfig):
+    """The `evaluate` section: how the one judge samples and scores every generator."""
+
+    num_samples: int | None = Field(default=None, ge=10, description="null: the train split's size")
+    seed: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=512, gt=0, description="images per sampling call")
+    pr_k: int = Field(default=3, ge=1, description="k of improved precision/recall (paper: 3)")
+    grid_columns: int = Field(default=10, ge=1, le=64, description="samples per class row of the grid")
+    threads: int | None = Field(default=None, ge=1, description="torch threads; null: every core")
+    device: Literal["cpu", "cuda"] = "cpu"
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per model (models/<name>): sampling options over its defaults"
+    )
+
+    @model_validator(mode="after")
+    def _known_models(self) -> EvaluateConfig:
+        unknown = sorted(set(self.options) - set(MODELS))
+        if unknown:
+            raise ValueError(f"options for unknown model {unknown[0]!r}; valid: {', '.join(MODELS)}")
+        return self
+
+
+class DiffusionVariantConfig(DiffusionStageConfig):
+    """One variant of `train_diffusion` (pixel or latent): objective, default sampling, loop."""
+
+    loop: LoopConfig
+
+
+class TrainDiffusionConfig(StrictConfig):
+    """The `train_diffusion` section: a DVC `foreach` over pixel and latent space."""
+
+    pixel: DiffusionVariantConfig
+    latent: DiffusionVariantConfig

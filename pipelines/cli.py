@@ -26,11 +26,11 @@ DryRunOpt = Annotated[
 USER_ERRORS = (ValueError, OSError, ArithmeticError, KeyError, RuntimeError)
 
 
-def _run_stage(module: str, params: Path, dry_run: bool) -> None:
+def _run_stage(module: str, params: Path, dry_run: bool, **args: str) -> None:
     from pipelines.runtime import fail
 
     try:
-        importlib.import_module(f"pipelines.{module}").main(params=params, dry_run=dry_run)
+        importlib.import_module(f"pipelines.{module}").main(params=params, dry_run=dry_run, **args)
     except USER_ERRORS as err:
         if os.environ.get("GENPIPE_DEBUG"):
             raise
@@ -54,6 +54,44 @@ STAGES = {
 }
 for _name, _summary in STAGES.items():
     _stage(_name, _summary)
+
+
+def _variant_stage(name: str, summary: str, arg: str, choices: str) -> None:
+    """A DVC `foreach` stage: `genpipe <name> <variant>`."""
+
+    def command(variant: str, params: ParamsOpt = Path("params.yaml"), dry_run: DryRunOpt = False) -> None:
+        _run_stage(name, params, dry_run, **{arg: variant})
+
+    # Built here, not in the signature: string annotations cannot see this function's locals.
+    command.__annotations__["variant"] = Annotated[str, typer.Argument(metavar=arg.upper(), help=choices)]
+    command.__doc__ = summary
+    app.command(name, help=f"{summary} {arg.upper()}: {choices}.")(command)
+
+
+_variant_stage(
+    "train_diffusion",
+    "Train a diffusion model (DDPM, DDIM, VE, EDM or flow matching) in pixel or latent space.",
+    "variant",
+    "pixel | latent",
+)
+_variant_stage(
+    "train_prior", "Train a transformer prior over the tokenizer's codes.", "variant", "gpt | maskgit"
+)
+_variant_stage(
+    "train_zoo",
+    "Train a classic family: VAE, GAN, WGAN-GP, normalizing flow or PixelCNN.",
+    "variant",
+    "vae | gan | wgan | flow | pixelcnn",
+)
+_variant_stage(
+    "evaluate",
+    "Judge one generator: N samples on fixed seeds, FD, conditional accuracy, precision/recall, grid.",
+    "model",
+    "a folder name under models/ (diffusion_pixel, diffusion_latent, prior_gpt, ...)",
+)
+_stage(
+    "report", "Gather every evaluation into reports/evaluate.json and the results table reports/results.md."
+)
 
 
 @app.command("models")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -35,8 +37,10 @@ def code_hash() -> str:
     return digest.hexdigest()
 
 
-def ray_run_name(stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str]) -> str:
-    """`<stage>-<hash>` of the stage and `train` params, the data and the code.
+def ray_run_name(
+    stage: str, sections: dict[str, StrictConfig], *, data_deps: list[str], label: str | None = None
+) -> str:
+    """`<label or stage>-<hash>` of the stage's (or variant's) and `train` params, the data and the code.
 
     Same inputs resume the run's latest checkpoint (a killed stage); anything else starts fresh.
     The code counts too: DVC re-runs a stage when its code changes, and resuming a finished run
@@ -51,7 +55,7 @@ def ray_run_name(stage: str, sections: dict[str, StrictConfig], *, data_deps: li
         },
         sort_keys=True,
     )
-    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    return f"{label or stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 def train_on_ray(
@@ -150,6 +154,8 @@ def finish(
     metrics_path: Path,
     curves_path: Path,
     register_model: bool,
+    tags: dict[str, str] | None = None,
+    registered: str | None = None,
 ) -> str | None:
     """A training stage's last steps: metrics JSON, final metrics and curves, model logged and registered."""
     write_json(metrics_path, metrics)
@@ -161,13 +167,102 @@ def finish(
     if not register_model:
         return None
     sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
-    tags = {**run.tags, "model_sha256": sha, **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    tags = {
+        **run.tags,
+        **(tags or {}),
+        "model_sha256": sha,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+    }
+    name = registered or registered_name(family)
     version = register_version(
         tracking_uri=run.tracking_uri,
-        name=registered_name(family),
+        name=name,
         run_id=run.run_id,
         artifact_path="model",
         tags=tags,
     )
-    print(f"registered {registered_name(family)} version {version}")
+    print(f"registered {name} version {version}")
     return version
+
+
+@dataclass(frozen=True)
+class GeneratorStage:
+    """A generator's training stage, a DVC `foreach` item: `genpipe <stage> <variant>`."""
+
+    stage: str  # params section and command, e.g. "train_diffusion"
+    variant: str  # key inside the section, e.g. "pixel"
+    model: str  # models/<model>, registered as components.generators.MODELS[model]
+    data: str  # what it trains on: "data/processed" or "data/tokens"
+    reader: str  # "images" or "tokens" (see train_on_ray)
+    deps: tuple[str, ...] = ()  # further inputs whose content defines the run (e.g. models/tokenizer)
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}@{self.variant}"
+
+
+def variant_sections(
+    sections: dict[str, StrictConfig], spec: GeneratorStage
+) -> tuple[StrictConfig, dict[str, StrictConfig]]:
+    """The variant's own config, and the sections with the stage's entry narrowed to it.
+
+    Run names, params hashes and logged params then depend on this variant alone, so changing
+    `latent` never restarts `pixel`.
+    """
+    cfg = getattr(sections[spec.stage], spec.variant, None)
+    if cfg is None:
+        valid = ", ".join(type(sections[spec.stage]).model_fields)
+        raise ValueError(f"unknown {spec.stage} variant {spec.variant!r}; valid: {valid}")
+    return cfg, {**sections, spec.stage: cfg}
+
+
+def train_generator(
+    spec: GeneratorStage,
+    sections: dict[str, StrictConfig],
+    *,
+    task_factory: Callable[[], Task],
+    loop: LoopConfig,
+    export: Callable[[object, Path], dict[str, float]],
+    tags: dict[str, str],
+) -> dict[str, float]:
+    """Train through Ray, export `models/<model>` with `export(fit_result, folder)`, log, register.
+
+    The skeleton every generator stage shares: its module adds only its config, task and export.
+    Training metrics go to `reports/train_<model>.json`; the evaluate stage judges the samples.
+    """
+    from components.generators import MODELS
+    from pipelines.runtime import repo_root, stage_run
+
+    root = repo_root()
+    data_deps = [spec.data, *spec.deps]
+    run_name = ray_run_name(spec.stage, sections, data_deps=data_deps, label=f"{spec.stage}-{spec.variant}")
+    with stage_run(spec.label, sections, data_deps=data_deps, resume_key=run_name) as run:
+        started = time.perf_counter()
+        result = train_on_ray(
+            stage=spec.label,
+            sections=sections,
+            run=run,
+            task_factory=task_factory,
+            loop=loop,
+            data_dir=root / spec.data,
+            run_name=run_name,
+            reader=spec.reader,
+        )
+        train_seconds = time.perf_counter() - started
+        metrics = {**export(result, root / "models" / spec.model), "train_seconds": train_seconds}
+        finish(
+            run,
+            family=spec.model,
+            model_dir=root / "models" / spec.model,
+            metrics=metrics,
+            metrics_path=root / "reports" / f"train_{spec.model}.json",
+            curves_path=root / "reports" / "plots" / f"train_{spec.model}.csv",
+            register_model=sections["mlflow"].register_models,
+            tags={
+                **tags,
+                "ray_run_name": run_name,
+                "ray_storage_path": absolute(sections["train"].storage_path),
+            },
+            registered=MODELS[spec.model],
+        )
+    return metrics

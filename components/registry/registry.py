@@ -109,3 +109,29 @@ def download(
             artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri
         )
     )
+
+
+def version_by_tag(*, tracking_uri: str, name: str, key: str, value: str) -> dict | None:
+    """The newest version of `name` whose tag `key` equals `value` (e.g. its model_sha256), or None."""
+    matches = [r for r in list_versions(tracking_uri=tracking_uri, name=name) if r["tags"].get(key) == value]
+    return matches[-1] if matches else None
+
+
+def record_evaluation(
+    *,
+    tracking_uri: str,
+    name: str,
+    version: str,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    artifact: Path,
+) -> None:
+    """Evaluation figures into the version's run (metrics `eval/*`, the grid) and onto the version (tags)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = client.get_model_version(name, version).run_id
+    for k, v in metrics.items():
+        client.log_metric(run_id, f"eval/{k}", float(v))
+    client.log_artifact(run_id, str(artifact), "evaluate")
+    for k, v in {**{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}, **tags}.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    client.set_registered_model_alias(name, CHALLENGER, version)

@@ -19,10 +19,19 @@ def test_shipped_params_validate():
         assert stage in sections, f"params.yaml has no section for stage {stage}"
 
 
-def test_every_dvc_stage_has_a_section():
+def test_every_dvc_stage_param_has_a_section():
+    from components.config import SHARED_SECTIONS
+
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    for name in dvc["stages"]:
-        assert name.split("@")[0] in STAGE_SECTIONS
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        body = stage.get("do", stage)  # foreach stages keep their template under `do`
+        for param in body.get("params", []):
+            section = param.split(".")[0]
+            assert section in STAGE_SECTIONS or section in SHARED_SECTIONS, (name, param)
+            if "${key}" in param:  # every foreach item has its own params block
+                for key in stage["foreach"]:
+                    assert key in raw[section], (name, key)
 
 
 @pytest.mark.parametrize(

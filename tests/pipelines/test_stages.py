@@ -64,6 +64,30 @@ TINY = {
         "num_grid": 8,
     },
     "encode": {"batch_size": 128},
+    "train_diffusion": {
+        variant: {
+            "model": {
+                "objective": "edm",
+                "backbone": {
+                    "channels": 8,
+                    "channel_mult": [1, 2],
+                    "num_res_blocks": 1,
+                    "attention_levels": [],
+                },
+            },
+            "sampling": {"sampler": "heun", "steps": 4, "discretization": "karras", "guidance": 1.5},
+            "loop": {
+                "steps": 12,
+                "batch_size": 32,
+                "lr": 0.002,
+                "checkpoint_every": 6,
+                "log_every": 6,
+                "ema_decay": 0.9,
+            },
+        }
+        for variant in ("pixel", "latent")
+    },
+    "evaluate": {"num_samples": 40, "batch_size": 25, "grid_columns": 3, "threads": 1},
 }
 
 
@@ -95,10 +119,10 @@ def _runs(root: Path, stage: str):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`genpipe.stage` = '{stage}'")
 
 
-def _stage(name: str, root: Path) -> None:
+def _stage(name: str, root: Path, **args: str) -> None:
     import importlib
 
-    importlib.import_module(f"pipelines.{name}").main(params=root / "params.yaml")
+    importlib.import_module(f"pipelines.{name}").main(params=root / "params.yaml", **args)
 
 
 def test_prepare(workspace: Path):
@@ -176,3 +200,90 @@ def test_encode(workspace: Path):
     np.testing.assert_array_equal(batch["tokens"].numpy()[got], test["tokens"][order])
     np.testing.assert_array_equal(batch["label"].numpy()[got], test["label"][order])
     assert batch["tokens"].dtype == torch.int64 and batch["latent"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("variant", ["pixel", "latent"])
+def test_train_diffusion(workspace: Path, variant: str):
+    from components.generators import load_generator
+
+    _stage("train_diffusion", workspace, variant=variant)
+    model_dir = workspace / f"models/diffusion_{variant}"
+    metrics = json.loads((workspace / f"reports/train_diffusion_{variant}.json").read_text())
+    assert math.isfinite(metrics["val/loss"]) and metrics["train_seconds"] > 0
+    generator = load_generator(model_dir)
+    assert generator.image_shape == (1, 16, 16) and generator.num_classes == 10
+    assert generator.default_options["steps"] == 4 and generator.default_options["guidance"] == 1.5
+    x = generator.sample(torch.tensor([0, 9]), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
+    if variant == "latent":
+        assert metrics["compression"] == 0.5  # 4x4x8 latents for 16x16x1 images
+        assert (model_dir / "tokenizer/model.safetensors").is_file()  # carried: loads from this folder alone
+    name = {"pixel": "genpipe-diffusion", "latent": "genpipe-latent-diffusion"}[variant]
+    versions = list_versions(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name=name)
+    assert len(versions) == 1
+    tags = versions[0]["tags"]
+    assert (tags["objective"], tags["sampler"], tags["steps"], tags["guidance"]) == (
+        "edm",
+        "heun",
+        "4",
+        "1.5",
+    )
+    assert tags["ray_run_name"].startswith(f"train_diffusion-{variant}-")
+
+
+def test_train_diffusion_bad_variant(workspace: Path):
+    with pytest.raises(ValueError, match="unknown train_diffusion variant 'voxel'; valid: pixel, latent"):
+        _stage("train_diffusion", workspace, variant="voxel")
+
+
+@pytest.mark.parametrize("model", ["diffusion_pixel", "diffusion_latent"])
+def test_evaluate(workspace: Path, model: str):
+    from components.registry.registry import version_by_alias
+
+    _stage("evaluate", workspace, model=model)
+    metrics = json.loads((workspace / f"reports/evaluate/{model}.json").read_text())
+    for key in ("fid", "fid_over_floor", "cond_accuracy", "precision", "recall", "nfe", "images_per_s"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["nfe"] == 7 and metrics["num_samples"] == 40  # heun, 4 steps: 2*4-1
+    assert 0 <= metrics["cond_accuracy"] <= 1 and metrics["fid"] > 0
+    png = workspace / f"reports/evaluate/{model}.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert height > width  # ten class rows of three columns
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    name = {"diffusion_pixel": "genpipe-diffusion", "diffusion_latent": "genpipe-latent-diffusion"}[model]
+    version = version_by_alias(tracking_uri=uri, name=name, alias="challenger")
+    assert version == "1"
+    run_id = _client(workspace).get_model_version(name, version).run_id
+    assert _client(workspace).get_run(run_id).data.metrics["eval/fid"] == pytest.approx(metrics["fid"])
+
+
+def test_evaluate_is_reproducible_and_options_override(workspace: Path):
+    first = json.loads((workspace / "reports/evaluate/diffusion_pixel.json").read_text())
+    _stage("evaluate", workspace, model="diffusion_pixel")
+    again = json.loads((workspace / "reports/evaluate/diffusion_pixel.json").read_text())
+    assert again["fid"] == first["fid"] and again["cond_accuracy"] == first["cond_accuracy"]  # fixed seeds
+    raw = yaml.safe_load((workspace / "params.yaml").read_text())
+    raw["evaluate"]["options"] = {"diffusion_pixel": {"sampler": "euler", "steps": 3}}
+    other = workspace / "params-euler.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    import importlib
+
+    importlib.import_module("pipelines.evaluate").main(params=other, model="diffusion_pixel")
+    euler = json.loads((workspace / "reports/evaluate/diffusion_pixel.json").read_text())
+    assert euler["nfe"] == 3 and euler["fid"] != first["fid"]
+    raw["evaluate"]["options"] = {"diffusion_pixel": {"sampler": "ddpm"}}
+    other.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="sampler=ddpm"):
+        importlib.import_module("pipelines.evaluate").main(params=other, model="diffusion_pixel")
+
+
+def test_report(workspace: Path):
+    _stage("report", workspace)
+    summary = json.loads((workspace / "reports/evaluate.json").read_text())
+    assert set(summary) == {"genpipe-diffusion", "genpipe-latent-diffusion"}
+    assert summary["genpipe-diffusion"]["train_seconds"] > 0
+    table = (workspace / "reports/results.md").read_text().splitlines()
+    assert table[0].startswith("| model | FD |") and len(table) == 4

@@ -1,0 +1,153 @@
+"""Stage `evaluate MODEL`: the one judge of every generator (DVC `evaluate@<model>`).
+
+Loads `models/<model>` through the generator interface alone, samples N class-balanced images on
+fixed seeds (N = the train split's size by default) and scores them on the evaluator's features
+against the real test statistics: `reports/evaluate/<model>.json` and a grid with one row per class,
+`reports/evaluate/<model>.png`. When the model is registered, the figures go into its version's run
+and tags, and the version becomes the `challenger`. Training stages never sample this set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from components.config import load_stage
+from components.data.readers import ShardDataset
+from components.data.shards import read_meta
+from components.evaluation.evaluator import load_evaluator
+from components.evaluation.frechet import FeatureStats, frechet_distance
+from components.evaluation.grid import make_grid, save_png
+from components.evaluation.judge import class_rows, judge
+from components.generators import MODELS, load_generator
+from components.io import write_json
+from components.stages import EvaluateConfig
+from pipelines.runtime import print_config, repo_root, tracking_uri
+from pipelines.train_evaluator import TEST_STATS, TRAIN_STATS
+
+STAGE = "evaluate"
+DATA, EVALUATOR = "data/processed", "models/evaluator"
+REPORTS = "reports/evaluate"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main(*, params: Path, model: str, dry_run: bool = False) -> None:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
+    sections = load_stage(params, STAGE)
+    cfg: EvaluateConfig = sections[STAGE]
+    root = repo_root()
+    meta = read_meta(root / DATA)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("evaluate.device=cuda but no CUDA device is visible; set evaluate.device: cpu")
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    device = torch.device(cfg.device)
+    generator = load_generator(root / "models" / model, device=device)
+    evaluator = load_evaluator(root / EVALUATOR, device=device)
+    if tuple(generator.image_shape) != (meta["channels"], meta["image_size"], meta["image_size"]):
+        raise ValueError(
+            f"models/{model} makes images of shape {tuple(generator.image_shape)} but the prepared data is "
+            f"{(meta['channels'], meta['image_size'], meta['image_size'])}: retrain it on this data"
+        )
+    options = cfg.options.get(model, {})
+    n = cfg.num_samples or meta["counts"]["train"]
+    if dry_run:
+        print_config(sections)
+        print(f"{STAGE}: would sample {n} images from models/{model} with options {options or 'defaults'}")
+        return
+    test = ShardDataset(root / DATA, "test")
+    floor = frechet_distance(
+        FeatureStats.load(root / EVALUATOR / TRAIN_STATS), FeatureStats.load(root / EVALUATOR / TEST_STATS)
+    )
+    print(f"{STAGE}: {model}: sampling {n} images ({options or 'trained defaults'})")
+    result = judge(
+        generator,
+        evaluator=evaluator.float(),
+        test_images=test.images,
+        test_stats=FeatureStats.load(root / EVALUATOR / TEST_STATS),
+        floor=floor,
+        n=n,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        options=options,
+        pr_k=cfg.pr_k,
+        progress=_progress(model),
+    )
+    metrics = result.metrics
+    grid = make_grid(
+        class_rows(result.images, result.labels, num_classes=generator.num_classes, per_row=cfg.grid_columns),
+        nrow=cfg.grid_columns,
+    )
+    save_png(grid, root / REPORTS / f"{model}.png")
+    write_json(root / REPORTS / f"{model}.json", metrics)
+    _register(sections, root=root, model=model, metrics=metrics, options=options)
+    shown = ", ".join(
+        f"{k} {metrics[k]:.4g}"
+        for k in (
+            "fid",
+            "fid_over_floor",
+            "cond_accuracy",
+            "precision",
+            "recall",
+            "nfe",
+            "images_per_s",
+            "bits_per_dim",
+        )
+        if k in metrics
+    )
+    print(f"{STAGE}: {MODELS[model]}: {shown} -> {REPORTS}/{model}.json, {REPORTS}/{model}.png")
+
+
+def _progress(model: str):
+    """Periodic lines with rate and ETA (a line per ~10% of the set)."""
+    last = [-1]
+
+    def report(done: int, total: int, seconds: float) -> None:
+        tenth = done * 10 // total
+        if tenth == last[0] and done < total:
+            return
+        last[0] = tenth
+        rate = done / max(seconds, 1e-9)
+        eta = (total - done) / max(rate, 1e-9)
+        print(f"{STAGE}: {model}: {done}/{total} images | {rate:.0f} images/s | ETA {eta:.0f}s", flush=True)
+        sys.stdout.flush()
+
+    return report
+
+
+def _register(sections, *, root: Path, model: str, metrics: dict[str, float], options: dict) -> None:
+    """Figures into the registered version's run and tags (found by the weights' sha256); it becomes challenger."""
+    if not sections["mlflow"].register_models:
+        return
+    from components.registry.registry import record_evaluation, version_by_tag
+
+    uri, name = tracking_uri(sections["mlflow"]), MODELS[model]
+    found = version_by_tag(
+        tracking_uri=uri,
+        name=name,
+        key="model_sha256",
+        value=sha256(root / "models" / model / "model.safetensors"),
+    )
+    if found is None:
+        print(f"{STAGE}: note: models/{model} is not registered in {uri}; figures only in {REPORTS}/")
+        return
+    tags = {
+        "eval.evaluator_sha256": sha256(root / EVALUATOR / "model.safetensors"),
+        "eval.options": str(options or "defaults"),
+    }
+    record_evaluation(
+        tracking_uri=uri,
+        name=name,
+        version=found["version"],
+        metrics=metrics,
+        tags=tags,
+        artifact=root / REPORTS / f"{model}.png",
+    )
+    print(f"{STAGE}: {name} version {found['version']} is the challenger")

@@ -1,0 +1,128 @@
+"""Stage `train_diffusion VARIANT`: one EDM-style framework (DDPM, DDIM, VE, EDM, flow matching).
+
+`pixel` trains on data/processed; `latent` on the tokenizer's continuous latents in data/tokens
+(Rombach et al. 2022), standardised per channel by train-split statistics stored with the model,
+and decodes through the tokenizer the model carries. Which objective, preconditioner and sampler
+is config (`dvc exp run -S train_diffusion.pixel.model.objective=flow`), not code. Sampling uses
+the EMA weights; the evaluate stage judges the samples.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from components.config import load_stage
+from components.data.shards import read_meta
+from components.data.tokens import read_token_meta, read_tokens
+from components.diffusion.generator import export as export_diffusion
+from components.diffusion.task import DiffusionTask
+from components.stages import DiffusionVariantConfig
+from pipelines.runtime import print_config, repo_root
+from pipelines.training import GeneratorStage, train_generator, variant_sections
+
+STAGE = "train_diffusion"
+TOKENIZER = "models/tokenizer"
+SPECS = {
+    "pixel": GeneratorStage(STAGE, "pixel", "diffusion_pixel", "data/processed", "images"),
+    "latent": GeneratorStage(STAGE, "latent", "diffusion_latent", "data/tokens", "tokens", deps=(TOKENIZER,)),
+}
+
+
+def resolve_backbone(
+    cfg: DiffusionVariantConfig, *, variant: str, channels: int, num_classes: int, size: int
+):
+    """The model config with the backbone's data-given sizes filled in; a set value that disagrees is an error."""
+    backbone = cfg.model.backbone
+    given = {"in_channels": channels, "num_classes": num_classes}
+    for key, value in given.items():
+        if key in backbone.model_fields_set and getattr(backbone, key) != value:
+            raise ValueError(
+                f"{STAGE}.{variant}.model.backbone.{key}={getattr(backbone, key)} but the data has {value}: "
+                f"remove the key (it follows the data) or set it to {value}"
+            )
+    if size % backbone.downsample_factor:
+        raise ValueError(
+            f"{STAGE}.{variant}.model.backbone.channel_mult has {len(backbone.channel_mult)} levels "
+            f"(downsample x{backbone.downsample_factor}), which does not divide the {size}x{size} "
+            f"{'latent grid' if variant == 'latent' else 'images'}: use fewer levels"
+        )
+    return cfg.model.model_copy(update={"backbone": backbone.model_copy(update=given)})
+
+
+def latent_stats(tokens_dir: Path) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the train split's latents (standardisation stored with the model)."""
+    z = torch.from_numpy(read_tokens(tokens_dir, "train")["latent"]).double()  # (N, D, h, w)
+    return z.mean(dim=(0, 2, 3)).tolist(), z.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+
+
+def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
+    if variant not in SPECS:
+        raise ValueError(f"unknown {STAGE} variant {variant!r}; valid: {', '.join(SPECS)}")
+    spec = SPECS[variant]
+    cfg, sections = variant_sections(load_stage(params, STAGE), spec)
+    root = repo_root()
+    # data/tokens/meta.json repeats the image facts, so latent diffusion needs no data/processed
+    meta = read_token_meta(root / spec.data) if variant == "latent" else read_meta(root / spec.data)
+    num_classes = meta["num_classes"]
+    image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    latent = None
+    if variant == "latent":
+        (h, w), d = meta["grid"], meta["latent_channels"]
+        model = resolve_backbone(cfg, variant=variant, channels=d, num_classes=num_classes, size=h)
+        latent = {
+            "shape": [d, h, w],
+            "compression": d * h * w / (image_shape[0] * image_shape[1] * image_shape[2]),
+        }
+    else:
+        model = resolve_backbone(
+            cfg, variant=variant, channels=image_shape[0], num_classes=num_classes, size=image_shape[1]
+        )
+    cfg.loop.per_worker_batch(sections["train"].num_workers)
+    if dry_run:
+        print_config(sections)
+        return
+    if latent is not None:
+        latent["mean"], latent["std"] = latent_stats(root / spec.data)
+    inputs = (
+        {"input_key": "latent", "latent_mean": latent["mean"], "latent_std": latent["std"]}
+        if latent
+        else {"input_key": "image", "image_shape": image_shape}
+    )
+    task_factory = partial(
+        DiffusionTask, model, cfg.loop, sampling=cfg.sampling, num_classes=num_classes, **inputs
+    )
+
+    def export(result, out: Path) -> dict[str, float]:
+        state = result.module_states(ema_module=DiffusionTask.ema_module)["denoiser"]
+        export_diffusion(
+            out,
+            denoiser_state=state,
+            model=model,
+            sampling=cfg.sampling,
+            image_shape=image_shape,
+            num_classes=num_classes,
+            latent=latent,
+            tokenizer_dir=root / TOKENIZER if latent else None,
+        )
+        out_metrics = {k: float(v) for k, v in result.metrics.items() if k.startswith(("val/", "main/"))}
+        if latent:
+            out_metrics["compression"] = latent["compression"]
+        return out_metrics
+
+    s = cfg.sampling
+    tags = {
+        "objective": model.objective,
+        "sampler": s.sampler,
+        "steps": str(s.steps),
+        "guidance": str(s.guidance),
+    }
+    metrics = train_generator(
+        spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags
+    )
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(
+        f"{spec.label}: {model.objective} ({s.sampler}, {s.steps} steps, guidance {s.guidance}): {shown} -> models/{spec.model}"
+    )

@@ -73,7 +73,10 @@ class PixelCNNConfig(StrictConfig):
 
 
 class MaskedConv2d(nn.Conv2d):
-    """A conv whose weight is multiplied by a fixed 0/1 mask (kh, kw) (not saved: derived)."""
+    """A conv whose weight is multiplied by a fixed 0/1 mask (kh, kw) (not saved: derived).
+
+    `forward` is the plain masked conv (the reference); GatedLayer runs only the unmasked half.
+    """
 
     def __init__(self, c_in: int, c_out: int, mask: torch.Tensor) -> None:
         kh, kw = mask.shape
@@ -128,9 +131,13 @@ class GatedLayer(nn.Module):
         self, v: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cv, ch = self._cond(y)
-        v_pre = self.v(v)
+        p = self.p
+        # Only the unmasked half of each kernel is run (half the work of the masked k x k conv):
+        # rows at and above the centre for v (zero rows padded on top), columns up to it for h.
+        v_pre = F.conv2d(F.pad(v, (p, p, p, 0)), self.v.masked_weight()[:, :, : p + 1], self.v.bias)
+        h_pre = F.conv2d(F.pad(h, (p, 0, 0, 0)), self.h.masked_weight()[:, :, :, : p + 1], self.h.bias)
         down = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # row i sees the vertical stack's row i - 1
-        h_out = self.res(_gate(self.h(h) + self.link(down) + ch))
+        h_out = self.res(_gate(h_pre + self.link(down) + ch))
         return _gate(v_pre + cv), h_out if self.first else h + h_out
 
     def v_row(self, window: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,14 +147,21 @@ class GatedLayer(nn.Module):
         v_pre = F.conv2d(F.pad(window, (self.p, self.p, 0, 0)), w, self.v.bias)  # (B, 2F, 1, W)
         return _gate(v_pre + cv), self.link(v_pre)
 
-    def h_pixel(
-        self, window: torch.Tensor, link: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None
-    ) -> torch.Tensor:
-        """h at one position from its (p + 1)-wide window (B, c, 1, p+1) and cached link (B, 2F, 1, 1)."""
+    def pixel_params(self, y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Flat weights for one-position updates of h: the masked half of the 1 x k kernel as a matrix
+        (2F, c (p + 1)), its bias plus the class bias, and the residual 1x1 conv as a matrix."""
         _, ch = self._cond(y)
-        w = self.h.masked_weight()[:, :, :, : self.p + 1]  # the columns right of the centre are masked
-        h_out = self.res(_gate(F.conv2d(window, w, self.h.bias) + link + ch))
-        return h_out if self.first else h + h_out
+        bias = self.h.bias + (ch[:, :, 0, 0] if torch.is_tensor(ch) else 0.0)  # (B or 1, 2F)
+        w = self.h.masked_weight()[:, :, 0, : self.p + 1].flatten(1)  # right of the centre: masked
+        return w, bias, self.res.weight[:, :, 0, 0], self.res.bias
+
+    def h_pixel(
+        self, window: torch.Tensor, link: torch.Tensor, h: torch.Tensor, params: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """h (B, F) at one position from its window (B, c (p + 1)) and the cached link (B, 2F)."""
+        w, bias, w_res, b_res = params
+        out = F.linear(_gate(F.linear(window, w) + bias + link), w_res, b_res)
+        return out if self.first else h + out
 
 
 def _window(x: torch.Tensor, end: int, size: int, *, dim: int) -> torch.Tensor:
@@ -195,28 +209,33 @@ class PixelCNN(nn.Module):
     ) -> torch.Tensor:
         """Raster-order generation with cached stacks; choose(i, j, logits (n, 256, C)) -> x[:, :, i, j]."""
         c, hh, ww = self.image_shape
+        f, pad = self.cfg.channels, max(layer.p for layer in self.layers)
         ref = self.head[-1].weight
         x = ref.new_zeros(n, c, hh, ww)
-        vs = [ref.new_zeros(n, self.cfg.channels, hh, ww) for _ in self.layers]  # v outputs per layer
-        # links into row 0 come from the zero padding above the image: link(0) = its bias
-        links = [layer.link.bias.view(1, -1, 1, 1).expand(n, -1, 1, ww).clone() for layer in self.layers]
+        params = [layer.pixel_params(y) for layer in self.layers]
+        head = [(m.weight[:, :, 0, 0], m.bias) for m in (self.head[1], self.head[3])]
+        vs = [ref.new_zeros(n, f, hh, ww) for _ in self.layers]  # each layer's vertical stack
+        # links into row 0 come from the zero padding above the image: link(0) is its bias
+        links = [layer.link.bias.view(1, -1, 1).expand(n, -1, ww) for layer in self.layers]  # (n, 2F, W)
         for i in range(hh):
-            hs = [ref.new_zeros(n, self.cfg.channels, 1, ww) for _ in self.layers]  # this row's h
+            # row i of x, then of each layer's h, left-padded by `pad` zeros: (n, c or F, pad + W)
+            rows = [ref.new_zeros(n, c, pad + ww)] + [ref.new_zeros(n, f, pad + ww) for _ in self.layers]
             for j in range(ww):
-                src = x[:, :, i : i + 1]
-                for layer, h_row, link in zip(self.layers, hs, links, strict=True):
-                    window = _window(src, j, layer.p + 1, dim=3)
-                    h_row[:, :, :, j : j + 1] = layer.h_pixel(
-                        window, link[:, :, :, j : j + 1], src[:, :, :, j : j + 1], y
+                at = pad + j
+                for k, layer in enumerate(self.layers):
+                    window = rows[k][:, :, at - layer.p : at + 1].flatten(1)
+                    rows[k + 1][:, :, at] = layer.h_pixel(
+                        window, links[k][:, :, j], rows[k][:, :, at], params[k]
                     )
-                    src = h_row
-                x[:, :, i, j] = choose(i, j, self._logits(hs[-1][:, :, :, j : j + 1])[:, :, :, 0, 0])
+                hidden = F.linear(F.relu(rows[-1][:, :, at]), *head[0])
+                logits = F.linear(F.relu(hidden), *head[1]).view(n, LEVELS, c)  # index = level * C + c
+                rows[0][:, :, at] = x[:, :, i, j] = choose(i, j, logits)
             if i + 1 < hh:  # row i is complete: the vertical stacks' row i and the links into row i + 1
                 src = x
-                for layer, v, k in zip(self.layers, vs, range(len(self.layers)), strict=True):
-                    v_row, links[k] = layer.v_row(_window(src, i, layer.p + 1, dim=2), y)
-                    v[:, :, i : i + 1] = v_row
-                    src = v
+                for k, layer in enumerate(self.layers):
+                    v_row, link = layer.v_row(_window(src, i, layer.p + 1, dim=2), y)
+                    vs[k][:, :, i : i + 1], links[k] = v_row, link[:, :, 0]
+                    src = vs[k]
         return x
 
 

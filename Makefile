@@ -26,8 +26,9 @@ run: setup  ## the whole default pipeline through DVC
 test: setup  ## the whole test suite (CI runs this)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: setup  ## benchmarks; figures go to BENCHMARKS.md
+bench: setup  ## benchmarks; figures go to BENCHMARKS.md (the diffusion part needs `make run` first)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.diffusion
 
 gpu-check: setup  ## the training loop on CUDA with bf16 autocast (see BENCHMARKS.md, "GPU check")
 	$(BIN)/python -m benchmarks.gpu_check

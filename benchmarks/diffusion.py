@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    for path in (args.model, args.evaluator, args.data):
+        if not path.is_dir():
+            raise SystemExit(f"diffusion bench: {path} not found: run `make run` (dvc repro) first")
     steps = parse_steps(args.steps, QUICK_STEPS if args.quick else STEPS)
     ref_steps = args.ref_steps or (8 if args.quick else REF_STEPS)
     n = args.n or (48 if args.quick else ShardDataset(args.data, "train").meta["counts"]["train"])

@@ -19,6 +19,7 @@ from components.stages import (
     EvaluateConfig,
     TrainDiffusionConfig,
     TrainEvaluatorConfig,
+    TrainPriorConfig,
     TrainTokenizerConfig,
 )
 from components.training.config import TrainConfig
@@ -58,6 +59,7 @@ STAGE_SECTIONS: dict[str, type[StrictConfig]] = {
     "train_tokenizer": TrainTokenizerConfig,
     "encode": EncodeConfig,
     "train_diffusion": TrainDiffusionConfig,
+    "train_prior": TrainPriorConfig,
     "evaluate": EvaluateConfig,
 }
 

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from components.diffusion.config import DiffusionStageConfig
 from components.evaluation.evaluator import EvaluatorConfig
 from components.generators import MODELS
+from components.prior.config import PriorConfig, PriorSamplingConfig
 from components.schema import StrictConfig
 from components.tokenizer.config import TokenizerConfig
 from components.training.config import LoopConfig
@@ -70,3 +71,28 @@ class TrainDiffusionConfig(StrictConfig):
 
     pixel: DiffusionVariantConfig
     latent: DiffusionVariantConfig
+
+
+class PriorVariantConfig(StrictConfig):
+    """One variant of `train_prior` (gpt or maskgit): the prior, its default sampling, the loop."""
+
+    model: PriorConfig
+    sampling: PriorSamplingConfig = PriorSamplingConfig()
+    loop: LoopConfig
+
+
+class TrainPriorConfig(StrictConfig):
+    """The `train_prior` section: a DVC `foreach` over the GPT and MaskGIT priors."""
+
+    gpt: PriorVariantConfig
+    maskgit: PriorVariantConfig
+
+    @model_validator(mode="after")
+    def _kinds_match(self) -> TrainPriorConfig:
+        for variant in ("gpt", "maskgit"):
+            kind = getattr(self, variant).model.kind
+            if kind != variant:
+                raise ValueError(
+                    f"{variant}.model.kind={kind!r} must be {variant!r} (the variant's own kind)"
+                )
+        return self

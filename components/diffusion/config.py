@@ -75,6 +75,9 @@ class SamplingConfig(StrictConfig):
     discretization: Discretization = "karras"
     rho: float = Field(default=7.0, gt=0)  # EDM eq. 5
     guidance: float = Field(default=1.0, ge=0, description="CFG weight w: 1 conditional, 0 unconditional")
+    guidance_interval: tuple[float, float] | None = Field(
+        default=None, description="(sigma_lo, sigma_hi]: guide only at these noise levels; null: at all"
+    )  # Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"
     eta: float = Field(default=0.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 DDPM-like")
     S_churn: float = Field(default=0.0, ge=0)  # heun only (EDM Algorithm 2); 0: deterministic
     S_tmin: float = Field(default=0.0, ge=0)
@@ -94,6 +97,13 @@ class SamplingConfig(StrictConfig):
         if self.discretization != "karras" and (self.sigma_min, self.sigma_max) != (None, None):
             raise ValueError(
                 f"sigma_min/sigma_max apply to discretization=karras only, not {self.discretization}"
+            )
+        if (
+            self.guidance_interval is not None
+            and not 0 <= self.guidance_interval[0] < self.guidance_interval[1]
+        ):
+            raise ValueError(
+                f"guidance_interval={list(self.guidance_interval)} must be [sigma_lo, sigma_hi] with 0 <= lo < hi"
             )
         lo, hi = self.sigma_min, self.sigma_max
         if lo is not None and hi is not None and lo >= hi:

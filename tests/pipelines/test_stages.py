@@ -87,6 +87,14 @@ TINY = {
         }
         for variant in ("pixel", "latent")
     },
+    "train_prior": {
+        kind: {
+            "model": {"kind": kind, kind: {"layers": 1, "heads": 2, "width": 32}},
+            "sampling": {"guidance": 1.5, **({"steps": 4} if kind == "maskgit" else {})},
+            "loop": {"steps": 12, "batch_size": 32, "lr": 0.003, "checkpoint_every": 6, "log_every": 6},
+        }
+        for kind in ("gpt", "maskgit")
+    },
     "evaluate": {"num_samples": 40, "batch_size": 25, "grid_columns": 3, "threads": 1},
 }
 
@@ -236,15 +244,57 @@ def test_train_diffusion_bad_variant(workspace: Path):
         _stage("train_diffusion", workspace, variant="voxel")
 
 
-@pytest.mark.parametrize("model", ["diffusion_pixel", "diffusion_latent"])
+@pytest.mark.parametrize("kind", ["gpt", "maskgit"])
+def test_train_prior(workspace: Path, kind: str):
+    from components.generators import load_generator
+
+    _stage("train_prior", workspace, variant=kind)
+    model_dir = workspace / f"models/prior_{kind}"
+    metrics = json.loads((workspace / f"reports/train_prior_{kind}.json").read_text())
+    assert math.isfinite(metrics["val/loss"]) and 0 <= metrics["val/accuracy"] <= 1
+    generator = load_generator(model_dir)
+    assert generator.image_shape == (1, 16, 16) and generator.num_classes == 10
+    assert generator.default_options["guidance"] == 1.5
+    x = generator.sample(torch.tensor([3, 4, 5]), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert (model_dir / "tokenizer/model.safetensors").is_file()  # the two stages travel together
+    versions = list_versions(
+        tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name=f"genpipe-prior-{kind}"
+    )
+    assert len(versions) == 1 and versions[0]["tags"]["prior"] == kind
+    assert versions[0]["tags"]["guidance"] == "1.5" and versions[0]["tags"]["tokenizer_version"] == "1"
+
+
+def test_train_prior_refuses_stale_tokens(workspace: Path):
+    """Tokens encoded by another tokenizer than the one the prior would carry: one line, before training."""
+    import pipelines.train_prior as stage
+
+    meta = json.loads((workspace / "data/tokens/meta.json").read_text())
+    stage.check_tokenizer(meta, workspace / "models/tokenizer")  # the real pair passes
+    meta["tokenizer"]["model_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="run `dvc repro encode`"):
+        stage.check_tokenizer(meta, workspace / "models/tokenizer")
+
+
+MODEL_NAMES = {
+    "diffusion_pixel": "genpipe-diffusion",
+    "diffusion_latent": "genpipe-latent-diffusion",
+    "prior_gpt": "genpipe-prior-gpt",
+    "prior_maskgit": "genpipe-prior-maskgit",
+}
+
+
+@pytest.mark.parametrize("model", list(MODEL_NAMES))
 def test_evaluate(workspace: Path, model: str):
     from components.registry.registry import version_by_alias
 
     _stage("evaluate", workspace, model=model)
     metrics = json.loads((workspace / f"reports/evaluate/{model}.json").read_text())
-    for key in ("fid", "fid_over_floor", "cond_accuracy", "precision", "recall", "nfe", "images_per_s"):
+    for key in ("fid", "fid_over_floor", "cond_accuracy", "precision", "recall", "images_per_s"):
         assert math.isfinite(metrics[key]), key
-    assert metrics["nfe"] == 7 and metrics["num_samples"] == 40  # heun, 4 steps: 2*4-1
+    assert metrics["num_samples"] == 40
+    if model.startswith("diffusion"):
+        assert metrics["nfe"] == 7  # heun, 4 steps: 2*4-1
     assert 0 <= metrics["cond_accuracy"] <= 1 and metrics["fid"] > 0
     png = workspace / f"reports/evaluate/{model}.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -253,7 +303,7 @@ def test_evaluate(workspace: Path, model: str):
     width, height = Image.open(png).size
     assert height > width  # ten class rows of three columns
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    name = {"diffusion_pixel": "genpipe-diffusion", "diffusion_latent": "genpipe-latent-diffusion"}[model]
+    name = MODEL_NAMES[model]
     version = version_by_alias(tracking_uri=uri, name=name, alias="challenger")
     assert version == "1"
     run_id = _client(workspace).get_model_version(name, version).run_id
@@ -283,7 +333,7 @@ def test_evaluate_is_reproducible_and_options_override(workspace: Path):
 def test_report(workspace: Path):
     _stage("report", workspace)
     summary = json.loads((workspace / "reports/evaluate.json").read_text())
-    assert set(summary) == {"genpipe-diffusion", "genpipe-latent-diffusion"}
+    assert set(summary) == set(MODEL_NAMES.values())
     assert summary["genpipe-diffusion"]["train_seconds"] > 0
     table = (workspace / "reports/results.md").read_text().splitlines()
-    assert table[0].startswith("| model | FD |") and len(table) == 4
+    assert table[0].startswith("| model | FD |") and len(table) == 2 + len(MODEL_NAMES)

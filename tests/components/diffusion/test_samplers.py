@@ -11,7 +11,16 @@ import torch
 
 from components.diffusion.config import VALID_SAMPLING, DiffusionConfig, SamplingConfig
 from components.diffusion.discretization import karras_sigmas, sampling_sigmas
-from components.diffusion.samplers import SAMPLERS, ddim, ddim_invert, euler, guided, heun, sample
+from components.diffusion.samplers import (
+    SAMPLERS,
+    ddim,
+    ddim_invert,
+    euler,
+    guidance_in_interval,
+    guided,
+    heun,
+    sample,
+)
 
 torch.set_num_threads(1)
 
@@ -138,6 +147,33 @@ def test_guidance_one_is_conditional_sampling_with_one_forward() -> None:
     # For Gaussians with a class-dependent mean, w = 3 extrapolates the mean: mu + 3 * shift.
     shift = (guided_x - plain).reshape(-1, 3)[:, 0]
     assert torch.allclose(shift, 2 * 0.5 * labels.float(), atol=0.05)
+
+
+def test_guidance_interval_guides_only_inside_it() -> None:
+    g = Gaussian(MU, SIGMA, num_classes=3)
+    labels = torch.tensor([0, 1, 2, 1])
+    sigmas = karras_sigmas(10, sigma_min=0.002, sigma_max=80).float()
+    x_T = 80 * torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(7))
+    full = heun(g, x_T, sigmas, labels=labels, guidance=3.0)
+    assert torch.equal(
+        heun(g, x_T, sigmas, labels=labels, guidance=guidance_in_interval(3.0, sigma_lo=0, sigma_hi=100)),
+        full,
+    )
+    g.calls.clear()
+    none = heun(g, x_T, sigmas, labels=labels, guidance=guidance_in_interval(3.0, sigma_lo=100, sigma_hi=200))
+    assert set(g.calls) == {4} and torch.equal(none, heun(g, x_T, sigmas, labels=labels))  # never guided
+    g.calls.clear()
+    mid = heun(g, x_T, sigmas, labels=labels, guidance=guidance_in_interval(3.0, sigma_lo=0.3, sigma_hi=5.0))
+    assert set(g.calls) == {4, 8}  # 2B forwards only at the guided levels
+    assert not torch.equal(mid, full) and not torch.equal(mid, none)
+
+
+def test_guidance_interval_in_sampling_config() -> None:
+    from components.diffusion.config import SamplingConfig
+
+    assert SamplingConfig(guidance=2.0, guidance_interval=(0.3, 5.0)).guidance_interval == (0.3, 5.0)
+    with pytest.raises(ValueError, match=r"guidance_interval=\[5.0, 0.3\] must be"):
+        SamplingConfig(guidance_interval=(5.0, 0.3))
 
 
 def test_guided_uses_the_empty_class() -> None:

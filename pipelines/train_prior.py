@@ -1,0 +1,86 @@
+"""Stage `train_prior VARIANT`: the second stage of VQGAN, a transformer over the tokenizer's codes.
+
+`gpt` models a grid left to right (Esser et al. 2021, sec. 3.2); `maskgit` predicts masked tokens
+in parallel and decodes in a handful of steps (Chang et al. 2022). Both train on data/tokens and
+carry the tokenizer named in data/tokens/meta.json, so the exported folder (and the registry
+version) is the whole two-stage model. The evaluate stage judges the samples.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+from components.config import load_stage
+from components.data.tokens import read_token_meta
+from components.prior.generator import export as export_prior
+from components.prior.task import PriorTask
+from pipelines.runtime import print_config, repo_root
+from pipelines.training import GeneratorStage, train_generator, variant_sections
+
+STAGE = "train_prior"
+DATA, TOKENIZER = "data/tokens", "models/tokenizer"
+SPECS = {
+    kind: GeneratorStage(STAGE, kind, f"prior_{kind}", DATA, "tokens", deps=(TOKENIZER,))
+    for kind in ("gpt", "maskgit")
+}
+
+
+def check_tokenizer(meta: dict, tokenizer_dir: Path) -> None:
+    """data/tokens must come from the tokenizer the prior will decode with (else: re-run encode)."""
+    import hashlib
+
+    sha = hashlib.sha256((tokenizer_dir / "model.safetensors").read_bytes()).hexdigest()
+    recorded = meta.get("tokenizer", {}).get("model_sha256")
+    if recorded != sha:
+        raise ValueError(
+            f"{DATA} was encoded by tokenizer {str(recorded)[:12]}, but {TOKENIZER} is {sha[:12]}: run `dvc repro encode`"
+        )
+
+
+def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
+    if variant not in SPECS:
+        raise ValueError(f"unknown {STAGE} variant {variant!r}; valid: {', '.join(SPECS)}")
+    spec = SPECS[variant]
+    cfg, sections = variant_sections(load_stage(params, STAGE), spec)
+    root = repo_root()
+    meta = read_token_meta(root / DATA)
+    check_tokenizer(meta, root / TOKENIZER)
+    grid, codebook_size, num_classes = tuple(meta["grid"]), meta["codebook_size"], meta["num_classes"]
+    image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    cfg.loop.per_worker_batch(sections["train"].num_workers)
+    if dry_run:
+        print_config(sections)
+        return
+    task_factory = partial(
+        PriorTask, cfg.model, cfg.loop, grid=grid, codebook_size=codebook_size, num_classes=num_classes
+    )
+
+    def export(result, out: Path) -> dict[str, float]:
+        export_prior(
+            out,
+            state=result.module_states(ema_module=PriorTask.ema_module)["prior"],
+            prior=cfg.model,
+            sampling=cfg.sampling,
+            grid=grid,
+            codebook_size=codebook_size,
+            num_classes=num_classes,
+            image_shape=image_shape,
+            tokenizer_dir=root / TOKENIZER,
+        )
+        return {k: float(v) for k, v in result.metrics.items() if k.startswith(("val/", "main/"))}
+
+    options = cfg.sampling.options(variant)
+    tags = {
+        "prior": variant,
+        **{k: str(v) for k, v in options.items()},
+        "tokenizer_version": str(meta["tokenizer"]["version"]),
+    }
+    metrics = train_generator(
+        spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags
+    )
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(
+        f"{spec.label}: {grid[0]}x{grid[1]} tokens of {codebook_size} codes, sampling {json.dumps(options)}: {shown} -> models/{spec.model}"
+    )

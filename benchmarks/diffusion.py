@@ -113,9 +113,10 @@ class Judge:
     data: Path
     n: int
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self.evaluator = load_evaluator(self.evaluator_dir).float()
+        self.evaluator = load_evaluator(self.evaluator_dir, device=self.device).float()
         self.test = ShardDataset(self.data, "test")
         self.test_stats = FeatureStats.load(self.evaluator_dir / TEST_STATS)
         self.floor = frechet_distance(FeatureStats.load(self.evaluator_dir / TRAIN_STATS), self.test_stats)
@@ -155,7 +156,7 @@ class Judge:
 
 
 def train_ddpm(
-    params: Path, data: Path, folder: Path, *, steps: int | None, seed: int = 0
+    params: Path, data: Path, folder: Path, *, steps: int | None, seed: int = 0, device: str = "cpu"
 ) -> tuple[Generator, dict]:
     """params.yaml's train_diffusion.pixel with objective ddpm, trained in this process; (generator, facts)."""
     from components.config import load_stage
@@ -191,7 +192,7 @@ def train_ddpm(
         task,
         loop=loop,
         batches=epoch_batches({"image": ds.images, "label": ds.labels}, batch=loop.batch_size, seed=seed),
-        device=torch.device("cpu"),
+        device=torch.device(device),
         checkpoint_io=io,
         seed=seed,
         progress=False,
@@ -213,7 +214,7 @@ def train_ddpm(
         "train_images_per_s": metrics.get("perf/samples_per_s"),
         "final_loss": metrics.get("main/loss"),
     }
-    return load_generator(folder / "ddpm"), facts
+    return load_generator(folder / "ddpm", device=device), facts
 
 
 def plot(rows: list[dict], *, reference: float, floor: float, out: Path) -> None:
@@ -282,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--train-steps", type=int, default=None, help="DDPM model steps; default params' loop.steps"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (sampling and the DDPM model's training)"
+    )
     parser.add_argument("--no-churn", action="store_true", help="skip Heun with churn")
     # One thread: on this shared 2-core machine two threads ran the quick path ~10x slower (oversubscribed).
     parser.add_argument("--threads", type=int, default=1)
@@ -294,11 +298,11 @@ def main(argv: list[str] | None = None) -> dict:
     ref_steps = args.ref_steps or (8 if args.quick else REF_STEPS)
     n = args.n or (48 if args.quick else ShardDataset(args.data, "train").meta["counts"]["train"])
     train_steps = args.train_steps or (4 if args.quick else None)
-    scorer = Judge(args.evaluator, args.data, n)
+    scorer = Judge(args.evaluator, args.data, n, device=args.device)
     tic = time.perf_counter()
 
     # (a) the trained default model, every sampler valid for its objective
-    default = load_generator(args.model)
+    default = load_generator(args.model, device=args.device)
     name = f"{args.model.name} ({default.model.objective})"
     rows = []
     for c in curves(default.model.objective, steps, churn=not args.no_churn):
@@ -306,7 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (b) a DDPM-objective model trained here, its samplers, and the 1000-step ancestral reference
     with tempfile.TemporaryDirectory(prefix="genpipe-bench-ddpm-") as tmp:
-        ddpm, ddpm_facts = train_ddpm(args.params, args.data, Path(tmp), steps=train_steps)
+        ddpm, ddpm_facts = train_ddpm(
+            args.params, args.data, Path(tmp), steps=train_steps, device=args.device
+        )
         print(f"diffusion bench: trained the ddpm model: {ddpm_facts}")
         ddpm_steps = {**steps, "ddpm": tuple(sorted({*steps["ddpm"], ref_steps}))}
         ddpm_name = "ddpm (trained here)"

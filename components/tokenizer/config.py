@@ -73,6 +73,9 @@ class DiscConfig(StrictConfig):
     layers: int = Field(default=3, ge=1, description="n_layers: needs images of at least 3*2**layers px")
     channels: int = Field(default=64, ge=8)
     lr_ratio: float = Field(default=1.0, gt=0, description="discriminator lr / generator lr")
+    # none: no normalisation; group: per-sample GroupNorm, which let the discriminator go input-blind
+    # on 16x16 digits (components/nn/discriminator.py). taming's BatchNorm has batch statistics.
+    norm: Literal["none", "group"] = "none"
 
 
 class LossConfig(StrictConfig):

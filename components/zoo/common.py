@@ -18,6 +18,7 @@ import torch
 
 from components.generators import read_generator, sample_labels, save_generator
 from components.schema import StrictConfig
+from components.training.config import LoopConfig
 
 C = TypeVar("C", bound=StrictConfig)
 
@@ -53,6 +54,15 @@ def request(
     if y is None and num_classes > 0:
         y = torch.randint(num_classes, (n,), generator=generator, device=generator.device)
     return n, None if y is None else y.to(device)
+
+
+def adamw(module: torch.nn.Module, loop: LoopConfig) -> dict[str, torch.optim.Optimizer]:
+    """The one "main" optimizer of a likelihood family: AdamW with the loop's lr, betas, decay."""
+    return {
+        "main": torch.optim.AdamW(
+            module.parameters(), lr=loop.lr, betas=loop.betas, weight_decay=loop.weight_decay
+        )
+    }
 
 
 def progress_labels(n: int, *, num_classes: int, device: torch.device) -> torch.Tensor | None:

@@ -37,6 +37,7 @@ from components.training import distributed as dist
 from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
 from components.zoo.common import (
+    adamw,
     check_image_shape,
     check_temperature,
     embedding_rows,
@@ -329,12 +330,7 @@ class FlowTask(Task):
         self.wrapped = {k: wrap(m) for k, m in self.modules.items()}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        params = self.modules["flow"].parameters()
-        return {
-            "main": torch.optim.AdamW(
-                params, lr=self.loop.lr, betas=self.loop.betas, weight_decay=self.loop.weight_decay
-            )
-        }
+        return adamw(self.modules["flow"], self.loop)
 
     def _log_px(self, batch: Batch, *, generator: torch.Generator | None = None) -> torch.Tensor:
         x = dequantize(batch["image"].float(), generator=generator)

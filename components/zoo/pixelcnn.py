@@ -45,6 +45,7 @@ from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
 from components.zoo.common import (
+    adamw,
     check_image_shape,
     check_temperature,
     embedding_rows,
@@ -280,12 +281,7 @@ class PixelCNNTask(Task):
         self.wrapped = {k: wrap(m) for k, m in self.modules.items()}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        params = self.modules["pixelcnn"].parameters()
-        return {
-            "main": torch.optim.AdamW(
-                params, lr=self.loop.lr, betas=self.loop.betas, weight_decay=self.loop.weight_decay
-            )
-        }
+        return adamw(self.modules["pixelcnn"], self.loop)
 
     def _bpd(self, batch: Batch) -> torch.Tensor:
         x = batch["image"]

@@ -40,6 +40,7 @@ from components.training.loop import train
 
 COLUMNS = ("model", "sampler", "discretization", "steps", "nfe", "fd", "fd_over_floor", "cond_accuracy")
 TEST_STATS, TRAIN_STATS = "test_stats.safetensors", "train_stats.safetensors"  # pipelines/train_evaluator.py
+TRAIN_FACTS = "bench_train.json"  # how train_ddpm trained an exported model
 REF_STEPS = 1000  # DDPM's T: ancestral sampling through every step of the chain
 #: EDM Table 5's ImageNet-64 stochastic settings (S_churn, S_tmin, S_tmax, S_noise).
 CHURN = {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
@@ -214,7 +215,20 @@ def train_ddpm(
         "train_images_per_s": metrics.get("perf/samples_per_s"),
         "final_loss": metrics.get("main/loss"),
     }
+    (folder / "ddpm" / TRAIN_FACTS).write_text(json.dumps(facts, indent=2))
     return load_generator(folder / "ddpm", device=device), facts
+
+
+def load_ddpm(folder: Path, *, device: str) -> tuple[Generator, dict]:
+    """A model `train_ddpm` exported to `folder` (its training facts when it left them)."""
+    generator = load_generator(folder, device=device)
+    if generator.model.objective != "ddpm":
+        raise SystemExit(f"--ddpm-model {folder}: objective {generator.model.objective!r}, need 'ddpm'")
+    facts = folder / TRAIN_FACTS
+    return generator, {
+        "loaded_from": str(folder),
+        **(json.loads(facts.read_text()) if facts.is_file() else {}),
+    }
 
 
 def plot(rows: list[dict], *, reference: float, floor: float, out: Path) -> None:
@@ -286,6 +300,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--device", default="cpu", help="cpu or cuda (sampling and the DDPM model's training)"
     )
+    parser.add_argument(
+        "--ddpm-model",
+        type=Path,
+        default=None,
+        help="reuse a ddpm model exported by train_ddpm (folder/ddpm)",
+    )
     parser.add_argument("--no-churn", action="store_true", help="skip Heun with churn")
     # One thread: on this shared 2-core machine two threads ran the quick path ~10x slower (oversubscribed).
     parser.add_argument("--threads", type=int, default=1)
@@ -310,9 +330,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (b) a DDPM-objective model trained here, its samplers, and the 1000-step ancestral reference
     with tempfile.TemporaryDirectory(prefix="genpipe-bench-ddpm-") as tmp:
-        ddpm, ddpm_facts = train_ddpm(
-            args.params, args.data, Path(tmp), steps=train_steps, device=args.device
-        )
+        if args.ddpm_model is not None:
+            ddpm, ddpm_facts = load_ddpm(args.ddpm_model, device=args.device)
+        else:
+            ddpm, ddpm_facts = train_ddpm(
+                args.params, args.data, Path(tmp), steps=train_steps, device=args.device
+            )
         print(f"diffusion bench: trained the ddpm model: {ddpm_facts}")
         ddpm_steps = {**steps, "ddpm": tuple(sorted({*steps["ddpm"], ref_steps}))}
         ddpm_name = "ddpm (trained here)"

@@ -32,7 +32,7 @@ from components.training.task import Task
 
 STEPS = 300  # each side measures STEPS steps after as many warm-up steps (kernel and allocator warm-up)
 REPEATS = 2
-PARAMS = Path("params.yaml")
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the diffusion row's model
 
 #: (data meta, loop) -> a picklable zero-argument task factory (a partial of a component class:
 #: Ray workers import it by reference, and this package is not installed).

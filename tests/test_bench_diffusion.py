@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks import run
 from benchmarks.diffusion import COLUMNS, TEST_STATS, TRAIN_STATS, curves, main, nfe_to_reach
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
@@ -110,3 +112,11 @@ def test_curves_follow_the_validity_table() -> None:
     ]
     ddpm = [(c.label, c.discretization) for c in curves("ddpm", steps, churn=False)]
     assert ddpm == [("ddpm", "trailing"), ("ddim", "trailing"), ("euler", "karras"), ("heun", "karras")]
+
+
+@pytest.mark.parametrize("name", list(run.MODELS))
+def test_every_throughput_row_builds_and_steps(fixture, name: str) -> None:
+    """benchmarks/run.py's plain side on each row (evaluators and the diffusion UNet), two timed steps."""
+    bench = dataclasses.replace(run.MODELS[name], steps=1)
+    assert run.bench_loop(bench).log_every == bench.steps  # Ray's last log window = the timed steps
+    assert run.plain_steps_per_s(bench, fixture["data"]) > 0

@@ -321,14 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = Judge(args.evaluator, args.data, n, device=args.device)
     tic = time.perf_counter()
 
-    # (a) the trained default model, every sampler valid for its objective
+    # Both models first (a DDPM model the loaded or trained way), then every curve: fails before sampling.
     default = load_generator(args.model, device=args.device)
-    name = f"{args.model.name} ({default.model.objective})"
-    rows = []
-    for c in curves(default.model.objective, steps, churn=not args.no_churn):
-        rows += scorer.curve(default, c, model=name)
-
-    # (b) a DDPM-objective model trained here, its samplers, and the 1000-step ancestral reference
+    name, ddpm_name = f"{args.model.name} ({default.model.objective})", "ddpm (trained here)"
     with tempfile.TemporaryDirectory(prefix="genpipe-bench-ddpm-") as tmp:
         if args.ddpm_model is not None:
             ddpm, ddpm_facts = load_ddpm(args.ddpm_model, device=args.device)
@@ -336,11 +331,15 @@ def main(argv: list[str] | None = None) -> dict:
             ddpm, ddpm_facts = train_ddpm(
                 args.params, args.data, Path(tmp), steps=train_steps, device=args.device
             )
-        print(f"diffusion bench: trained the ddpm model: {ddpm_facts}")
-        ddpm_steps = {**steps, "ddpm": tuple(sorted({*steps["ddpm"], ref_steps}))}
-        ddpm_name = "ddpm (trained here)"
-        for c in curves("ddpm", ddpm_steps, churn=False):
-            rows += scorer.curve(ddpm, c, model=ddpm_name)
+    print(f"diffusion bench: ddpm model: {ddpm_facts}")
+    # (a) the trained default model, every sampler valid for its objective
+    rows = []
+    for c in curves(default.model.objective, steps, churn=not args.no_churn):
+        rows += scorer.curve(default, c, model=name)
+    # (b) the DDPM model's samplers, its ancestral curve ending at the 1000-step reference
+    ddpm_steps = {**steps, "ddpm": tuple(sorted({*steps["ddpm"], ref_steps}))}
+    for c in curves("ddpm", ddpm_steps, churn=False):
+        rows += scorer.curve(ddpm, c, model=ddpm_name)
     reference = next(
         r["fd"]
         for r in rows

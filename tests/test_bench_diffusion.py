@@ -12,7 +12,16 @@ import torch
 import yaml
 
 from benchmarks import run
-from benchmarks.diffusion import COLUMNS, TEST_STATS, TRAIN_STATS, curves, main, nfe_to_reach
+from benchmarks.diffusion import (
+    COLUMNS,
+    TEST_STATS,
+    TRAIN_STATS,
+    curves,
+    load_ddpm,
+    main,
+    nfe_to_reach,
+    train_ddpm,
+)
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.data.readers import ShardDataset
@@ -120,3 +129,12 @@ def test_every_throughput_row_builds_and_steps(fixture, name: str) -> None:
     bench = dataclasses.replace(run.MODELS[name], steps=1)
     assert run.bench_loop(bench).log_every == bench.steps  # Ray's last log window = the timed steps
     assert run.plain_steps_per_s(bench, fixture["data"]) > 0
+
+
+def test_trained_ddpm_model_is_reused_and_an_edm_model_refused(fixture, tmp_path) -> None:
+    _, facts = train_ddpm(fixture["params"], fixture["data"], tmp_path, steps=2)
+    generator, loaded = load_ddpm(tmp_path / "ddpm", device="cpu")
+    assert generator.model.objective == "ddpm" and generator.model.backbone.channels == TINY["channels"]
+    assert loaded == {"loaded_from": str(tmp_path / "ddpm"), **facts} and facts["train_steps"] == 2
+    with pytest.raises(SystemExit, match="need 'ddpm'"):
+        load_ddpm(fixture["root"] / "diffusion_pixel", device="cpu")

@@ -306,12 +306,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="reuse a ddpm model exported by train_ddpm (folder/ddpm)",
     )
+    parser.add_argument("--no-default", action="store_true", help="skip (a): only the DDPM model's curves")
     parser.add_argument("--no-churn", action="store_true", help="skip Heun with churn")
     # One thread: on this shared 2-core machine two threads ran the quick path ~10x slower (oversubscribed).
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for path in (args.model, args.evaluator, args.data):
+    for path in (args.evaluator, args.data) if args.no_default else (args.model, args.evaluator, args.data):
         if not path.is_dir():
             raise SystemExit(f"diffusion bench: {path} not found: run `make run` (dvc repro) first")
     steps = parse_steps(args.steps, QUICK_STEPS if args.quick else STEPS)
@@ -322,8 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     tic = time.perf_counter()
 
     # Both models first (a DDPM model the loaded or trained way), then every curve: fails before sampling.
-    default = load_generator(args.model, device=args.device)
-    name, ddpm_name = f"{args.model.name} ({default.model.objective})", "ddpm (trained here)"
+    default = None if args.no_default else load_generator(args.model, device=args.device)
+    ddpm_name = "ddpm (trained here)"
     with tempfile.TemporaryDirectory(prefix="genpipe-bench-ddpm-") as tmp:
         if args.ddpm_model is not None:
             ddpm, ddpm_facts = load_ddpm(args.ddpm_model, device=args.device)
@@ -334,8 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"diffusion bench: ddpm model: {ddpm_facts}")
     # (a) the trained default model, every sampler valid for its objective
     rows = []
-    for c in curves(default.model.objective, steps, churn=not args.no_churn):
-        rows += scorer.curve(default, c, model=name)
+    if default is not None:
+        name = f"{args.model.name} ({default.model.objective})"
+        for c in curves(default.model.objective, steps, churn=not args.no_churn):
+            rows += scorer.curve(default, c, model=name)
     # (b) the DDPM model's samplers, its ancestral curve ending at the 1000-step reference
     ddpm_steps = {**steps, "ddpm": tuple(sorted({*steps["ddpm"], ref_steps}))}
     for c in curves("ddpm", ddpm_steps, churn=False):
@@ -364,7 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
         "reference": {"sampler": "ddpm", "discretization": "trailing", "steps": ref_steps, "fd": reference},
         "nfe_to_reference": reach,
         "ddpm_model": ddpm_facts,
-        "default_model": {"dir": str(args.model), "objective": default.model.objective},
+        "default_model": None
+        if default is None
+        else {"dir": str(args.model), "objective": default.model.objective},
         "rows": rows,
         "wall_s": time.perf_counter() - tic,
     }

@@ -126,7 +126,11 @@ class Generator(nn.Module):
         widths = [cfg.g_channels * 2**i for i in reversed(range(n))]  # e.g. 256, 128, 64 for n = 3
         self.start = (widths[0], h // 2**n, w // 2**n)
         self.latent_dim, self.num_classes, self.image_shape = cfg.latent_dim, num_classes, (c, h, w)
-        self.project = nn.Linear(cfg.latent_dim, widths[0] * self.start[1] * self.start[2], bias=False)
+        # The class also enters with z (cGAN, Mirza & Osindero 2014): per-class BatchNorm gains alone
+        # move slowly (one embedding row per class) and left samples nearly class-blind in our runs.
+        self.embed = nn.Embedding(num_classes, cfg.latent_dim) if num_classes else None
+        z_in = cfg.latent_dim * (2 if num_classes else 1)
+        self.project = nn.Linear(z_in, widths[0] * self.start[1] * self.start[2], bias=False)
         self.norms = nn.ModuleList([CondBatchNorm(widths[0], num_classes=num_classes)])
         self.ups = nn.ModuleList()
         for c_in, c_out in zip(widths, widths[1:], strict=False):
@@ -136,6 +140,8 @@ class Generator(nn.Module):
         _dcgan_init(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(y)], dim=1)
         h = self.project(z).view(-1, *self.start)  # (B, c0*h0*w0) -> (B, c0, h0, w0)
         h = F.relu(self.norms[0](h, y))
         for up, norm in zip(self.ups, self.norms[1:], strict=True):

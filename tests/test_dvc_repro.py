@@ -20,6 +20,15 @@ def _set(params: Path, section: str, **values) -> None:
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def _set_nested(params: Path, *keys: str, **values) -> None:
+    raw = yaml.safe_load(params.read_text())
+    node = raw
+    for key in keys:
+        node = node[key]
+    node.update(values)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 def test_repro_runs_noops_and_reruns_on_param_change(repo_copy: Path):
     out = run(["dvc", "repro", "prepare"], repo_copy).stdout
     assert "Running stage 'prepare'" in out
@@ -58,14 +67,20 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
 
     params = repo_copy / "params.yaml"
     raw = yaml.safe_load(params.read_text())
-    for section in ("train_evaluator", "train_tokenizer", "encode"):
-        raw[section] = TINY[section]
+    for section, value in TINY.items():
+        if section not in ("train", "ray", "prepare"):
+            raw[section] = value
     raw["ray"]["num_cpus"] = 2
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "commit", "-qam", "tiny params"], repo_copy)
 
     out = run(["dvc", "repro"], repo_copy).stdout
-    for stage in ("prepare", "train_evaluator", "train_tokenizer", "encode"):
+    stages = ["prepare", "train_evaluator", "train_tokenizer", "encode", "report"]
+    stages += [f"train_diffusion@{v}" for v in ("pixel", "latent")] + [
+        f"train_prior@{v}" for v in ("gpt", "maskgit")
+    ]
+    stages += [f"evaluate@{m}" for m in ("diffusion_pixel", "diffusion_latent", "prior_gpt", "prior_maskgit")]
+    for stage in stages:
         assert f"Running stage '{stage}'" in out, stage
     assert json.loads((repo_copy / "reports/train_evaluator.json").read_text())["test_accuracy"] > 0.3
     tokenizer = json.loads((repo_copy / "reports/train_tokenizer.json").read_text())
@@ -74,8 +89,30 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
     models = run(["genpipe", "models"], repo_copy).stdout
     assert "genpipe-evaluator" in models and "genpipe-tokenizer" in models
 
+    summary = json.loads((repo_copy / "reports/evaluate.json").read_text())
+    assert {
+        "genpipe-diffusion",
+        "genpipe-latent-diffusion",
+        "genpipe-prior-gpt",
+        "genpipe-prior-maskgit",
+    } <= set(summary)
+
     assert "Running stage" not in run(["dvc", "repro"], repo_copy).stdout
+    # An evaluation knob re-runs the judges alone, not the training stages.
+    _set(params, "evaluate", seed=1)
+    rerun = run(["dvc", "repro"], repo_copy).stdout
+    assert "Running stage 'evaluate@diffusion_pixel'" in rerun and "Running stage 'report'" in rerun
+    assert "Running stage 'train_diffusion@pixel'" not in rerun
+    # One variant's knob re-runs that variant (and what reads its model) only.
+    _set_nested(params, "train_diffusion", "latent", "loop", steps=10)
+    rerun = run(["dvc", "repro"], repo_copy).stdout
+    assert (
+        "Running stage 'train_diffusion@latent'" in rerun
+        and "Running stage 'train_diffusion@pixel'" not in rerun
+    )
+    assert "Running stage 'evaluate@diffusion_pixel'" not in rerun
     _set(params, "encode", batch_size=64)
     rerun = run(["dvc", "repro"], repo_copy).stdout
     assert "Running stage 'encode'" in rerun and "Running stage 'train_tokenizer'" not in rerun
-    assert "reports/train_tokenizer.json" in run(["dvc", "metrics", "show"], repo_copy).stdout
+    shown = run(["dvc", "metrics", "show"], repo_copy).stdout
+    assert "reports/train_tokenizer.json" in shown and "reports/evaluate.json" in shown

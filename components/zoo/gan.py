@@ -12,7 +12,8 @@ betas come from GANConfig.betas (null: (0.5, 0.999) of DCGAN or (0, 0.9) of WGAN
 
 Conditioning: the projection discriminator (Miyato & Koyama 2018, eq. 3),
     l(x, y) = psi(phi(x)) + <embed(y), sum_hw phi(x)>,
-and conditional BatchNorm in the generator (per-class gain and bias, as in that paper). A real
+and, in the generator, a class embedding concatenated with z (cGAN, Mirza & Osindero 2014) plus
+conditional BatchNorm (per-class gain and bias, as in the projection paper). A real
 image labelled -1 gets no projection term (the unconditional part judges it); its fake partner
 draws a class uniformly. The discriminator's normalization is per sample, LayerNorm over (C, H, W)
 (GroupNorm with one group) or none, never BatchNorm: the gradient penalty is per sample (BatchNorm

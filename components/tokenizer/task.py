@@ -142,7 +142,7 @@ class TokenizerTask(Task):
             "d_loss": loss.detach(),
             "logits_real": real.mean(),
             "logits_fake": fake.mean(),
-            # share of patches classified right: 0.5/0.5 is chance, the 1.000 hinge loss was this
+            # share of patch logits on the right side of 0; 0.5 is chance (a blind discriminator)
             "d_acc_real": (real > 0).float().mean(),
             "d_acc_fake": (fake < 0).float().mean(),
         }

@@ -21,6 +21,7 @@ from components.stages import (
     TrainEvaluatorConfig,
     TrainPriorConfig,
     TrainTokenizerConfig,
+    TrainZooConfig,
 )
 from components.training.config import TrainConfig
 
@@ -60,6 +61,7 @@ STAGE_SECTIONS: dict[str, type[StrictConfig]] = {
     "encode": EncodeConfig,
     "train_diffusion": TrainDiffusionConfig,
     "train_prior": TrainPriorConfig,
+    "train_zoo": TrainZooConfig,
     "evaluate": EvaluateConfig,
 }
 

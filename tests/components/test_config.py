@@ -87,3 +87,29 @@ def test_missing_section_takes_defaults(tmp_path):
     sections = load_stage(p, "prepare")
     assert sections["prepare"].image_size == 8
     assert sections["train"].num_workers == 1
+
+
+@pytest.mark.parametrize(
+    ("variant", "key", "value", "needle"),
+    [
+        (
+            "wgan",
+            "model",
+            {"loss": "ns"},
+            "train_zoo.wgan.model.loss='ns': the wgan variant trains loss 'wgan_gp'",
+        ),
+        (
+            "gan",
+            "model",
+            {"loss": "wgan_gp"},
+            "train_zoo.gan.model.loss='wgan_gp': the gan variant trains loss 'ns'",
+        ),
+        ("gan", "loop", {"betas": [0.5, 0.9]}, "train_zoo.gan.loop.betas=[0.5, 0.9]: not read by a GAN"),
+    ],
+)
+def test_train_zoo_variants_keep_their_own_loss(variant, key, value, needle):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())["train_zoo"]
+    raw[variant][key].update(value)
+    with pytest.raises(ParamsError) as info:
+        validate_section("train_zoo", raw)
+    assert needle in str(info.value) and "\n" not in str(info.value)

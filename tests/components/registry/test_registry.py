@@ -102,7 +102,7 @@ def mlflow_server(tmp_path: Path, free_port: int):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180  # a loaded 2-core machine can take over a minute to start it
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2)

@@ -113,7 +113,7 @@ def mlflow_server(tmp_path: Path, free_port: int):
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("mlflow server did not become healthy in 90 s")
+        pytest.fail("mlflow server did not become healthy in 180 s")
     yield url
     proc.terminate()
     proc.wait(timeout=30)

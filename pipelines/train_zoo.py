@@ -58,9 +58,7 @@ SPECS = {v: GeneratorStage(STAGE, v, v, DATA, "images") for v in FAMILIES}
 def tags(variant: str, cfg: StrictConfig) -> dict[str, str]:
     """Registry tags: the family, its own knobs and its default sampling options."""
     knobs = {**FAMILIES[variant].knobs(cfg.model), **cfg.sampling.model_dump()}
-    return {"family": cfg.model.family if variant in ("gan", "wgan") else variant} | {
-        k: str(v) for k, v in knobs.items()
-    }
+    return {"family": variant} | {k: str(v) for k, v in knobs.items()}  # variant == family (validated)
 
 
 def main(*, params: Path, variant: str, dry_run: bool = False) -> None:

@@ -61,6 +61,7 @@ def test_repro_runs_noops_and_reruns_on_param_change(repo_copy: Path):
     assert "Running stage" not in run(["dvc", "repro", "prepare"], repo_copy).stdout
 
 
+@pytest.mark.timeout(2400)  # fourteen training stages and nine judges, each its own process
 def test_full_pipeline_with_tiny_params(repo_copy: Path):
     """The whole DAG on tiny params: every stage runs, a re-run does nothing, one knob re-runs one stage."""
     from tests.pipelines.test_stages import TINY
@@ -79,7 +80,11 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
     stages += [f"train_diffusion@{v}" for v in ("pixel", "latent")] + [
         f"train_prior@{v}" for v in ("gpt", "maskgit")
     ]
-    stages += [f"evaluate@{m}" for m in ("diffusion_pixel", "diffusion_latent", "prior_gpt", "prior_maskgit")]
+    zoo = ("vae", "gan", "wgan", "flow", "pixelcnn")
+    stages += [f"train_zoo@{v}" for v in zoo]
+    stages += [
+        f"evaluate@{m}" for m in ("diffusion_pixel", "diffusion_latent", "prior_gpt", "prior_maskgit", *zoo)
+    ]
     for stage in stages:
         assert f"Running stage '{stage}'" in out, stage
     assert json.loads((repo_copy / "reports/train_evaluator.json").read_text())["test_accuracy"] > 0.3

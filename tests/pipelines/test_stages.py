@@ -95,6 +95,24 @@ TINY = {
         }
         for kind in ("gpt", "maskgit")
     },
+    "train_zoo": {
+        variant: {
+            "model": model,
+            **sampling,
+            "loop": {"steps": 10, "batch_size": 32, "lr": 0.002, "checkpoint_every": 5, "log_every": 5},
+        }
+        for variant, model, sampling in (
+            ("vae", {"channels": 8, "channel_mult": [1, 2], "latent_dim": 4, "beta": 2.0}, {}),
+            ("gan", {"g_channels": 8, "d_channels": 8, "latent_dim": 8}, {"sampling": {"truncation": 2.0}}),
+            ("wgan", {"loss": "wgan_gp", "g_channels": 8, "d_channels": 8, "n_critic": 2}, {}),
+            (
+                "flow",
+                {"levels": 2, "steps_per_level": 2, "hidden_channels": 8},
+                {"sampling": {"temperature": 0.6}},
+            ),
+            ("pixelcnn", {"channels": 8, "layers": 2, "first_kernel": 3, "kernel": 3}, {}),
+        )
+    },
     "evaluate": {"num_samples": 40, "batch_size": 25, "grid_columns": 3, "threads": 1},
 }
 
@@ -276,11 +294,51 @@ def test_train_prior_refuses_stale_tokens(workspace: Path):
         stage.check_tokenizer(meta, workspace / "models/tokenizer")
 
 
+ZOO_TAGS = {  # the registered version's family-specific tags under TINY
+    "vae": {"family": "vae", "beta": "2.0", "latent_dim": "4", "temperature": "1.0"},
+    "gan": {"family": "gan", "loss": "ns", "n_critic": "1", "truncation": "2.0"},
+    "wgan": {"family": "wgan", "loss": "wgan_gp", "n_critic": "2", "gp_weight": "10.0"},
+    "flow": {"family": "flow", "levels": "2", "steps_per_level": "2", "temperature": "0.6"},
+    "pixelcnn": {"family": "pixelcnn", "layers": "2", "channels": "8", "temperature": "1.0"},
+}
+
+
+@pytest.mark.parametrize("variant", list(ZOO_TAGS))
+def test_train_zoo(workspace: Path, variant: str):
+    from components.generators import LikelihoodGenerator, load_generator
+
+    _stage("train_zoo", workspace, variant=variant)
+    metrics = json.loads((workspace / f"reports/train_{variant}.json").read_text())
+    assert metrics["train_seconds"] > 0 and all(math.isfinite(v) for v in metrics.values())
+    assert any(k.startswith("val/") for k in metrics)
+    assert (workspace / f"reports/plots/train_{variant}.csv").is_file()
+    generator = load_generator(workspace / f"models/{variant}")
+    assert generator.image_shape == (1, 16, 16) and generator.num_classes == 10
+    x = generator.sample(torch.tensor([0, 7, 9]), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
+    likelihood = variant in ("vae", "flow", "pixelcnn")
+    assert isinstance(generator, LikelihoodGenerator) == likelihood
+    if likelihood:
+        bpd = generator.bits_per_dim(x, generator=torch.Generator().manual_seed(0))
+        assert bpd.shape == (3,) and torch.isfinite(bpd).all() and (bpd > 0).all()
+    versions = list_versions(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name=f"genpipe-{variant}")
+    assert len(versions) == 1
+    tags = versions[0]["tags"]
+    assert {k: tags.get(k) for k in ZOO_TAGS[variant]} == ZOO_TAGS[variant]
+    assert tags["ray_run_name"].startswith(f"train_zoo-{variant}-")
+
+
+def test_train_zoo_bad_variant(workspace: Path):
+    with pytest.raises(ValueError, match="unknown train_zoo variant 'vqvae'; valid: vae, gan, wgan"):
+        _stage("train_zoo", workspace, variant="vqvae")
+
+
 MODEL_NAMES = {
     "diffusion_pixel": "genpipe-diffusion",
     "diffusion_latent": "genpipe-latent-diffusion",
     "prior_gpt": "genpipe-prior-gpt",
     "prior_maskgit": "genpipe-prior-maskgit",
+    **{model: f"genpipe-{model}" for model in ("vae", "gan", "wgan", "flow", "pixelcnn")},
 }
 
 
@@ -295,6 +353,8 @@ def test_evaluate(workspace: Path, model: str):
     assert metrics["num_samples"] == 40
     if model.startswith("diffusion"):
         assert metrics["nfe"] == 7  # heun, 4 steps: 2*4-1
+    if model in ("vae", "flow", "pixelcnn"):  # the likelihood families, on the test split
+        assert 0 < metrics["bits_per_dim"] < 20
     assert 0 <= metrics["cond_accuracy"] <= 1 and metrics["fid"] > 0
     png = workspace / f"reports/evaluate/{model}.png"
     assert png.read_bytes()[:4] == b"\x89PNG"

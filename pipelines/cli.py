@@ -27,10 +27,13 @@ USER_ERRORS = (ValueError, OSError, ArithmeticError, KeyError, RuntimeError)
 
 
 def _run_stage(module: str, params: Path, dry_run: bool, **args: str) -> None:
-    from pipelines.runtime import fail
+    from pipelines.runtime import CLOCK, fail
 
     try:
-        importlib.import_module(f"pipelines.{module}").main(params=params, dry_run=dry_run, **args)
+        CLOCK.mark("cli")
+        stage = importlib.import_module(f"pipelines.{module}")
+        CLOCK.mark("imported")
+        stage.main(params=params, dry_run=dry_run, **args)
     except USER_ERRORS as err:
         if os.environ.get("GENPIPE_DEBUG"):
             raise
@@ -92,6 +95,17 @@ _variant_stage(
 _stage(
     "report", "Gather every evaluation into reports/evaluate.json and the results table reports/results.md."
 )
+
+
+@app.command(
+    "repro",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def repro(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
+    """`dvc repro [ARGS]` with one local Ray instance shared by every stage, then a per-stage summary."""
+    from pipelines.repro import main as run_repro
+
+    raise typer.Exit(run_repro(params=params, args=list(ctx.args)))
 
 
 @app.command("models")

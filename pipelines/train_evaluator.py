@@ -18,7 +18,7 @@ from components.evaluation.evaluator import Evaluator, EvaluatorTask, predict, s
 from components.evaluation.frechet import feature_stats, frechet_distance
 from components.io import atomic_dir
 from components.stages import TrainEvaluatorConfig
-from pipelines.runtime import print_config, repo_root, stage_run
+from pipelines.runtime import CLOCK, print_config, repo_root, stage_run
 from pipelines.training import finish, ray_run_name, train_on_ray
 
 STAGE = "train_evaluator"
@@ -67,6 +67,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         f"{STAGE}: test accuracy {metrics['test_accuracy']:.4f}, real-vs-real FD floor "
         f"{metrics['fid_floor']:.4f} -> {OUT}"
     )
+    print(CLOCK.line(STAGE))
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from components.io import save_model
 from components.stages import TrainTokenizerConfig
 from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN, reconstruct
-from pipelines.runtime import print_config, repo_root, stage_run
+from pipelines.runtime import CLOCK, print_config, repo_root, stage_run
 from pipelines.train_evaluator import TEST_STATS, TRAIN_STATS
 from pipelines.training import finish, ray_run_name, train_on_ray
 
@@ -114,6 +114,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         f"({metrics['rfid_over_floor']:.2f}x the real-vs-real floor), codebook usage "
         f"{metrics['codebook_usage']:.1%}, perplexity {metrics['perplexity']:.1f} -> {OUT}"
     )
+    print(CLOCK.line(STAGE))
 
 
 @torch.no_grad()

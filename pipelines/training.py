@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -20,7 +19,7 @@ from components.registry.tracking import STEP_KEY, MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
 from components.training.config import LoopConfig, TrainConfig
 from components.training.task import Task
-from pipelines.runtime import StageRun, absolute, dvc_data_hash, init_ray, joins_cluster
+from pipelines.runtime import CLOCK, StageRun, absolute, dvc_data_hash, init_ray, joins_local
 
 
 def code_hash() -> str:
@@ -81,9 +80,12 @@ def train_on_ray(
     readers = {"images": ray_dataset, "tokens": ray_token_dataset}
     if reader not in readers:
         raise ValueError(f"unknown reader {reader!r}; valid: {', '.join(readers)}")
+    CLOCK.mark("ray_start")
     init_ray(sections["ray"])
-    check_resources(sections["train"], local=joins_cluster(sections["ray"]) is None)
+    check_resources(sections["train"], local=joins_local(sections["ray"]))
+    CLOCK.mark("ray")
     datasets = {split: readers[reader](data_dir, split) for split in ("train", "val")}
+    CLOCK.mark("data")
     result = fit(
         task_factory=task_factory,
         loop=loop,
@@ -93,6 +95,8 @@ def train_on_ray(
         sink_factory=partial(MlflowSink, run.tracking_uri, run.run_id),
         sample_sink_factory=partial(MlflowSampleSink, run.tracking_uri, run.run_id, stage),
     )
+    CLOCK.mark("fit")
+    CLOCK.marks.update(result.clock)
     if result.resumed_from:
         print(f"{stage}: resumed run {run_name} from step {result.resumed_from}")
     return result
@@ -237,7 +241,6 @@ def train_generator(
     data_deps = [spec.data, *spec.deps]
     run_name = ray_run_name(spec.stage, sections, data_deps=data_deps, label=f"{spec.stage}-{spec.variant}")
     with stage_run(spec.label, sections, data_deps=data_deps, resume_key=run_name) as run:
-        started = time.perf_counter()
         result = train_on_ray(
             stage=spec.label,
             sections=sections,
@@ -248,8 +251,9 @@ def train_generator(
             run_name=run_name,
             reader=spec.reader,
         )
-        train_seconds = time.perf_counter() - started
-        metrics = {**export(result, root / "models" / spec.model), "train_seconds": train_seconds}
+        metrics = export(result, root / "models" / spec.model)
+        if (seconds := CLOCK.training_seconds()) is not None:  # first step to last: no start-up
+            metrics["train_seconds"] = seconds
         finish(
             run,
             family=spec.model,
@@ -265,4 +269,5 @@ def train_generator(
             },
             registered=MODELS[spec.model],
         )
+    print(CLOCK.line(spec.label))
     return metrics

@@ -20,6 +20,7 @@ import ray.data
 import torch
 
 from components.data.images import DataError, pngs_to_array
+from components.data.raydata import from_columns, small
 from components.data.shards import SPLITS, read_meta, shard_name, split_files
 
 TOKENS_SCHEMA_VERSION = 1
@@ -192,6 +193,9 @@ def ray_token_dataset(tokens_dir: str | Path, split: str, *, materialize: bool =
         raise DataError(f"split={split!r} is not one of {list(SPLITS)}")
     meta = read_token_meta(tokens_dir)
     files = [str((Path(tokens_dir) / name).resolve()) for name in meta["shards"][split]]  # workers cd
+    if materialize and small(files):  # read here: no Ray read tasks (see components/data/raydata.py)
+        arrays = read_tokens(tokens_dir, split)
+        return from_columns({k: arrays[k] for k in ("tokens", "latent", "label")})
     ds = ray.data.read_parquet(files, columns=["tokens", "latent", "label"])
     ds = ds.map_batches(
         _token_batch,

@@ -159,11 +159,14 @@ def train(
     sample_sink: SampleSink | None = None,
     num_samples: int = 16,
     progress: bool = True,
+    clock: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Train `task` for `loop.steps` global steps, resuming from `checkpoint_io`; the final metrics.
 
     `batches(epoch)` yields this rank's micro-batches of that epoch; it must give the same batches
     for the same epoch without drawing from the global RNG (exact resume replays the epoch).
+    `clock`, if given, receives the wall-clock times (time.time()) of `first_step` and `last_step`
+    (when the first step started and the last one, with its checkpoint, ended): the stage's timing line.
     """
     run = _setup(task, loop=loop, device=device, precision=precision, seed=seed, wrap=wrap)
     run.stream, run.val_batches, run.checkpoint_io = _Stream(batches), val_batches, checkpoint_io
@@ -177,6 +180,8 @@ def train(
     if sink is not None and dist.is_main():
         run.logged_up_to = sink.last_step()
     run.window = _Window()  # the rate counts from here: not the task build or the restore
+    if clock is not None:
+        clock["first_step"] = time.time()
     for step in range(start, loop.steps):
         for phase in task.phases:
             if phase.active(step):
@@ -184,6 +189,8 @@ def train(
                     _update(run, phase, step=step)
         _end_step(run)
         _after_step(run, done=step + 1)
+    if clock is not None:
+        clock["last_step"] = time.time()
     return dict(run.latest)
 
 

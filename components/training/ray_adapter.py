@@ -10,13 +10,16 @@ checkpoint that run reported, after a worker failure and after a killed driver a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray.data
 import ray.train
 import ray.train.torch
@@ -49,6 +52,7 @@ class FitResult:
     checkpoint: ray.train.Checkpoint | None  # the latest reported checkpoint (the final state)
     path: str  # the run folder in storage
     resumed_from: int | None  # step the last attempt restored from, None when it started fresh
+    clock: dict[str, float] = field(default_factory=dict)  # rank 0's first_step / last_step (time.time())
 
     def state(self) -> State:
         """The final training state (modules, EMA, optimizers, ...) read from the checkpoint."""
@@ -79,6 +83,10 @@ class _Spec:
     shuffle_buffer: int | None
     has_val: bool
     cache: bool  # hold this worker's train shard in memory after one pass (small data)
+    # Small materialized splits, pulled into the object store by the driver: {split: ObjectRef of
+    # {column: array}}. Then Train gets no `datasets`, and starts no DatasetManager and no Ray Data
+    # autoscaling actor (~2 s each on 2 cores); each rank takes its equal share of the rows.
+    in_memory: dict[str, Any] | None = None
 
 
 def storage_uri(path: str) -> str:
@@ -132,6 +140,9 @@ def fit(
         has_val="val" in datasets,
         cache=_fits_in_memory(datasets["train"], workers=train.num_workers),
     )
+    if all(_small(ds) for ds in datasets.values()):
+        spec = dataclasses.replace(spec, in_memory={k: ray.put(_columns(ds)) for k, ds in datasets.items()})
+        datasets = {}
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker
@@ -151,7 +162,9 @@ def fit(
         ),
         datasets=datasets,
         # One worker reads everything: no split, so no SplitCoordinator actor to start (~2 s each).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if train.num_workers == 1 else "all"),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if train.num_workers == 1 else "all")
+        if datasets
+        else None,
     )
     result = trainer.fit()
     out = result.return_value or {}
@@ -163,6 +176,7 @@ def fit(
         checkpoint=result.checkpoint,
         path=str(result.path),
         resumed_from=out.get("resumed_from"),
+        clock=out.get("clock", {}),
     )
 
 
@@ -205,6 +219,11 @@ def _wrapper(*, world: int, device: torch.device) -> Callable[[nn.Module], nn.Mo
 
 
 CACHE_BYTES = 2 * 1024**3  # per worker: shards under this are held in memory after one pass
+IN_MEMORY_BYTES = 256 * 1024**2  # a materialized split under this goes to the workers as arrays
+
+
+def _small(ds: ray.data.Dataset) -> bool:
+    return isinstance(ds, ray.data.dataset.MaterializedDataset) and ds.size_bytes() < IN_MEMORY_BYTES
 
 
 def _fits_in_memory(ds: ray.data.Dataset, *, workers: int) -> bool:
@@ -212,6 +231,22 @@ def _fits_in_memory(ds: ray.data.Dataset, *, workers: int) -> bool:
     if not isinstance(ds, ray.data.dataset.MaterializedDataset):
         return False
     return ds.size_bytes() / workers < CACHE_BYTES
+
+
+def _columns(ds: ray.data.Dataset) -> dict[str, np.ndarray]:
+    """Every row of a small materialized dataset as numpy columns (an empty one included)."""
+    if ds.count() == 0:
+        return {}
+    return ds.take_batch(batch_size=ds.count(), batch_format="numpy")
+
+
+def _rank_share(
+    columns: dict[str, np.ndarray], *, rank: int, world: int, equal: bool
+) -> dict[str, torch.Tensor]:
+    """This rank's rows: a contiguous 1/world of them (equal counts on every rank when `equal`)."""
+    n = len(next(iter(columns.values()), ()))
+    per = n // world if equal else -(-n // world)
+    return {k: torch.as_tensor(np.array(v[rank * per : (rank + 1) * per])) for k, v in columns.items()}
 
 
 class _CachedShard:
@@ -242,8 +277,22 @@ class _CachedShard:
         return self.batches(epoch)
 
 
-def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int):
+def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int, world: int = 1):
     """batches(epoch) over this worker's train shard and val_batches() over its val shard."""
+    if spec.in_memory is not None:
+        train = _rank_share(ray.get(spec.in_memory["train"]), rank=rank, world=world, equal=True)
+        batches = epoch_batches(train, batch=micro, seed=spec.train.seed, rank=rank, device=device)
+        val = ray.get(spec.in_memory["val"]) if "val" in spec.in_memory else None
+        if not val:
+            return batches, None
+        val = _rank_share(val, rank=rank, world=world, equal=False)
+        n = len(next(iter(val.values())))
+
+        def val_in_memory() -> Iterable[Batch]:
+            for i in range(0, n, micro):
+                yield {k: v[i : i + micro].to(device) for k, v in val.items()}
+
+        return batches, val_in_memory
     shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if spec.has_val else None
 
@@ -282,13 +331,16 @@ def _quiet_report_log() -> None:
 
 def _worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry: build the task and its data on this rank, then run the loop."""
+    clock = {"worker": time.time()}  # the stage's timing line: when this process began to work
     spec: _Spec = config["spec"]
     _quiet_report_log()
     torch.set_num_threads(spec.train.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    batches, val_batches = _data(spec, micro=spec.loop.per_worker_batch(world), device=device, rank=rank)
+    batches, val_batches = _data(
+        spec, micro=spec.loop.per_worker_batch(world), device=device, rank=rank, world=world
+    )
     io = RayCheckpointIO(rank=rank)
     main = rank == 0
     sink = spec.sink_factory() if main and spec.sink_factory is not None else None
@@ -307,6 +359,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
             sink=sink,
             sample_sink=sample_sink,
             progress=main,
+            clock=clock,
         )
     except NonFiniteError as err:
         # Returned, not raised: Ray would retry from the last checkpoint and hit the same NaN.
@@ -314,4 +367,4 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     finally:
         if sink is not None:
             sink.close()
-    return {"metrics": metrics, "resumed_from": io.restored_step}
+    return {"metrics": metrics, "resumed_from": io.restored_step, "clock": clock}

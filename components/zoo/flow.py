@@ -17,6 +17,10 @@ Likelihood: the change of variables log p(x|y) = log p(z|y) + log|det dz/dx| on 
 D = C H W, bits/dim = (-log p(x) + D log 128) / (D log 2) (dequantized_bits_per_dim in
 components/evaluation/likelihood.py, which accounts for the [-1, 1] scaling and the 256 levels).
 Sampling draws every latent at temperature T (z = mu + T sigma eps, Glow sec. 5).
+
+Option `class_affine`: a per-class, per-pixel affine (ClassAffine) before the first squeeze, its
+shift initialised to minus the class-mean image; log|det| = sum of its log-scales, so the likelihood
+stays exact. It makes class conditioning strong from the first steps (see ClassAffine).
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ class FlowConfig(StrictConfig):
     levels: int = Field(default=2, ge=1, description="squeeze scales; H and W must divide by 2**levels")
     steps_per_level: int = Field(default=8, ge=1, description="K of Glow (32 there)")
     hidden_channels: int = Field(default=128, ge=4, description="coupling network width (512 in Glow)")
+    class_affine: bool = Field(
+        default=False,
+        description="a per-class, per-pixel affine before the first squeeze (ClassAffine), its shift "
+        "initialised to minus the first batch's class-mean image",
+    )
 
 
 def squeeze(x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +118,49 @@ class ActNorm(nn.Module):
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * torch.exp(-self.log_scale) - self.bias
+
+
+class ClassAffine(nn.Module):
+    """y = (x + b_y) exp(s_y) per class y and per sub-pixel (C, H, W): log|det| = sum s_y.
+
+    A conditional actnorm at full resolution: b_y starts at minus the class-mean image of the first
+    training batch (rows without samples there, and the "no label" row, at minus the batch mean), s_y
+    at 0. The flow then only models each class's deviation from its mean, so low-temperature samples
+    carry the class from the first steps on (the couplings' and priors' class biases learn slowly).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], *, rows: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(max(rows, 1), *shape))
+        self.log_scale = nn.Parameter(torch.zeros(max(rows, 1), *shape))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _rows(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return y if y is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    @torch.no_grad()
+    def _init(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        # Per-row sums and counts summed over DDP ranks: every rank starts from the same parameters.
+        onehot = nn.functional.one_hot(rows, self.bias.shape[0]).to(x.dtype)  # (B, R)
+        sums = dist.all_reduce_sum(torch.einsum("br,bchw->rchw", onehot, x))
+        counts = dist.all_reduce_sum(onehot.sum(0))
+        overall = sums.sum(0) / counts.sum().clamp_min(1)
+        means = torch.where(
+            (counts > 0)[:, None, None, None], sums / counts.clamp_min(1)[:, None, None, None], overall
+        )
+        self.bias.copy_(-means)
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows(x, y)
+        if self.training and not bool(self.initialized):
+            self._init(x, rows)
+        log_scale = self.log_scale[rows]
+        return (x + self.bias[rows]) * torch.exp(log_scale), log_scale.flatten(1).sum(1)
+
+    def inverse(self, y_: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        rows = self._rows(y_, y)
+        return y_ * torch.exp(-self.log_scale[rows]) - self.bias[rows]
 
 
 class InvConv1x1(nn.Module):
@@ -219,6 +271,7 @@ class Glow(nn.Module):
         )
         self.cfg, self.image_shape, self.num_classes = cfg, (c, h, w), num_classes
         rows = embedding_rows(num_classes)
+        self.class_affine = ClassAffine((c, h, w), rows=rows) if cfg.class_affine else None
         self.levels, self.priors = nn.ModuleList(), nn.ModuleList()
         self.splits: list[int] = []  # channels factored out after each level but the last
         channels = c
@@ -246,6 +299,8 @@ class Glow(nn.Module):
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(latents, log|det dz/dx| (B,), log p(z|y) (B,))."""
         h, logdet = x, x.new_zeros(x.shape[0])
+        if self.class_affine is not None:
+            h, logdet = self.class_affine(x, y)
         log_pz, zs = x.new_zeros(x.shape[0]), []
         for i, steps in enumerate(self.levels):
             h = squeeze(h)
@@ -283,7 +338,7 @@ class Glow(nn.Module):
             for step in reversed(self.levels[i]):
                 h = step.inverse(h, y)
             h = unsqueeze(h)
-        return h
+        return h if self.class_affine is None else self.class_affine.inverse(h, y)
 
     def invert(self, zs: list[torch.Tensor], y: torch.Tensor | None) -> torch.Tensor:
         """x from given latents (the exact inverse of `forward`)."""

@@ -7,7 +7,10 @@ which hides the current pixel, type B, which keeps it, afterwards). The vertical
 horizontal one only shifted down by a row, which removes the blind spot of the plain PixelCNN:
     v_l = tanh(W_f * v + V_f h_y) o sigmoid(W_g * v + V_g h_y),
     h_l = h + 1x1(gate(W * h + 1x1(shift_down(W * v)) + V h_y)),
-with a learned per-class bias V h_y per layer (eq. 4 with a one-hot h). Channels: the C sub-pixels
+with a learned per-class bias V h_y per layer (eq. 4 with a one-hot h); option `class_map_channels`
+adds a class- and position-dependent one, V s_y with a learned per-class map s_y (m, H, W) (eq. 5's
+spatial conditioning, its map a free parameter per class): the network need not find each pixel's
+position from the zero padding to draw a class's shape. Channels: the C sub-pixels
 of a pixel are independent given all previous pixels, p(x_i | x_<i, y) = prod_c p(x_i,c | x_<i, y):
 the masks hide every channel of the current pixel (no R -> G -> B ordering inside a pixel). For the
 default grayscale data this is exact; for RGB it costs some likelihood for much simpler masks.
@@ -67,6 +70,12 @@ class PixelCNNConfig(StrictConfig):
     layers: int = Field(default=7, ge=1, description="gated layers, the first of type A")
     first_kernel: int = Field(default=7, ge=3, description="k of the first layer (odd)")
     kernel: int = Field(default=5, ge=3, description="k of the later layers (odd)")
+    class_map_channels: int = Field(
+        default=0,
+        ge=0,
+        description="0: off; m: a learned per-class map (m, H, W), projected by a 1x1 conv into every "
+        "gated layer's gates (a class- and position-dependent bias)",
+    )
 
     @field_validator("first_kernel", "kernel")
     @classmethod
@@ -116,25 +125,37 @@ def _gate(x: torch.Tensor) -> torch.Tensor:
 class GatedLayer(nn.Module):
     """One layer of both stacks (fig. 2); the first has no residual on h."""
 
-    def __init__(self, c_in: int, features: int, *, k: int, first: bool, rows: int) -> None:
+    def __init__(
+        self, c_in: int, features: int, *, k: int, first: bool, rows: int, map_channels: int = 0
+    ) -> None:
         super().__init__()
         self.first, self.p = first, k // 2
+        self.map_proj = nn.Conv2d(map_channels, 4 * features, 1, bias=False) if map_channels else None
         self.v = MaskedConv2d(c_in, 2 * features, vertical_mask(k))
         self.h = MaskedConv2d(c_in, 2 * features, horizontal_mask(k, first=first))
         self.link = nn.Conv2d(2 * features, 2 * features, 1)
         self.res = nn.Conv2d(features, features, 1)
         self.embed = nn.Embedding(rows, 4 * features) if rows else None
 
-    def _cond(self, y: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        if self.embed is None:
+    def _cond(
+        self, y: torch.Tensor | None, cmap: torch.Tensor | None
+    ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Class biases of the v and h gates: (B, 2F, 1, 1) each, (B or 1, 2F, H, W) with a class map
+        `cmap` (B or 1, m, H, W); 0.0 when neither."""
+        bias: torch.Tensor | float = 0.0
+        if self.embed is not None:
+            bias = self.embed(y)[:, :, None, None]
+        if self.map_proj is not None and cmap is not None:
+            bias = bias + self.map_proj(cmap)
+        if not torch.is_tensor(bias):
             return 0.0, 0.0
-        cv, ch = self.embed(y)[:, :, None, None].chunk(2, dim=1)
+        cv, ch = bias.chunk(2, dim=1)
         return cv, ch
 
     def forward(
-        self, v: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None
+        self, v: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None, cmap: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cv, ch = self._cond(y)
+        cv, ch = self._cond(y, cmap)
         p = self.p
         # Only the unmasked half of each kernel is run (half the work of the masked k x k conv):
         # rows at and above the centre for v (zero rows padded on top), columns up to it for h.
@@ -144,26 +165,38 @@ class GatedLayer(nn.Module):
         h_out = self.res(_gate(h_pre + self.link(down) + ch))
         return _gate(v_pre + cv), h_out if self.first else h + h_out
 
-    def v_row(self, window: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One row of v from its (p + 1)-row window (B, c, p+1, W): (v row, link for the row below)."""
-        cv, _ = self._cond(y)
+    def v_row(
+        self, window: torch.Tensor, y: torch.Tensor | None, cmap_row: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row of v from its (p + 1)-row window (B, c, p+1, W): (v row, link for the row below);
+        `cmap_row`: that row of the class map, (B or 1, m, 1, W)."""
+        cv, _ = self._cond(y, cmap_row)
         w = self.v.masked_weight()[:, :, : self.p + 1]  # the rows below the centre are masked anyway
         v_pre = F.conv2d(F.pad(window, (self.p, self.p, 0, 0)), w, self.v.bias)  # (B, 2F, 1, W)
         return _gate(v_pre + cv), self.link(v_pre)
 
-    def pixel_params(self, y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def pixel_params(
+        self, y: torch.Tensor | None, cmap: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Flat weights for one-position updates of h: the masked half of the 1 x k kernel as a matrix
-        (2F, c (p + 1)), its bias plus the class bias, and the residual 1x1 conv as a matrix."""
-        _, ch = self._cond(y)
-        bias = self.h.bias + (ch[:, :, 0, 0] if torch.is_tensor(ch) else 0.0)  # (B or 1, 2F)
+        (2F, c (p + 1)), its bias plus the class bias ((B or 1, 2F, 1 or H, 1 or W): `h_pixel` picks
+        the position), and the residual 1x1 conv as a matrix."""
+        _, ch = self._cond(y, cmap)
+        bias = self.h.bias[None, :, None, None] + ch  # (B or 1, 2F, 1 or H, 1 or W)
         w = self.h.masked_weight()[:, :, 0, : self.p + 1].flatten(1)  # right of the centre: masked
         return w, bias, self.res.weight[:, :, 0, 0], self.res.bias
 
     def h_pixel(
-        self, window: torch.Tensor, link: torch.Tensor, h: torch.Tensor, params: tuple[torch.Tensor, ...]
+        self,
+        window: torch.Tensor,
+        link: torch.Tensor,
+        h: torch.Tensor,
+        params: tuple[torch.Tensor, ...],
+        at: tuple[int, int] = (0, 0),
     ) -> torch.Tensor:
-        """h (B, F) at one position from its window (B, c (p + 1)) and the cached link (B, 2F)."""
+        """h (B, F) at position `at` = (i, j) from its window (B, c (p + 1)) and the cached link (B, 2F)."""
         w, bias, w_res, b_res = params
+        bias = bias[:, :, min(at[0], bias.shape[2] - 1), min(at[1], bias.shape[3] - 1)]  # (B or 1, 2F)
         out = F.linear(_gate(F.linear(window, w) + bias + link), w_res, b_res)
         return out if self.first else h + out
 
@@ -182,20 +215,33 @@ class PixelCNN(nn.Module):
         self.image_shape = check_image_shape(image_shape, multiple=1, family=FAMILY, why="")
         self.cfg, self.num_classes = cfg, num_classes
         c, f, rows = self.image_shape[0], cfg.channels, embedding_rows(num_classes)
+        m = cfg.class_map_channels
         self.layers = nn.ModuleList(
-            [GatedLayer(c, f, k=cfg.first_kernel, first=True, rows=rows)]
-            + [GatedLayer(f, f, k=cfg.kernel, first=False, rows=rows) for _ in range(cfg.layers - 1)]
+            [GatedLayer(c, f, k=cfg.first_kernel, first=True, rows=rows, map_channels=m)]
+            + [
+                GatedLayer(f, f, k=cfg.kernel, first=False, rows=rows, map_channels=m)
+                for _ in range(cfg.layers - 1)
+            ]
         )
+        # per class (one row when unconditional): m learned maps at full resolution, zero at init
+        self.class_map = nn.Parameter(torch.zeros(max(rows, 1), m, *self.image_shape[1:])) if m else None
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(f, f, 1), nn.ReLU(), nn.Conv2d(f, c * LEVELS, 1))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         b, _, hh, ww = h.shape
         return self.head(h).view(b, LEVELS, self.image_shape[0], hh, ww)  # channel index = level * C + c
 
+    def _class_map(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, m, H, W) maps of the classes y ((1, m, H, W) when unconditional), None when off."""
+        if self.class_map is None:
+            return None
+        return self.class_map[:1] if y is None else self.class_map[y]
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         v = h = x
+        cmap = self._class_map(y)
         for layer in self.layers:
-            v, h = layer(v, h, y)
+            v, h = layer(v, h, y, cmap)
         return self._logits(h)
 
     def nll(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -211,7 +257,8 @@ class PixelCNN(nn.Module):
         f, pad = self.cfg.channels, max(layer.p for layer in self.layers)
         ref = self.head[-1].weight
         x = ref.new_zeros(n, c, hh, ww)
-        params = [layer.pixel_params(y) for layer in self.layers]
+        cmap = self._class_map(y)
+        params = [layer.pixel_params(y, cmap) for layer in self.layers]
         head = [(m.weight[:, :, 0, 0], m.bias) for m in (self.head[1], self.head[3])]
         vs = [ref.new_zeros(n, f, hh, ww) for _ in self.layers]  # each layer's vertical stack
         # links into row 0 come from the zero padding above the image: link(0) is its bias
@@ -224,7 +271,7 @@ class PixelCNN(nn.Module):
                 for k, layer in enumerate(self.layers):
                     window = rows[k][:, :, at - layer.p : at + 1].flatten(1)
                     rows[k + 1][:, :, at] = layer.h_pixel(
-                        window, links[k][:, :, j], rows[k][:, :, at], params[k]
+                        window, links[k][:, :, j], rows[k][:, :, at], params[k], (i, j)
                     )
                 hidden = F.linear(F.relu(rows[-1][:, :, at]), *head[0])
                 logits = F.linear(F.relu(hidden), *head[1]).view(n, LEVELS, c)  # index = level * C + c
@@ -232,7 +279,8 @@ class PixelCNN(nn.Module):
             if i + 1 < hh:  # row i is complete: the vertical stacks' row i and the links into row i + 1
                 src = x
                 for k, layer in enumerate(self.layers):
-                    v_row, link = layer.v_row(_rows_up_to(src, i, layer.p + 1), y)
+                    cmap_row = None if cmap is None else cmap[:, :, i : i + 1]
+                    v_row, link = layer.v_row(_rows_up_to(src, i, layer.p + 1), y, cmap_row)
                     vs[k][:, :, i : i + 1], links[k] = v_row, link[:, :, 0]
                     src = vs[k]
         return x

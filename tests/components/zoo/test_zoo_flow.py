@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from components.generators import load_generator
 from components.training.config import LoopConfig
-from components.zoo.flow import ActNorm, FlowConfig, FlowTask, Glow, export, squeeze, unsqueeze
+from components.zoo.flow import ActNorm, ClassAffine, FlowConfig, FlowTask, Glow, export, squeeze, unsqueeze
 from tests.components.zoo.zoo_util import batch, run_task
 
 torch.set_num_threads(1)
@@ -26,7 +26,7 @@ def _random_glow(cfg: FlowConfig, *, shape, num_classes: int) -> Glow:
         for p in flow.parameters():
             p.add_(0.2 * torch.randn_like(p))
     for m in flow.modules():
-        if isinstance(m, ActNorm):
+        if isinstance(m, (ActNorm, ClassAffine)):
             m.initialized.fill_(True)
     return flow
 
@@ -38,9 +38,9 @@ def test_squeeze_round_trip() -> None:
     assert torch.equal(squeeze(x)[0, :4, 0, 0], x[0, 0, :2, :2].flatten())  # a 2x2 patch -> channels
 
 
-@pytest.mark.parametrize("levels", [1, 2])
-def test_inverse_and_log_determinant_match_autograd(levels) -> None:
-    cfg = FlowConfig(levels=levels, steps_per_level=2, hidden_channels=8)
+@pytest.mark.parametrize(("levels", "class_affine"), [(1, False), (2, False), (2, True)])
+def test_inverse_and_log_determinant_match_autograd(levels, class_affine) -> None:
+    cfg = FlowConfig(levels=levels, steps_per_level=2, hidden_channels=8, class_affine=class_affine)
     flow = _random_glow(cfg, shape=(1, 4, 4), num_classes=2)
     y = torch.tensor([1])
     x = torch.rand(1, 1, 4, 4, dtype=torch.float64) * 2 - 1
@@ -65,6 +65,26 @@ def test_actnorm_initialises_from_the_first_batch() -> None:
     before = norm.bias.detach().clone()
     norm(x + 10)  # initialised once only
     assert torch.equal(norm.bias, before) and bool(norm.initialized)
+
+
+def test_class_affine_initialises_to_the_first_batchs_class_means() -> None:
+    layer = ClassAffine((1, 2, 2), rows=4)  # 3 classes + "no label"
+    x = torch.randn(6, 1, 2, 2)
+    y = torch.tensor([0, 0, 1, 1, 1, 3])  # class 2 absent: it starts from the batch mean
+    out, logdet = layer(x, y)
+    torch.testing.assert_close(layer.bias[0], -x[:2].mean(0))
+    torch.testing.assert_close(layer.bias[1], -x[2:5].mean(0))
+    torch.testing.assert_close(layer.bias[2], -x.mean(0))
+    torch.testing.assert_close(out[:2].mean(0), torch.zeros(1, 2, 2), atol=1e-6, rtol=0)
+    assert torch.equal(logdet, torch.zeros(6))
+    before = layer.bias.detach().clone()
+    layer(x + 1, y)  # initialised once only
+    assert torch.equal(layer.bias, before)
+    with torch.no_grad():
+        layer.log_scale.add_(0.3 * torch.randn_like(layer.log_scale))
+    out, logdet = layer(x, y)
+    torch.testing.assert_close(layer.inverse(out, y), x)
+    torch.testing.assert_close(logdet, layer.log_scale[y].flatten(1).sum(1))
 
 
 def test_log_determinant_at_init_is_the_couplings_sigmoid_2() -> None:

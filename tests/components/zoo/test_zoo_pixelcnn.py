@@ -16,13 +16,24 @@ from tests.components.zoo.zoo_util import batch, images, run_task
 torch.set_num_threads(1)
 
 TINY = PixelCNNConfig(channels=8, layers=3, first_kernel=3, kernel=3)
+MAPPED = PixelCNNConfig(channels=8, layers=3, first_kernel=3, kernel=3, class_map_channels=2)
+
+
+def _randomise_maps(net: PixelCNN) -> PixelCNN:
+    """Non-zero class maps (they start at zero), so the tests see them."""
+    if net.class_map is not None:
+        with torch.no_grad():
+            net.class_map.normal_()
+    return net
+
+
 LOOP = LoopConfig(steps=2, batch_size=4, lr=1e-3)
 
 
-@pytest.mark.parametrize("channels", [1, 2])
-def test_a_pixel_depends_on_every_earlier_pixel_and_nothing_else(channels) -> None:
+@pytest.mark.parametrize(("channels", "cfg"), [(1, TINY), (2, TINY), (1, MAPPED)])
+def test_a_pixel_depends_on_every_earlier_pixel_and_nothing_else(channels, cfg) -> None:
     torch.manual_seed(0)
-    net = PixelCNN(TINY, image_shape=(channels, 5, 5), num_classes=3)
+    net = _randomise_maps(PixelCNN(cfg, image_shape=(channels, 5, 5), num_classes=3))
     x = torch.randn(1, channels, 5, 5, requires_grad=True)
     i, j = 3, 2
     net(x, torch.tensor([1]))[0, :, :, i, j].sum().backward()  # every level, every channel of (i, j)
@@ -31,11 +42,12 @@ def test_a_pixel_depends_on_every_earlier_pixel_and_nothing_else(channels) -> No
     assert torch.equal(dep, earlier)  # includes (i - 1, j + 1): the plain PixelCNN's blind spot
 
 
-def test_cached_generation_equals_the_forward_pass() -> None:
+@pytest.mark.parametrize(("cfg", "num_classes"), [(TINY, 3), (MAPPED, 3), (MAPPED, 0)])
+def test_cached_generation_equals_the_forward_pass(cfg, num_classes) -> None:
     torch.manual_seed(0)
-    net = PixelCNN(TINY, image_shape=(2, 5, 6), num_classes=3).eval()
+    net = _randomise_maps(PixelCNN(cfg, image_shape=(2, 5, 6), num_classes=num_classes)).eval()
     x = images(3, shape=(2, 5, 6))
-    y = torch.tensor([0, 3, 2])
+    y = torch.tensor([0, 3, 2]) if num_classes else None
     full = net(x, y)
     seen = torch.zeros_like(full)
 
@@ -67,9 +79,11 @@ def test_uniform_logits_give_eight_bits(tmp_path) -> None:
     torch.testing.assert_close(bpd, torch.full((3,), 8.0))
 
 
-@pytest.mark.parametrize(("shape", "num_classes"), [((1, 6, 6), 3), ((3, 4, 4), 0)])
-def test_task_trains_and_round_trips(tmp_path, shape, num_classes) -> None:
-    task = PixelCNNTask(TINY, LOOP, image_shape=shape, num_classes=num_classes)
+@pytest.mark.parametrize(
+    ("shape", "num_classes", "cfg"), [((1, 6, 6), 3, TINY), ((3, 4, 4), 0, TINY), ((1, 6, 6), 3, MAPPED)]
+)
+def test_task_trains_and_round_trips(tmp_path, shape, num_classes, cfg) -> None:
+    task = PixelCNNTask(cfg, LOOP, image_shape=shape, num_classes=num_classes)
     sink = run_task(task, steps=3, data=batch(8, shape=shape, num_classes=num_classes))
     assert math.isfinite(sink.rows[-1]["main/loss"]) and 7 < sink.rows[-1]["val/bpd"] < 9
     assert task.sample(4, generator=torch.Generator().manual_seed(0)).shape == (4, *shape)
@@ -77,7 +91,7 @@ def test_task_trains_and_round_trips(tmp_path, shape, num_classes) -> None:
     export(
         tmp_path / "pixelcnn",
         state=task.modules["pixelcnn"].state_dict(),
-        config=TINY,
+        config=cfg,
         image_shape=shape,
         num_classes=num_classes,
         temperature=0.9,

@@ -1,0 +1,158 @@
+"""`genpipe repro`: `dvc repro` with one local Ray instance that every stage joins, then a summary.
+
+Each stage is its own process (DVC runs them), so a bare `dvc repro` starts and stops a local Ray
+instance per training stage: ~4 s each on a 2-core laptop. Here the instance is started once,
+in this process, and handed to the stages through RAY_ADDRESS in their environment only: nothing
+outside this command sees it, and it stops with this command. Where the user already names a
+cluster (RAY_ADDRESS, or `ray.address` in params), the stages join that one as they always do.
+
+At the end: one table of every stage that ran (wall time, training time, overhead, headline
+figures), printed and written to .genpipe/last_repro.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
+TIMING_LINE = re.compile(r"^(\S+): [\d.]+ s = training ([\d.]+) \+ overhead ([\d.]+) s")
+
+
+@dataclass
+class StageTime:
+    name: str
+    started: float
+    ended: float | None = None
+    training: float | None = None
+    overhead: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def wall(self) -> float:
+        return (self.ended or time.time()) - self.started
+
+
+def main(*, params: Path, args: list[str]) -> int:
+    """Run `dvc repro ARGS` against one shared local Ray instance; the summary; dvc's exit status."""
+    import ray
+
+    from components.config import load_stage
+    from pipelines.runtime import SHARED_LOCAL_ENV, init_ray, joins_cluster, repo_root
+
+    ray_cfg = load_stage(params, "prepare")["ray"]
+    shared = None
+    if joins_cluster(ray_cfg) is None:
+        init_ray(ray_cfg)  # sets RAY_AUTH_MODE here; the stages inherit it with the address
+        shared = ray.get_runtime_context().gcs_address
+    env = dict(os.environ)  # the stages' `genpipe` is this venv's, as `make run` puts it first on PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if shared is not None:
+        env["RAY_ADDRESS"] = env[SHARED_LOCAL_ENV] = address = shared
+        print(f"genpipe repro: stages share the local Ray instance at {address}", flush=True)
+    try:
+        stages, rc = _run_dvc([str(Path(sys.executable).parent / "dvc"), "repro", *args], env=env)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    if stages:
+        table = summary(stages, root=repo_root())
+        print(table)
+        out = repo_root() / ".genpipe" / "last_repro.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+    return rc
+
+
+def _run_dvc(cmd: list[str], *, env: dict[str, str]) -> tuple[list[StageTime], int]:
+    """Stream dvc's output through, timing each `Running stage` and reading each stage's timing line."""
+    stages: list[StageTime] = []
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            now = time.time()
+            if m := STAGE_LINE.match(line):
+                if stages and stages[-1].ended is None:
+                    stages[-1].ended = now
+                stages.append(StageTime(m.group(1), now))
+            elif (m := TIMING_LINE.match(line)) and stages:
+                stages[-1].training, stages[-1].overhead = float(m.group(2)), float(m.group(3))
+    except KeyboardInterrupt:
+        proc.terminate()
+        raise
+    rc = proc.wait()
+    if stages and stages[-1].ended is None:
+        stages[-1].ended = time.time()
+    return stages, rc
+
+
+#: stage name prefix -> (report file relative to reports/, {key: format}) for the headline column
+HEADLINES = {
+    "prepare": ("prepare.json", {"num_train": "{:.0f} train images"}),
+    "train_evaluator": ("train_evaluator.json", {"test_accuracy": "test acc {:.1%}"}),
+    "train_tokenizer": (
+        "train_tokenizer.json",
+        {"psnr": "PSNR {:.1f} dB", "rfid_over_floor": "rFID {:.2f}x floor", "codebook_usage": "usage {:.0%}"},
+    ),
+    "evaluate": (
+        "evaluate/{item}.json",
+        {
+            "fid_over_floor": "FD {:.2f}x floor",
+            "cond_accuracy": "cond. acc {:.1%}",
+            "bits_per_dim": "{:.2f} bits/dim",
+        },
+    ),
+}
+
+
+def headline(stage: str, root: Path) -> str:
+    base, _, item = stage.partition("@")
+    if base in ("train_diffusion", "train_prior", "train_zoo"):
+        from components.generators import MODELS
+
+        model = {"train_diffusion": f"diffusion_{item}", "train_prior": f"prior_{item}"}.get(base, item)
+        path, keys = (
+            root / "reports" / f"train_{model}.json",
+            {"val/loss": "val loss {:.4g}", "val/bpd": "val {:.3f} bits/dim"},
+        )
+        if model not in MODELS:
+            return ""
+    elif base in HEADLINES:
+        name, keys = HEADLINES[base]
+        path = root / "reports" / name.format(item=item)
+    else:
+        return ""
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    return ", ".join(
+        fmt.format(figures[k]) for k, fmt in keys.items() if isinstance(figures.get(k), (int, float))
+    )
+
+
+def summary(stages: list[StageTime], *, root: Path) -> str:
+    """A Markdown table: stage, wall, training, overhead, headline figures; the total last."""
+    rows = ["| stage | wall s | training s | overhead s | headline |", "|---|---:|---:|---:|---|"]
+
+    def fmt(x: float | None) -> str:
+        return "" if x is None else f"{x:.1f}"
+
+    for s in stages:
+        rows.append(
+            f"| {s.name} | {s.wall:.1f} | {fmt(s.training)} | {fmt(s.overhead)} | {headline(s.name, root)} |"
+        )
+    total = sum(s.wall for s in stages)
+    rows.append(f"| **total** | **{total:.1f}** | | | {len(stages)} stages |")
+    return "\n".join(rows)

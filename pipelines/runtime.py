@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -163,6 +165,51 @@ LOCAL_RAY_ENV = {
 }
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+#: Ray 2.60's noise on a default run, silenced logger by logger (never a blanket redirect):
+#: {logger: (level it is raised to, or None; messages dropped)}.
+QUIET = {
+    # The Train PlacementGroupCleaner asks the State API every ~1 s whether the controller lives; a
+    # `ray` install without `ray[default]` runs the dashboard in minimal mode, which refuses, so each
+    # poll logs this. Its other warnings (a dead controller's placement group removed) stay.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": (
+        None,
+        ("Failed to query Ray Train Controller actor state",),
+    ),
+    # one INFO line per executed dataset, and the notice that progress bars are off (we turn them off)
+    "ray.data._internal.execution.streaming_executor": (logging.WARNING, ()),
+    "ray.data._internal.progress": (None, ("Progress bars disabled",)),
+    # the notice that a new local instance uses token auth (it does, and stays so)
+    "ray._private.authentication.authentication_token_setup": (
+        None,
+        ("Token authentication is enabled",),
+    ),
+}
+
+
+def quiet_ray_logs() -> None:
+    """Apply QUIET in this process; also each Ray worker's setup hook (`worker_process_setup_hook`)."""
+    for name, (level, messages) in QUIET.items():
+        logger = logging.getLogger(name)
+        if level is not None:
+            logger.setLevel(level)
+        if messages and not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(*messages))
+    # Ray Data's DatasetManager (a split dataset) passes an option Ray Data itself deprecated
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions.exclude_resources. is deprecated")
+
+
+QUIET_RUNTIME_ENV = {"worker_process_setup_hook": "pipelines.runtime.quiet_ray_logs"}
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join RAY_ADDRESS (or `ray.address`), else start a local instance with explicit resources."""
     import ray
@@ -172,9 +219,10 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each worker line prints twice
     _quiet_ray_data()
+    quiet_ray_logs()
     address = joins_cluster(cfg)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=QUIET_RUNTIME_ENV)
         return
     for key, value in LOCAL_RAY_ENV.items():  # inherited by every process of the instance started here
         os.environ.setdefault(key, value)
@@ -183,6 +231,7 @@ def init_ray(cfg: RayConfig) -> None:
         num_gpus=cfg.num_gpus,
         include_dashboard=cfg.include_dashboard,
         log_to_driver=True,
+        runtime_env=QUIET_RUNTIME_ENV,
     )
 
 

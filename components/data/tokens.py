@@ -162,8 +162,9 @@ def read_tokens(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     tables = [pq.read_table(Path(tokens_dir) / name) for name in meta["shards"][split]]
     table = pa.concat_tables(tables)
     n = table.num_rows
-    tokens = np.asarray(table.column("tokens").combine_chunks().values, dtype=np.int64).reshape(n, h, w)
-    latent = np.asarray(table.column("latent").combine_chunks().values, dtype=np.float32).reshape(n, d, h, w)
+    # np.array copies: Arrow's zero-copy views are read-only, and torch warns on each one it wraps
+    tokens = np.array(table.column("tokens").combine_chunks().values, dtype=np.int64).reshape(n, h, w)
+    latent = np.array(table.column("latent").combine_chunks().values, dtype=np.float32).reshape(n, d, h, w)
     return {
         "id": np.asarray(table.column("id").to_pylist()),
         "label": table.column("label").to_numpy().astype(np.int64),

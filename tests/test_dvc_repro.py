@@ -78,6 +78,15 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
     # As `make run` does: one local Ray instance that every stage joins, and a summary at the end.
     out = run(["genpipe", "repro"], repo_copy).stdout
     assert "stages share the local Ray instance at" in out
+    noise = (
+        "Failed to query Ray Train Controller actor state",  # PlacementGroupCleaner vs minimal dashboard
+        "Token authentication is enabled",
+        "Progress bars disabled",
+        "execution finished in",  # Ray Data, a line per dataset
+        "exclude_resources` is deprecated",
+        "non-writable tensors",
+    )
+    assert not [n for n in noise if n in out], [n for n in noise if n in out]
     stages = ["prepare", "train_evaluator", "train_tokenizer", "encode", "report"]
     stages += [f"train_diffusion@{v}" for v in ("pixel", "latent")] + [
         f"train_prior@{v}" for v in ("gpt", "maskgit")

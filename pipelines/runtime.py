@@ -299,12 +299,36 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces), not its runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    artifacts = (repo_root() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    if exp is None:
+        artifacts = (repo_root() / "mlartifacts").as_uri()
+        return client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def _log_data_inputs(client, run_id: str, deps: list[str]) -> None:
+    """Each data input as an MLflow dataset input (the runs table's Dataset column), DVC md5 as digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digests = dict(item.split(":", 1) for item in dvc_data_hash(deps).split(",") if item)
+    inputs = [
+        DatasetInput(
+            Dataset(
+                name=dep, digest=digests.get(dep, "untracked")[:36], source_type="local", source=absolute(dep)
+            ),
+            tags=[InputTag("mlflow.data.context", "training")],
+        )
+        for dep in deps
+    ]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
 
 
 RESUME_TAG = "genpipe.resume_key"
@@ -356,6 +380,7 @@ def stage_run(
     try:
         if previous is None:
             handle.log_params({k: v.model_dump(mode="json") for k, v in sections.items()})
+            _log_data_inputs(client, run_id, list(data_deps))
         yield handle
     except BaseException:
         client.set_terminated(run_id, status="FAILED")

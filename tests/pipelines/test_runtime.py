@@ -1,0 +1,57 @@
+"""The stage runtime: the MLflow run a stage opens, its timing line, and the Ray log filters."""
+
+from __future__ import annotations
+
+import logging
+
+import yaml
+from mlflow import MlflowClient
+
+from components.config import load_stage
+from pipelines.runtime import EXPERIMENT_KIND, StageClock, quiet_ray_logs, stage_run
+
+
+def test_stage_run_marks_the_experiment_and_logs_its_data_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENPIPE_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "dvc.lock").write_text(
+        yaml.safe_dump({"stages": {"prepare": {"outs": [{"path": "data/processed", "md5": "abc123.dir"}]}}})
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    sections = load_stage(params, "prepare")
+    with stage_run("prepare", sections, data_deps=["data/processed", "models/evaluator"]) as run:
+        run_id = run.run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert client.get_experiment(got.info.experiment_id).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+    inputs = {d.dataset.name: d.dataset.digest for d in got.inputs.dataset_inputs}
+    assert inputs == {"data/processed": "abc123.dir", "models/evaluator": "untracked"}
+
+
+def test_the_timing_line_splits_wall_time_into_training_and_overhead():
+    clock = StageClock()
+    start = clock.marks["process"]
+    marks = {"cli": 1.0, "imported": 3.0, "ray_start": 4.0, "ray": 5.0, "data": 5.5, "worker": 9.0}
+    marks |= {"first_step": 10.0, "last_step": 30.0, "fit": 31.0}
+    clock.marks.update({k: start + v for k, v in marks.items()})
+    assert clock.training_seconds() == 20.0
+    line = clock.line("train_zoo@gan")
+    total = clock.marks["end"] - start
+    assert line.startswith(f"train_zoo@gan: {total:.1f} s = training 20.0 + overhead {total - 20:.1f} s (")
+    assert "workers 3.5, worker setup 1.0, fit return 1.0" in line
+
+
+def test_quiet_drops_only_the_named_noise(caplog):
+    quiet_ray_logs()
+    quiet_ray_logs()  # idempotent: one filter per logger
+    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    logger = logging.getLogger(name)
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=name):
+        logger.warning("Failed to query Ray Train Controller actor state. State API may be unavailable.")
+        logger.warning(
+            "Detected that the Ray Train controller actor (x) is dead. Cleaning up placement group"
+        )
+    assert [r.getMessage()[:8] for r in caplog.records] == ["Detected"]  # a real problem still shows

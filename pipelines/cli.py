@@ -108,20 +108,67 @@ def repro(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
     raise typer.Exit(run_repro(params=params, args=list(ctx.args)))
 
 
-@app.command("models")
-def models(params: ParamsOpt = Path("params.yaml")) -> None:
-    """List registered genpipe model versions with their aliases."""
-    from components.config import load_stage
-    from components.registry.registry import list_versions
-    from pipelines.runtime import tracking_uri
+def _registry_command(label: str, call) -> None:
+    """Run a registry command; a refusal or bad input is one line and exit 1, like a stage."""
+    from pipelines.runtime import fail
 
-    uri = tracking_uri(load_stage(params, "prepare")["mlflow"])
-    rows = list_versions(tracking_uri=uri)
-    if not rows:
-        typer.echo("no registered genpipe models")
-    for r in rows:
-        aliases = ",".join(r["aliases"]) or "-"
-        typer.echo(f"{r['name']:<28} v{r['version']:<4} aliases={aliases:<22} run={r['run_id']}")
+    try:
+        call()
+    except USER_ERRORS as err:
+        if os.environ.get("GENPIPE_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(f"{label}: {message}")
+
+
+ModelArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="a registered name (genpipe-diffusion) or a models/ folder (diffusion_pixel)")
+]
+
+
+@app.command("models")
+def models(
+    params: ParamsOpt = Path("params.yaml"),
+    lineage: Annotated[
+        str | None,
+        typer.Option("--lineage", metavar="MODEL@ALIAS", help="print that version's lineage tags instead"),
+    ] = None,
+) -> None:
+    """List registered genpipe model versions with their aliases and key eval figures."""
+    from pipelines import promote
+
+    def show() -> None:
+        lines = promote.lineage(params=params, target=lineage) if lineage else promote.models_table(params=params)
+        typer.echo("\n".join(lines))
+
+    _registry_command("models", show)
+
+
+@app.command("promote")
+def promote_command(
+    model: ModelArg,
+    metric: Annotated[
+        str, typer.Option("--metric", help="gate metric from the eval tags (fid_over_floor, cond_accuracy, ...)")
+    ] = "fid_over_floor",
+    margin: Annotated[float, typer.Option("--margin", help="how much the challenger must win by")] = 0.0,
+    params: ParamsOpt = Path("params.yaml"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="decide and print, change nothing")] = False,
+) -> None:
+    """Move `champion` to the `challenger` version when it beats the champion on the gate metric."""
+    from pipelines import promote
+
+    _registry_command(
+        "promote",
+        lambda: promote.main(params=params, model=model, metric=metric, margin=margin, dry_run=dry_run),
+    )
+
+
+@app.command("rollback")
+def rollback_command(model: ModelArg, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Give `champion` back to the version the current champion replaced."""
+    from pipelines import promote
+
+    _registry_command("rollback", lambda: promote.rollback_main(params=params, model=model))
 
 
 def main() -> None:

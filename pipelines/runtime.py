@@ -227,6 +227,7 @@ def init_ray(cfg: RayConfig) -> None:
     for key, value in LOCAL_RAY_ENV.items():  # inherited by every process of the instance started here
         os.environ.setdefault(key, value)
     ray.init(
+        address="local",  # a new instance: never the one a user's `ray start` left on this machine
         num_cpus=cfg.num_cpus or os.cpu_count(),
         num_gpus=cfg.num_gpus,
         include_dashboard=cfg.include_dashboard,

@@ -1,0 +1,130 @@
+"""Registry commands: `promote MODEL` (the champion/challenger gate), `rollback MODEL`, `models`.
+
+The gate compares the `eval.*` tags that `evaluate` writes on each version; the verdict goes onto the
+challenger as `promote.*` tags and into `reports/promote.json` (one entry per registered name).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from components.config import read_params, validate_section
+from components.generators import MODELS
+from components.io import write_json
+from components.registry.promote import apply, decide, file_lock, registry_lock, rollback
+from components.registry.registry import CHALLENGER, CHAMPION, FAMILIES, list_versions, registered_name
+from pipelines.runtime import repo_root, tracking_uri
+
+REPORT = "reports/promote.json"
+TABLE_METRICS = ("fid_over_floor", "cond_accuracy", "bits_per_dim")
+LINEAGE_TAGS = (
+    "genpipe.stage",
+    "git_commit",
+    "dvc_data_hash",
+    "params_hash",
+    "ray_run_name",
+    "ray_storage_path",
+    "eval.evaluator_sha256",
+    "model_sha256",
+)
+
+
+def resolve(model: str) -> str:
+    """A registered name (`genpipe-diffusion`) or a models/ folder (`diffusion_pixel`) -> registered name."""
+    if model in MODELS:
+        return MODELS[model]
+    names = {registered_name(f) for f in FAMILIES}
+    if model in names:
+        return model
+    raise ValueError(f"unknown model {model!r}; valid: {', '.join([*MODELS, *sorted(names)])}")
+
+
+def store_uri(params: Path) -> str:
+    return tracking_uri(validate_section("mlflow", read_params(params).get("mlflow")))
+
+
+def _by_alias(rows: list[dict], alias: str) -> dict | None:
+    return next((r for r in rows if alias in r["aliases"]), None)
+
+
+def _stamp() -> dict[str, str]:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry in some containers
+        user = "unknown"
+    return {"user": user, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(*, params: Path, model: str, metric: str, margin: float, dry_run: bool = False) -> None:
+    """Decide challenger vs champion on `metric`; unless `dry_run`, record it and move the alias under a lock."""
+    uri, name = store_uri(params), resolve(model)
+    rows = list_versions(tracking_uri=uri, name=name)
+    decision = decide(
+        challenger=_by_alias(rows, CHALLENGER), champion=_by_alias(rows, CHAMPION), metric=metric, margin=margin
+    )
+    champion = f"v{decision.champion} ({metric} {decision.champion_value:.6g})" if decision.champion else "none"
+    verb = "promote" if decision.promote else "keep the champion"
+    print(f"promote: {name}: challenger v{decision.challenger} ({metric} {decision.challenger_value:.6g}) vs champion {champion}")
+    print(f"promote: {name}: {verb}: {decision.reason} [rule: {decision.rule}]")
+    if dry_run:
+        print("promote: --dry-run: nothing changed")
+        return
+    stamp = _stamp()
+    with registry_lock(uri, name):
+        apply(uri, decision, record=stamp)
+    if decision.champion == decision.challenger:
+        return  # already champion: nothing new to record
+    outcome = "promoted" if decision.promote else "kept"
+    _report(name, {**decision.as_record(), "decision": outcome, **stamp})
+    print(f"promote: {name}: champion is v{decision.challenger if decision.promote else decision.champion} -> {REPORT}")
+
+
+def rollback_main(*, params: Path, model: str) -> None:
+    """Give `champion` back to the version the current champion replaced."""
+    uri, name = store_uri(params), resolve(model)
+    current = _by_alias(list_versions(tracking_uri=uri, name=name), CHAMPION)
+    stamp = _stamp()
+    with registry_lock(uri, name):
+        old, new = rollback(uri, name, expected=current and current["version"], record=stamp)
+    _report(name, {"name": name, "decision": "rolled_back", "from": old, "to": new, **stamp})
+    print(f"rollback: {name}: champion v{old} -> v{new} -> {REPORT}")
+
+
+def _report(name: str, entry: dict) -> None:
+    """Read-modify-write of reports/promote.json under its own lock: other models' entries stay."""
+    path = repo_root() / REPORT
+    with file_lock(path.parent / f".{path.name}.lock", timeout=60):
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        report[name] = entry
+        write_json(path, report)
+
+
+# --- listing ----------------------------------------------------------------------------------
+def models_table(*, params: Path) -> list[str]:
+    """One line per registered version: name, version, aliases, key eval figures, run."""
+    rows = list_versions(tracking_uri=store_uri(params))
+    if not rows:
+        return ["no registered genpipe models"]
+    head = f"{'name':<28} {'version':<7} {'aliases':<22} " + " ".join(f"{m:>14}" for m in TABLE_METRICS) + "  run"
+    lines = [head]
+    for r in rows:
+        figures = " ".join(f"{r['tags'].get(f'eval.{m}', '-'):>14}" for m in TABLE_METRICS)
+        lines.append(f"{r['name']:<28} v{r['version']:<6} {','.join(r['aliases']) or '-':<22} {figures}  {r['run_id']}")
+    return lines
+
+
+def lineage(*, params: Path, target: str) -> list[str]:
+    """`MODEL@ALIAS` (or `MODEL@VERSION`) -> `key: value` lines of that version's lineage tags."""
+    model, sep, alias = target.partition("@")
+    if not sep or not alias:
+        raise ValueError(f"--lineage wants MODEL@ALIAS (e.g. genpipe-diffusion@champion), got {target!r}")
+    name = resolve(model)
+    rows = list_versions(tracking_uri=store_uri(params), name=name)
+    row = next((r for r in rows if r["version"] == alias), None) if alias.isdigit() else _by_alias(rows, alias)
+    if row is None:
+        raise ValueError(f"no version of {name} with {'version' if alias.isdigit() else 'alias'} {alias}")
+    lines = [f"{name} v{row['version']} aliases={','.join(row['aliases']) or '-'} run={row['run_id']}"]
+    return lines + [f"  {key}: {row['tags'].get(key, '-')}" for key in LINEAGE_TAGS]

@@ -304,10 +304,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def _experiment_id(client, name: str) -> str:
+def _experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        artifacts = (repo_root() / "mlartifacts").as_uri()
+        # A local store keeps artefacts beside it in the repo; a server keeps its own artifact root
+        # (a bucket on a cluster), which an explicit location here would override.
+        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        artifacts = (repo_root() / "mlartifacts").as_uri() if local else None
         return client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
     if EXPERIMENT_KIND[0] not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
@@ -369,7 +372,7 @@ def stage_run(
     }
     if resume_key:
         tags[RESUME_TAG] = resume_key
-    experiment_id = _experiment_id(client, cfg.experiment)
+    experiment_id = _experiment_id(client, cfg.experiment, uri)
     previous = _resumable_run(client, experiment_id, resume_key) if resume_key else None
     if previous is not None:
         run_id = previous.info.run_id

@@ -21,6 +21,7 @@ from components.diffusion.generator import export as export_diffusion
 from components.diffusion.task import DiffusionTask
 from components.stages import DiffusionVariantConfig
 from pipelines.runtime import print_config, repo_root
+from pipelines.train_prior import check_tokenizer
 from pipelines.training import GeneratorStage, train_generator, variant_sections
 
 STAGE = "train_diffusion"
@@ -66,6 +67,8 @@ def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
     root = repo_root()
     # data/tokens/meta.json repeats the image facts, so latent diffusion needs no data/processed
     meta = read_token_meta(root / spec.data) if variant == "latent" else read_meta(root / spec.data)
+    if variant == "latent":  # latents from another tokenizer would decode to nonsense
+        check_tokenizer(meta, root / TOKENIZER)
     num_classes = meta["num_classes"]
     image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
     latent = None

@@ -217,7 +217,7 @@ def run(names: list[str], *, repeats: int = REPEATS) -> tuple[list[dict], float]
         data = Path(tmp) / "processed"
         build_dataset(PrepareConfig(), data, log=lambda *_: None)
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - t0
         DataContext.get_current().enable_progress_bars = False
         try:

@@ -125,7 +125,7 @@ def workspace(tmp_path_factory) -> Path:
     os.environ["GENPIPE_ROOT"] = str(root)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield root
     ray.shutdown()
     for k, v in old.items():

@@ -32,7 +32,7 @@ def two_cpu_ray():
     """A local Ray of 2 logical CPUs and no GPU (this machine's default instance)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray.cluster_resources()
     if started:
         ray.shutdown()

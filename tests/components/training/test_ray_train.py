@@ -36,7 +36,7 @@ def ray_local(toy, fast_controller):
     if ray.is_initialized():
         ray.shutdown()
     # Logical CPUs: 2 one-CPU workers plus room for Ray Data; the tests stay light on real cores.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.cloudpickle.register_pickle_by_value(toy)  # conftest is not importable inside workers
     yield ray.get_runtime_context().gcs_address

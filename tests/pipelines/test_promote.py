@@ -1,0 +1,116 @@
+"""`genpipe promote`, `rollback` and `models` as a user runs them, against a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from components.registry.promote import PREVIOUS_TAG
+from components.registry.registry import CHAMPION, set_alias, version_by_alias
+from tests.components.registry.test_promote import add_evaluated, rows
+from tests.conftest import project_env, run
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> tuple[Path, str]:
+    """A folder with a params file pointing at its own sqlite store, as the working directory."""
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n")
+    return tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _champion(uri: str, name: str = "genpipe-diffusion") -> str | None:
+    return version_by_alias(tracking_uri=uri, name=name, alias=CHAMPION)
+
+
+def test_dry_run_promote_report_refusal_rollback(workspace):
+    root, uri = workspace
+    v1 = add_evaluated(uri, root, fid_over_floor=2.0, cond_accuracy=0.9)
+    run(["genpipe", "promote", "diffusion_pixel"], root)  # no champion yet: the challenger becomes it
+    assert _champion(uri) == v1
+    v2 = add_evaluated(uri, root, fid_over_floor=1.5, cond_accuracy=0.95)
+    report = (root / "reports" / "promote.json").read_text()
+
+    out = run(["genpipe", "promote", "genpipe-diffusion", "--dry-run"], root).stdout
+    assert "promote" in out and "nothing changed" in out
+    assert _champion(uri) == v1 and (root / "reports" / "promote.json").read_text() == report
+    assert not any(k.startswith("promote.") for k in rows(uri)[v2]["tags"])
+
+    out = run(["genpipe", "promote", "genpipe-diffusion", "--margin", "0.6"], root).stdout
+    assert "keep the champion" in out and _champion(uri) == v1  # better by 0.5 only
+    run(["genpipe", "promote", "genpipe-diffusion", "--metric", "cond_accuracy"], root)
+    assert _champion(uri) == v2 and rows(uri)[v2]["tags"][PREVIOUS_TAG] == v1
+
+    # A second model accumulates beside the first; figures from another evaluator are refused.
+    w1 = add_evaluated(uri, root, name="genpipe-vae", fid_over_floor=3.0)
+    run(["genpipe", "promote", "vae"], root)
+    add_evaluated(uri, root, name="genpipe-vae", fid_over_floor=1.0, evaluator="f" * 64)
+    proc = run(["genpipe", "promote", "vae"], root, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "different evaluators" in proc.stderr and _champion(uri, "genpipe-vae") == w1
+
+    report = json.loads((root / "reports" / "promote.json").read_text())
+    assert set(report) == {"genpipe-diffusion", "genpipe-vae"}
+    entry = report["genpipe-diffusion"]
+    assert (entry["decision"], entry["challenger"], entry["champion"]) == ("promoted", v2, v1)
+    assert (entry["metric"], entry["challenger_value"], entry["champion_value"]) == (
+        "cond_accuracy",
+        0.95,
+        0.9,
+    )
+    assert entry["rule"] and entry["user"] and entry["time"].endswith("+00:00")
+    assert entry["evaluator_sha256"] == rows(uri)[v2]["tags"]["eval.evaluator_sha256"]
+
+    run(["genpipe", "rollback", "diffusion_pixel"], root)
+    assert _champion(uri) == v1
+    assert json.loads((root / "reports" / "promote.json").read_text())["genpipe-diffusion"]["to"] == v1
+    proc = run(["genpipe", "rollback", "diffusion_pixel"], root, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "nothing to roll back" in proc.stderr and _champion(uri) == v1
+
+
+def test_models_table_and_lineage(workspace):
+    root, uri = workspace
+    v1 = add_evaluated(uri, root, fid_over_floor=1.25, cond_accuracy=0.97)
+    set_alias(tracking_uri=uri, name="genpipe-diffusion", alias=CHAMPION, version=v1)
+    out = run(["genpipe", "models"], root).stdout
+    line = next(x for x in out.splitlines() if x.startswith("genpipe-diffusion"))
+    assert "challenger,champion" in line and "1.25" in line and "0.97" in line and "fid_over_floor" in out
+    out = run(["genpipe", "models", "--lineage", "diffusion_pixel@champion"], root).stdout
+    assert "git_commit: abc123" in out and f"eval.evaluator_sha256: {'e' * 64}" in out
+    assert "ray_run_name: -" in out  # not a tag of this version
+    proc = run(["genpipe", "models", "--lineage", "genpipe-diffusion@nobody"], root, check=False)
+    assert proc.returncode == 1 and "no version of genpipe-diffusion with alias nobody" in proc.stderr
+
+
+def test_two_racing_cli_promotions_end_consistent(workspace):
+    root, uri = workspace
+    v1 = add_evaluated(uri, root, fid_over_floor=2.0)
+    set_alias(tracking_uri=uri, name="genpipe-diffusion", alias=CHAMPION, version=v1)
+    v2 = add_evaluated(uri, root, fid_over_floor=1.0)
+    racers = [
+        subprocess.Popen(
+            ["genpipe", "promote", "diffusion_pixel"],
+            cwd=root,
+            env=project_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [(p.wait(timeout=300), *p.communicate()) for p in racers]
+    # The winner promotes; the loser decided against v1 and is refused inside the lock, or decided
+    # after the move and found v2 already champion (a no-op). Never two promotions, never a torn state.
+    winners = [o for o in outs if o[0] == 0 and "champion is v2" in o[1]]
+    assert len(winners) == 1, outs
+    loser = next(o for o in outs if o is not winners[0])
+    assert (loser[0] == 1 and "champion moved from v1 to v2" in loser[2]) or (
+        loser[0] == 0 and "already champion" in loser[1]
+    ), outs
+    tags = rows(uri)[v2]["tags"]
+    assert _champion(uri) == v2 and tags[PREVIOUS_TAG] == v1 and tags["promote.against"] == v1
+    entry = json.loads((root / "reports" / "promote.json").read_text())["genpipe-diffusion"]
+    assert (entry["decision"], entry["champion"], entry["challenger"]) == ("promoted", v1, v2)

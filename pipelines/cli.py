@@ -122,7 +122,10 @@ def _registry_command(label: str, call) -> None:
 
 
 ModelArg = Annotated[
-    str, typer.Argument(metavar="MODEL", help="a registered name (genpipe-diffusion) or a models/ folder (diffusion_pixel)")
+    str,
+    typer.Argument(
+        metavar="MODEL", help="a registered name (genpipe-diffusion) or a models/ folder (diffusion_pixel)"
+    ),
 ]
 
 
@@ -138,7 +141,9 @@ def models(
     from pipelines import promote
 
     def show() -> None:
-        lines = promote.lineage(params=params, target=lineage) if lineage else promote.models_table(params=params)
+        lines = (
+            promote.lineage(params=params, target=lineage) if lineage else promote.models_table(params=params)
+        )
         typer.echo("\n".join(lines))
 
     _registry_command("models", show)
@@ -148,7 +153,8 @@ def models(
 def promote_command(
     model: ModelArg,
     metric: Annotated[
-        str, typer.Option("--metric", help="gate metric from the eval tags (fid_over_floor, cond_accuracy, ...)")
+        str,
+        typer.Option("--metric", help="gate metric from the eval tags (fid_over_floor, cond_accuracy, ...)"),
     ] = "fid_over_floor",
     margin: Annotated[float, typer.Option("--margin", help="how much the challenger must win by")] = 0.0,
     params: ParamsOpt = Path("params.yaml"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import getpass
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from components.config import read_params, validate_section
@@ -55,7 +55,7 @@ def _stamp() -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry in some containers
         user = "unknown"
-    return {"user": user, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {"user": user, "time": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def main(*, params: Path, model: str, metric: str, margin: float, dry_run: bool = False) -> None:
@@ -63,11 +63,18 @@ def main(*, params: Path, model: str, metric: str, margin: float, dry_run: bool 
     uri, name = store_uri(params), resolve(model)
     rows = list_versions(tracking_uri=uri, name=name)
     decision = decide(
-        challenger=_by_alias(rows, CHALLENGER), champion=_by_alias(rows, CHAMPION), metric=metric, margin=margin
+        challenger=_by_alias(rows, CHALLENGER),
+        champion=_by_alias(rows, CHAMPION),
+        metric=metric,
+        margin=margin,
     )
-    champion = f"v{decision.champion} ({metric} {decision.champion_value:.6g})" if decision.champion else "none"
-    verb = "promote" if decision.promote else "keep the champion"
-    print(f"promote: {name}: challenger v{decision.challenger} ({metric} {decision.challenger_value:.6g}) vs champion {champion}")
+    champion = (
+        f"v{decision.champion} ({metric} {decision.champion_value:.6g})" if decision.champion else "none"
+    )
+    verb = "decision: promote" if decision.promote else "decision: keep the champion"
+    print(
+        f"promote: {name}: challenger v{decision.challenger} ({metric} {decision.challenger_value:.6g}) vs champion {champion}"
+    )
     print(f"promote: {name}: {verb}: {decision.reason} [rule: {decision.rule}]")
     if dry_run:
         print("promote: --dry-run: nothing changed")
@@ -79,7 +86,9 @@ def main(*, params: Path, model: str, metric: str, margin: float, dry_run: bool 
         return  # already champion: nothing new to record
     outcome = "promoted" if decision.promote else "kept"
     _report(name, {**decision.as_record(), "decision": outcome, **stamp})
-    print(f"promote: {name}: champion is v{decision.challenger if decision.promote else decision.champion} -> {REPORT}")
+    print(
+        f"promote: {name}: champion is v{decision.challenger if decision.promote else decision.champion} -> {REPORT}"
+    )
 
 
 def rollback_main(*, params: Path, model: str) -> None:
@@ -108,11 +117,17 @@ def models_table(*, params: Path) -> list[str]:
     rows = list_versions(tracking_uri=store_uri(params))
     if not rows:
         return ["no registered genpipe models"]
-    head = f"{'name':<28} {'version':<7} {'aliases':<22} " + " ".join(f"{m:>14}" for m in TABLE_METRICS) + "  run"
+    head = (
+        f"{'name':<28} {'version':<7} {'aliases':<22} "
+        + " ".join(f"{m:>14}" for m in TABLE_METRICS)
+        + "  run"
+    )
     lines = [head]
     for r in rows:
         figures = " ".join(f"{r['tags'].get(f'eval.{m}', '-'):>14}" for m in TABLE_METRICS)
-        lines.append(f"{r['name']:<28} v{r['version']:<6} {','.join(r['aliases']) or '-':<22} {figures}  {r['run_id']}")
+        lines.append(
+            f"{r['name']:<28} v{r['version']:<6} {','.join(r['aliases']) or '-':<22} {figures}  {r['run_id']}"
+        )
     return lines
 
 
@@ -123,7 +138,9 @@ def lineage(*, params: Path, target: str) -> list[str]:
         raise ValueError(f"--lineage wants MODEL@ALIAS (e.g. genpipe-diffusion@champion), got {target!r}")
     name = resolve(model)
     rows = list_versions(tracking_uri=store_uri(params), name=name)
-    row = next((r for r in rows if r["version"] == alias), None) if alias.isdigit() else _by_alias(rows, alias)
+    row = (
+        next((r for r in rows if r["version"] == alias), None) if alias.isdigit() else _by_alias(rows, alias)
+    )
     if row is None:
         raise ValueError(f"no version of {name} with {'version' if alias.isdigit() else 'alias'} {alias}")
     lines = [f"{name} v{row['version']} aliases={','.join(row['aliases']) or '-'} run={row['run_id']}"]

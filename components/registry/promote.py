@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -89,7 +89,11 @@ def decide(*, challenger: dict | None, champion: dict | None, metric: str, margi
     if champion["version"] == challenger["version"]:
         old = _figure(champion, metric, CHAMPION)
         return Decision(
-            **common, champion=champion["version"], champion_value=old, promote=False, reason="already champion"
+            **common,
+            champion=champion["version"],
+            champion_value=old,
+            promote=False,
+            reason="already champion",
         )
     old = _figure(champion, metric, CHAMPION)
     if champion["tags"].get(EVALUATOR_TAG, "") != judge:
@@ -105,7 +109,7 @@ def decide(*, challenger: dict | None, champion: dict | None, metric: str, margi
         champion=champion["version"],
         champion_value=old,
         promote=wins,
-        reason=f"{metric} {new:.6g} {verdict} {old:.6g} by more than {margin:g}",
+        reason=f"{metric} {new:.6g} {verdict} {old:.6g}" + (f" by more than {margin:g}" if margin else ""),
     )
 
 
@@ -133,7 +137,9 @@ def file_lock(path: Path, *, timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise PromotionRefused(f"{path} is held by another process for over {timeout:g} s") from None
+                    raise PromotionRefused(
+                        f"{path} is held by another process for over {timeout:g} s"
+                    ) from None
                 time.sleep(0.05)
         try:
             yield
@@ -165,11 +171,9 @@ def server_lock(tracking_uri: str, name: str, *, timeout: float, stale_after: fl
     try:
         yield
     finally:
-        try:  # release only our own lock: a stale one may have been broken and retaken meanwhile
+        with suppress(MlflowException):  # release only our own: a stale lock may have been broken and retaken
             if client.get_registered_model(lock).tags.get(LOCK_OWNER_TAG) == owner:
                 client.delete_registered_model(lock)
-        except MlflowException:
-            pass
 
 
 def _break_if_stale(client: MlflowClient, lock: str, *, stale_after: float) -> None:
@@ -179,10 +183,8 @@ def _break_if_stale(client: MlflowClient, lock: str, *, stale_after: float) -> N
     except MlflowException:
         return  # released meanwhile
     if time.time() - held.creation_timestamp / 1000 > stale_after:
-        try:
+        with suppress(MlflowException):  # another racer broke it first
             client.delete_registered_model(lock)
-        except MlflowException:
-            pass  # another racer broke it first
 
 
 @contextmanager
@@ -225,7 +227,9 @@ def apply(tracking_uri: str, decision: Decision, *, record: dict[str, str]) -> N
         "promote.rule": decision.rule,
         "promote.reason": decision.reason,
         "promote.challenger_value": f"{decision.challenger_value:.6g}",
-        "promote.champion_value": "none" if decision.champion_value is None else f"{decision.champion_value:.6g}",
+        "promote.champion_value": "none"
+        if decision.champion_value is None
+        else f"{decision.champion_value:.6g}",
         **{f"promote.{k}": v for k, v in record.items()},
     }
     if decision.promote and decision.champion is not None:
@@ -236,7 +240,9 @@ def apply(tracking_uri: str, decision: Decision, *, record: dict[str, str]) -> N
         client.set_registered_model_alias(decision.name, CHAMPION, decision.challenger)
 
 
-def rollback(tracking_uri: str, name: str, *, expected: str | None, record: dict[str, str]) -> tuple[str, str]:
+def rollback(
+    tracking_uri: str, name: str, *, expected: str | None, record: dict[str, str]
+) -> tuple[str, str]:
     """Inside the lock: give `champion` back to the version the current one replaced; (from, to)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     now = _champion_now(client, name)
@@ -246,7 +252,9 @@ def rollback(tracking_uri: str, name: str, *, expected: str | None, record: dict
         raise PromotionRefused(f"{name} has no champion to roll back")
     previous = client.get_model_version(name, now).tags.get(PREVIOUS_TAG)
     if not previous:
-        raise PromotionRefused(f"{name} champion v{now} replaced no earlier champion: nothing to roll back to")
+        raise PromotionRefused(
+            f"{name} champion v{now} replaced no earlier champion: nothing to roll back to"
+        )
     for key, value in {"rollback.to": previous, **{f"rollback.{k}": v for k, v in record.items()}}.items():
         client.set_model_version_tag(name, now, key, value)
     client.set_registered_model_alias(name, CHAMPION, previous)

@@ -151,7 +151,13 @@ def models(
 
 @app.command("promote")
 def promote_command(
-    model: ModelArg,
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MODEL...",
+            help="registered names (genpipe-diffusion) or models/ folders (diffusion_pixel), each decided alone",
+        ),
+    ],
     metric: Annotated[
         str,
         typer.Option("--metric", help="gate metric from the eval tags (fid_over_floor, cond_accuracy, ...)"),
@@ -163,10 +169,13 @@ def promote_command(
     """Move `champion` to the `challenger` version when it beats the champion on the gate metric."""
     from pipelines import promote
 
-    _registry_command(
-        "promote",
-        lambda: promote.main(params=params, model=model, metric=metric, margin=margin, dry_run=dry_run),
-    )
+    for model in models:
+        _registry_command(
+            "promote",
+            lambda m=model: promote.main(
+                params=params, model=m, metric=metric, margin=margin, dry_run=dry_run
+            ),
+        )
 
 
 @app.command("rollback")

@@ -87,7 +87,7 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
         "non-writable tensors",
     )
     assert not [n for n in noise if n in out], [n for n in noise if n in out]
-    stages = ["prepare", "train_evaluator", "train_tokenizer", "encode", "report"]
+    stages = ["prepare", "train_evaluator", "train_tokenizer", "encode", "report", "promote"]
     stages += [f"train_diffusion@{v}" for v in ("pixel", "latent")] + [
         f"train_prior@{v}" for v in ("gpt", "maskgit")
     ]
@@ -118,6 +118,12 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
         "genpipe-prior-gpt",
         "genpipe-prior-maskgit",
     } <= set(summary)
+
+    # Every evaluated generator ends as its model's champion (the first one: no champion to beat).
+    promoted = json.loads((repo_copy / "reports/promote.json").read_text())
+    assert set(summary) <= set(promoted)
+    assert all(entry["decision"] == "promoted" for entry in promoted.values()), promoted
+    assert "champion" in run(["genpipe", "models"], repo_copy).stdout
 
     assert "Running stage" not in run(["dvc", "repro"], repo_copy).stdout
     # What each knob re-runs, from DVC's own plan (`--dry`: the real re-run of a changed stage is

@@ -138,24 +138,26 @@ class GatedLayer(nn.Module):
         self.embed = nn.Embedding(rows, 4 * features) if rows else None
 
     def _cond(
-        self, y: torch.Tensor | None, cmap: torch.Tensor | None
+        self, y: torch.Tensor | None, maps: torch.Tensor | None
     ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        """Class biases of the v and h gates: (B, 2F, 1, 1) each, (B or 1, 2F, H, W) with a class map
-        `cmap` (B or 1, m, H, W); 0.0 when neither."""
-        bias: torch.Tensor | float = 0.0
-        if self.embed is not None:
+        """Class biases of the v and h gates: (B, 2F, 1, 1) each, or (B or 1, 2F, H, W) with the class
+        maps `maps` (rows, m, H, W) (projected once per class, then picked per sample); 0.0 when neither."""
+        if self.map_proj is not None and maps is not None:
+            per_class = self.map_proj(maps)  # (rows, 4F, H, W)
+            if self.embed is not None:
+                per_class = per_class + self.embed.weight[:, :, None, None]
+            bias = per_class[:1] if y is None else per_class[y]
+        elif self.embed is not None:
             bias = self.embed(y)[:, :, None, None]
-        if self.map_proj is not None and cmap is not None:
-            bias = bias + self.map_proj(cmap)
-        if not torch.is_tensor(bias):
+        else:
             return 0.0, 0.0
         cv, ch = bias.chunk(2, dim=1)
         return cv, ch
 
     def forward(
-        self, v: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None, cmap: torch.Tensor | None = None
+        self, v: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None, maps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cv, ch = self._cond(y, cmap)
+        cv, ch = self._cond(y, maps)
         p = self.p
         # Only the unmasked half of each kernel is run (half the work of the masked k x k conv):
         # rows at and above the centre for v (zero rows padded on top), columns up to it for h.
@@ -166,22 +168,22 @@ class GatedLayer(nn.Module):
         return _gate(v_pre + cv), h_out if self.first else h + h_out
 
     def v_row(
-        self, window: torch.Tensor, y: torch.Tensor | None, cmap_row: torch.Tensor | None = None
+        self, window: torch.Tensor, y: torch.Tensor | None, maps_row: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One row of v from its (p + 1)-row window (B, c, p+1, W): (v row, link for the row below);
-        `cmap_row`: that row of the class map, (B or 1, m, 1, W)."""
-        cv, _ = self._cond(y, cmap_row)
+        `maps_row`: that row of the class maps, (rows, m, 1, W)."""
+        cv, _ = self._cond(y, maps_row)
         w = self.v.masked_weight()[:, :, : self.p + 1]  # the rows below the centre are masked anyway
         v_pre = F.conv2d(F.pad(window, (self.p, self.p, 0, 0)), w, self.v.bias)  # (B, 2F, 1, W)
         return _gate(v_pre + cv), self.link(v_pre)
 
     def pixel_params(
-        self, y: torch.Tensor | None, cmap: torch.Tensor | None = None
+        self, y: torch.Tensor | None, maps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
         """Flat weights for one-position updates of h: the masked half of the 1 x k kernel as a matrix
         (2F, c (p + 1)), its bias plus the class bias ((B or 1, 2F, 1 or H, 1 or W): `h_pixel` picks
         the position), and the residual 1x1 conv as a matrix."""
-        _, ch = self._cond(y, cmap)
+        _, ch = self._cond(y, maps)
         bias = self.h.bias[None, :, None, None] + ch  # (B or 1, 2F, 1 or H, 1 or W)
         w = self.h.masked_weight()[:, :, 0, : self.p + 1].flatten(1)  # right of the centre: masked
         return w, bias, self.res.weight[:, :, 0, 0], self.res.bias
@@ -231,17 +233,10 @@ class PixelCNN(nn.Module):
         b, _, hh, ww = h.shape
         return self.head(h).view(b, LEVELS, self.image_shape[0], hh, ww)  # channel index = level * C + c
 
-    def _class_map(self, y: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, m, H, W) maps of the classes y ((1, m, H, W) when unconditional), None when off."""
-        if self.class_map is None:
-            return None
-        return self.class_map[:1] if y is None else self.class_map[y]
-
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         v = h = x
-        cmap = self._class_map(y)
         for layer in self.layers:
-            v, h = layer(v, h, y, cmap)
+            v, h = layer(v, h, y, self.class_map)
         return self._logits(h)
 
     def nll(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -257,8 +252,8 @@ class PixelCNN(nn.Module):
         f, pad = self.cfg.channels, max(layer.p for layer in self.layers)
         ref = self.head[-1].weight
         x = ref.new_zeros(n, c, hh, ww)
-        cmap = self._class_map(y)
-        params = [layer.pixel_params(y, cmap) for layer in self.layers]
+        maps = self.class_map
+        params = [layer.pixel_params(y, maps) for layer in self.layers]
         head = [(m.weight[:, :, 0, 0], m.bias) for m in (self.head[1], self.head[3])]
         vs = [ref.new_zeros(n, f, hh, ww) for _ in self.layers]  # each layer's vertical stack
         # links into row 0 come from the zero padding above the image: link(0) is its bias
@@ -279,8 +274,8 @@ class PixelCNN(nn.Module):
             if i + 1 < hh:  # row i is complete: the vertical stacks' row i and the links into row i + 1
                 src = x
                 for k, layer in enumerate(self.layers):
-                    cmap_row = None if cmap is None else cmap[:, :, i : i + 1]
-                    v_row, link = layer.v_row(_rows_up_to(src, i, layer.p + 1), y, cmap_row)
+                    maps_row = None if maps is None else maps[:, :, i : i + 1]
+                    v_row, link = layer.v_row(_rows_up_to(src, i, layer.p + 1), y, maps_row)
                     vs[k][:, :, i : i + 1], links[k] = v_row, link[:, :, 0]
                     src = vs[k]
         return x

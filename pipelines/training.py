@@ -94,6 +94,7 @@ def train_on_ray(
         datasets=datasets,
         sink_factory=partial(MlflowSink, run.tracking_uri, run.run_id),
         sample_sink_factory=partial(MlflowSampleSink, run.tracking_uri, run.run_id, stage),
+        owned_instance=joins_local(sections["ray"]),
     )
     CLOCK.mark("fit")
     CLOCK.marks.update(result.clock)

@@ -29,6 +29,7 @@ test: setup  ## the whole test suite (CI runs this)
 bench: setup  ## benchmarks; figures go to BENCHMARKS.md (the diffusion part needs `make run` first)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.diffusion
+	$(BIN)/python -m benchmarks.priors
 
 gpu-check: setup  ## the training loop on CUDA with bf16 autocast (see BENCHMARKS.md, "GPU check")
 	$(BIN)/python -m benchmarks.gpu_check

@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
@@ -32,7 +32,6 @@ class StageTime:
     ended: float | None = None
     training: float | None = None
     overhead: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def wall(self) -> float:

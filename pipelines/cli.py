@@ -97,6 +97,19 @@ _stage(
 )
 
 
+@app.command("results")
+def results_command(
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="write nothing; exit 1 if README/BENCHMARKS drift from the reports"),
+    ] = False,
+) -> None:
+    """Rewrite the results table in README.md and BENCHMARKS.md from reports/ (between the markers)."""
+    from pipelines import results
+
+    _registry_command("results", lambda: results.main(check=check))
+
+
 @app.command(
     "repro",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -25,9 +25,23 @@ COLUMNS = (
     ("recall", "recall", "{:.2f}"),
     ("bits_per_dim", "bits/dim", "{:.3f}"),
     ("nfe", "NFE", "{:.0f}"),
-    ("images_per_s", "sampling img/s", "{:.0f}"),
     ("train_seconds", "train s", "{:.0f}"),
+    ("images_per_s", "sampling img/s", "{:.0f}"),
 )
+
+
+#: registered name -> what the table calls its family
+FAMILIES = {
+    "genpipe-diffusion": "diffusion, pixel",
+    "genpipe-latent-diffusion": "diffusion, latent",
+    "genpipe-prior-gpt": "GPT prior",
+    "genpipe-prior-maskgit": "MaskGIT prior",
+    "genpipe-vae": "VAE",
+    "genpipe-gan": "GAN (DCGAN)",
+    "genpipe-wgan": "WGAN-GP",
+    "genpipe-flow": "flow (Glow)",
+    "genpipe-pixelcnn": "PixelCNN",
+}
 
 
 def gather(root: Path) -> dict[str, dict[str, float]]:
@@ -46,12 +60,15 @@ def gather(root: Path) -> dict[str, dict[str, float]]:
 
 
 def table(summary: dict[str, dict[str, float]]) -> str:
-    """A Markdown table, one row per model, blank where a figure does not apply."""
-    head = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
+    """A Markdown table, one row per model (in MODELS order), blank where a figure does not apply."""
+    head = "| family | model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|---|---|" + "---:|" * len(COLUMNS)
+    order = [n for n in MODELS.values() if n in summary] + sorted(set(summary) - set(MODELS.values()))
     rows = [
-        f"| {name} | " + " | ".join(fmt.format(m[k]) if k in m else "" for k, _, fmt in COLUMNS) + " |"
-        for name, m in summary.items()
+        f"| {FAMILIES.get(name, '')} | {name} | "
+        + " | ".join(fmt.format(summary[name][k]) if k in summary[name] else "" for k, _, fmt in COLUMNS)
+        + " |"
+        for name in order
     ]
     return "\n".join([head, rule, *rows]) + "\n"
 

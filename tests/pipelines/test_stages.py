@@ -396,4 +396,4 @@ def test_report(workspace: Path):
     assert set(summary) == set(MODEL_NAMES.values())
     assert summary["genpipe-diffusion"]["train_seconds"] > 0
     table = (workspace / "reports/results.md").read_text().splitlines()
-    assert table[0].startswith("| model | FD |") and len(table) == 2 + len(MODEL_NAMES)
+    assert table[0].startswith("| family | model | FD |") and len(table) == 2 + len(MODEL_NAMES)

@@ -1,7 +1,7 @@
 """VQGAN adversarial ablation: the params.yaml tokenizer with the discriminator off (weight 0) and on.
 
 Trains `train_tokenizer` (model and loop of ./params.yaml, 600 steps) in a plain process, one torch
-thread, on two data sets:
+thread, then the default GPT prior on its codes, on two data sets:
 
 - digits: the pipeline's data/processed (16x16 L) and its trained evaluator (models/evaluator);
 - shapes: `builtin:shapes` prepared at 32x32 RGB into --work, with an evaluator trained there on the
@@ -10,14 +10,21 @@ thread, on two data sets:
 For each run: rFID (Fréchet distance of the reconstructed test split to the real test statistics on
 that data's evaluator; the real-vs-real floor is train vs test), PSNR, SSIM, codebook usage, and the
 discriminator's accuracy (share of patch logits > 0 on real, < 0 on reconstructed test images) at
-the end, next to the last training window's `d_acc_real` / `d_acc_fake`. One JSON line per run is
-appended to --out. Example: `.venv/bin/python -m benchmarks.tokenizer_gan --data digits --disc off on`.
+the end, next to the last training window's `d_acc_real` / `d_acc_fake`. Then the second stage, as
+`encode`, `train_prior gpt` and `evaluate prior_gpt` would do it, in this process: the tokenizer is
+saved, the train and val splits are encoded to code grids, params.yaml's `train_prior.gpt` (task,
+model, loop, sampling) trains on them, and the exported two-stage generator is judged by the
+evaluate stage's judge (N = the train split's size, params.yaml `evaluate` seed, batch and options)
+on that data's evaluator: the prior's FID, its ratio to the floor, conditional accuracy,
+precision/recall. Tokenizer, tokens and prior stay in <out dir>/runs/<data>-<disc>/. One JSON line
+per run is appended to --out. Example: `.venv/bin/python -m benchmarks.tokenizer_gan --data digits --disc off on`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -29,15 +36,23 @@ from components.data.config import PrepareConfig
 from components.data.readers import ShardDataset, epoch_batches
 from components.evaluation.evaluator import EvaluatorTask, load_evaluator, predict, save_evaluator
 from components.evaluation.frechet import FeatureStats, feature_stats, frechet_distance
+from components.evaluation.judge import judge
 from components.evaluation.recon import recon_metrics
+from components.generators import load_generator
+from components.io import save_model
+from components.prior.generator import export as export_prior
+from components.prior.task import PriorTask
 from components.tokenizer.task import TokenizerTask
-from components.tokenizer.vqgan import reconstruct
+from components.tokenizer.vqgan import VQGAN, reconstruct
+from components.training.checkpoint import LocalCheckpointIO, module_states
+from components.training.config import LoopConfig
 from components.training.loop import train
 
 TEST_STATS, TRAIN_STATS = "test_stats.safetensors", "train_stats.safetensors"
 SHAPES = PrepareConfig(source="builtin:shapes", image_size=32, channels=3)
-# "on": params.yaml's disc block as it is; "on_group": the same with the GroupNorm discriminator of before
-DISC = {"off": {"weight": 0.0}, "on": {}, "on_group": {"norm": "group"}}
+# "on": params.yaml's disc block with taming-transformers' weight 0.8 (the params.yaml default is 0, off);
+# "on_group": the same with the GroupNorm discriminator of before
+DISC = {"off": {"weight": 0.0}, "on": {"weight": 0.8}, "on_group": {"weight": 0.8, "norm": "group"}}
 
 
 class _PrintSink:
@@ -56,6 +71,14 @@ class _PrintSink:
 
     def close(self) -> None:
         pass
+
+
+def _with_steps(loop: LoopConfig, steps: int | None) -> LoopConfig:
+    """params.yaml's loop, or the same with `steps` (warm-up cut to a tenth of them if it would not fit)."""
+    if not steps:
+        return loop
+    warmup = loop.warmup_steps if loop.warmup_steps < steps else steps // 10
+    return LoopConfig.model_validate({**loop.model_dump(), "steps": steps, "warmup_steps": warmup})
 
 
 def _batches(data: ShardDataset, batch: int):
@@ -106,17 +129,20 @@ def disc_accuracy(task: TokenizerTask, real: torch.Tensor, fake: torch.Tensor) -
     }
 
 
-def run(name: str, disc: str, *, data_dir: Path, ev_dir: Path, params: str, steps: int | None) -> dict:
-    """Train one tokenizer and judge it on the test split."""
+def run(
+    name: str, disc: str, *, data_dir: Path, ev_dir: Path, params: str, steps: int | None
+) -> tuple[dict, VQGAN]:
+    """Train one tokenizer and judge it on the test split; (figures, the trained VQGAN in eval mode)."""
     cfg = load_stage(params, "train_tokenizer")["train_tokenizer"]
     data, test = ShardDataset(data_dir, "train"), ShardDataset(data_dir, "test")
     raw = cfg.model.model_dump()
     raw["autoencoder"]["in_channels"] = data.meta["channels"]
     raw["loss"]["disc"].update(DISC[disc])
     model = type(cfg.model).model_validate(raw)
-    loop = cfg.loop.model_copy(update={"steps": steps} if steps else {})
+    loop = _with_steps(cfg.loop, steps)
     evaluator = load_evaluator(ev_dir).requires_grad_(False)
     task = TokenizerTask(model, loop, feature_fn=evaluator.feature_maps)
+    print(f"{name}/{disc}: tokenizer, {loop.steps} steps", flush=True)
     tic = time.perf_counter()
     metrics = train(
         task,
@@ -124,7 +150,7 @@ def run(name: str, disc: str, *, data_dir: Path, ev_dir: Path, params: str, step
         batches=_batches(data, loop.batch_size),
         device=torch.device("cpu"),
         sink=_PrintSink(f"{name}/{disc}"),
-        progress=False,
+        progress=True,  # step, it/s and ETA at each log step
     )
     wall = time.perf_counter() - tic
     vqgan = task.modules["vqgan"].eval()
@@ -146,7 +172,110 @@ def run(name: str, disc: str, *, data_dir: Path, ev_dir: Path, params: str, step
         **{k: v for k, v in metrics.items() if k.startswith("discriminator/") or k == "generator/d_weight"},
     }
     print(json.dumps(out), flush=True)
+    return out, vqgan
+
+
+@torch.no_grad()
+def encode_split(vqgan: VQGAN, data: ShardDataset, *, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """A split as the prior's batch columns: "tokens" (N, h, w) int64 and "label" (N,), as `encode` writes them."""
+    tokens = torch.cat([vqgan.encode(x)[1] for x in data.images.split(batch_size)])  # (N, h, w)
+    return {"tokens": tokens.long(), "label": data.labels.long()}
+
+
+def prior_fid(
+    tag: str, vqgan: VQGAN, *, data_dir: Path, ev_dir: Path, params: str, folder: Path, steps: int | None
+) -> dict:
+    """Save the tokenizer, encode, train params.yaml's GPT prior on the codes, judge it as `evaluate` does."""
+    if folder.exists():
+        shutil.rmtree(folder)  # a stale checkpoint would be resumed as if finished
+    save_model(folder / "tokenizer", vqgan.state_dict(), vqgan.config_dict())
+    data, val, test = (ShardDataset(data_dir, split) for split in ("train", "val", "test"))
+    tic = time.perf_counter()
+    train_cols, val_cols = encode_split(vqgan, data), encode_split(vqgan, val)
+    encode_s = time.perf_counter() - tic
+    grid = tuple(train_cols["tokens"].shape[1:])
+    num_classes = data.meta["num_classes"]
+    image_shape = (data.meta["channels"], data.meta["image_size"], data.meta["image_size"])
+
+    # train_prior gpt in this process: the stage's task, model and loop (global batch on one worker)
+    cfg = load_stage(params, "train_prior")["train_prior"].gpt
+    loop = _with_steps(cfg.loop, steps)
+    task = PriorTask(cfg.model, loop, grid=grid, codebook_size=vqgan.codebook_size, num_classes=num_classes)
+    io = LocalCheckpointIO(folder / "checkpoints", keep=1)
+    print(f"{tag}: prior gpt on {tuple(train_cols['tokens'].shape)} codes, {loop.steps} steps", flush=True)
+    tic = time.perf_counter()
+    metrics = train(
+        task,
+        loop=loop,
+        batches=epoch_batches(train_cols, batch=loop.batch_size, seed=0),
+        val_batches=lambda: [val_cols],  # the whole val split as one batch
+        device=torch.device("cpu"),
+        checkpoint_io=io,
+        progress=True,
+    )
+    prior_s = time.perf_counter() - tic
+    export_prior(
+        folder / "prior_gpt",
+        state=module_states(io.restore(), ema_module=PriorTask.ema_module)["prior"],
+        prior=cfg.model,
+        sampling=cfg.sampling,
+        grid=grid,
+        codebook_size=vqgan.codebook_size,
+        num_classes=num_classes,
+        image_shape=image_shape,
+        tokenizer_dir=folder / "tokenizer",
+    )
+    shutil.rmtree(folder / "checkpoints")
+
+    # evaluate prior_gpt: the one judge, on this data's evaluator and test statistics
+    ev = load_stage(params, "evaluate")["evaluate"]
+    test_stats = FeatureStats.load(ev_dir / TEST_STATS)
+    n = ev.num_samples or len(data)
+    tic = time.perf_counter()
+    result = judge(
+        load_generator(folder / "prior_gpt"),
+        evaluator=load_evaluator(ev_dir),
+        test_images=test.images,
+        test_stats=test_stats,
+        floor=frechet_distance(FeatureStats.load(ev_dir / TRAIN_STATS), test_stats),
+        n=n,
+        seed=ev.seed,
+        batch_size=ev.batch_size,
+        options=ev.options.get("prior_gpt", {}),
+        pr_k=ev.pr_k,
+        progress=_progress(f"{tag}: judge"),
+    )
+    judge_s = time.perf_counter() - tic
+    out = {f"prior_{k}": v for k, v in result.metrics.items()}
+    out.update(
+        {
+            "prior_val_loss": metrics.get("val/loss", float("nan")),
+            "prior_steps": loop.steps,
+            "prior_encode_s": encode_s,
+            "prior_train_s": prior_s,
+            "prior_judge_s": judge_s,
+        }
+    )
+    print(f"{tag}: " + json.dumps(out), flush=True)
     return out
+
+
+def _progress(tag: str):
+    """A line per ~10% of the sampled set, with images/s and ETA."""
+    last = [-1]
+
+    def report(done: int, total: int, seconds: float) -> None:
+        tenth = done * 10 // total
+        if tenth == last[0] and done < total:
+            return
+        last[0] = tenth
+        rate = done / max(seconds, 1e-9)
+        print(
+            f"{tag}: {done}/{total} images | {rate:.0f} images/s | ETA {(total - done) / max(rate, 1e-9):.0f}s",
+            flush=True,
+        )
+
+    return report
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -154,12 +283,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data", nargs="+", default=["digits", "shapes"], choices=["digits", "shapes"])
     parser.add_argument("--disc", nargs="+", default=list(DISC), choices=list(DISC))
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--steps", type=int, default=None, help="override loop.steps (default: params.yaml)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="override the tokenizer's loop.steps (default: params.yaml)"
+    )
+    parser.add_argument(
+        "--prior-steps", type=int, default=None, help="override the prior's loop.steps (default: params.yaml)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--work", default=".genpipe/bench/tokenizer_gan", help="shapes data and evaluator")
     parser.add_argument("--out", default=".genpipe/bench/tokenizer_gan/results.jsonl")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    work = Path(args.work)
+    torch.set_num_threads(args.threads)
+    work, out = Path(args.work), Path(args.out)
     results = []
     for name in args.data:
         if name == "digits":
@@ -167,9 +302,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             data_dir, ev_dir = shapes_evaluator(work, params=args.params)
         for disc in args.disc:
-            result = run(name, disc, data_dir=data_dir, ev_dir=ev_dir, params=args.params, steps=args.steps)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
+            result, vqgan = run(
+                name, disc, data_dir=data_dir, ev_dir=ev_dir, params=args.params, steps=args.steps
+            )
+            result |= prior_fid(
+                f"{name}/{disc}",
+                vqgan,
+                data_dir=data_dir,
+                ev_dir=ev_dir,
+                params=args.params,
+                folder=out.parent / "runs" / f"{name}-{disc}",
+                steps=args.prior_steps,
+            )
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
                 f.write(json.dumps(result) + "\n")
             results.append(result)
     return results

@@ -23,6 +23,7 @@ fake share one forward (one DDP forward per backward), and train and eval modes 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils.parametrizations import spectral_norm
 
 from components.generators import merge_options
 from components.nn.blocks import group_norm
@@ -55,6 +57,9 @@ class GANConfig(StrictConfig):
     gp_weight: float = Field(default=10.0, ge=0, description="lambda of the gradient penalty (wgan_gp)")
     betas: tuple[float, float] | None = Field(default=None, description="Adam betas; replaces loop.betas")
     d_lr_ratio: float = Field(default=1.0, gt=0, description="discriminator lr / generator lr")
+    d_spectral_norm: bool = Field(default=False, description="spectral norm on D's weights (Miyato 2018)")
+    d_mbstd_group: int = Field(default=0, ge=0, description="minibatch-std group size (Karras 2018); 0: off")
+    r1_weight: float = Field(default=0.0, ge=0, description="gamma of R1 on reals (Mescheder 2018); 0: off")
 
     @property
     def family(self) -> str:
@@ -166,20 +171,51 @@ class Discriminator(nn.Module):
                 layers.append(group_norm(width, max_groups=1))
             layers.append(nn.LeakyReLU(0.2))
         self.features = nn.Sequential(*layers)
-        self.psi = nn.Linear(width * (h // 2**n) * (w // 2**n), 1)  # DCGAN's last conv over the map
+        self.mbstd_group = cfg.d_mbstd_group
+        extra = 1 if self.mbstd_group else 0  # the minibatch-std feature map
+        self.psi = nn.Linear((width + extra) * (h // 2**n) * (w // 2**n), 1)  # DCGAN's last conv over the map
         self.embed = nn.Embedding(num_classes, width) if num_classes else None
         _dcgan_init(self)
         if self.embed is not None:
             nn.init.normal_(self.embed.weight, 0.0, 0.02)
+        if cfg.d_spectral_norm:  # after the init: the parametrization keeps the raw weight as `original`
+            for m in [*self.features, self.psi]:
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    spectral_norm(m)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None, *, parts: int = 1) -> torch.Tensor:
+        """`parts`: x is that many equal batches concatenated (real, fake, ...); std groups stay inside one."""
         phi = self.features(x)  # (B, width, h0, w0)
-        out = self.psi(phi.flatten(1)).squeeze(1)
+        head = phi
+        if self.mbstd_group:
+            head = torch.cat([phi, minibatch_std(phi, group=self.mbstd_group, parts=parts)], dim=1)
+        out = self.psi(head.flatten(1)).squeeze(1)
         if self.embed is not None and y is not None:
             labelled = y >= 0
             proj = (self.embed(y.clamp_min(0)) * phi.sum(dim=(2, 3))).sum(1)  # projection, eq. 3
             out = out + torch.where(labelled, proj, torch.zeros_like(proj))
         return out
+
+
+def minibatch_std(phi: torch.Tensor, *, group: int, parts: int = 1) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 1, H, W): each sample's group std, averaged over (C, H, W) (Karras et al. 2018).
+
+    Groups are runs of gcd(B / parts, group) consecutive samples, so none straddles two of the `parts`
+    (real and fake judged in one forward); a collapsed generator's groups have a telltale low value.
+    """
+    b = phi.shape[0]
+    if parts < 1 or b % parts:
+        raise ValueError(f"batch of {b} does not split into parts={parts} equal batches")
+    g = math.gcd(b // parts, group)
+    grouped = phi.view(b // g, g, *phi.shape[1:])  # (B/g, g, C, H, W)
+    std = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B/g,)
+    return std.repeat_interleave(g).view(b, 1, 1, 1).expand(b, 1, *phi.shape[2:])
+
+
+def r1_penalty(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """||grad_x D(x)||^2 per sample (B,) on real images (Mescheder et al. 2018, eq. 9); graph kept."""
+    (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
+    return grad.flatten(1).pow(2).sum(dim=1)
 
 
 def gradient_penalty(scores: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -284,18 +320,26 @@ class GANTask(Task):
             fake = self.modules["generator"](z, y_fake)
         b = x.shape[0]
         if self.cfg.loss == "ns":
+            r1 = self.cfg.r1_weight > 0
+            x = x.detach().requires_grad_(True) if r1 else x
             y = None if y_real is None else torch.cat([y_real, y_fake])
-            real_s, fake_s = self.wrapped["discriminator"](torch.cat([x, fake]), y).split(b)
-            loss = F.softplus(-real_s).mean() + F.softplus(fake_s).mean()
-            return loss, {
-                "d_loss": loss.detach(),
+            real_s, fake_s = self.wrapped["discriminator"](torch.cat([x, fake]), y, parts=2).split(b)
+            d_loss = F.softplus(-real_s).mean() + F.softplus(fake_s).mean()
+            metrics = {
+                "d_loss": d_loss.detach(),
                 "d_real": torch.sigmoid(real_s.detach()).mean(),
                 "d_fake": torch.sigmoid(fake_s.detach()).mean(),
             }
+            if not r1:
+                return d_loss, metrics
+            penalty = r1_penalty(real_s, x).mean()
+            return d_loss + 0.5 * self.cfg.r1_weight * penalty, metrics | {"r1": penalty.detach()}
         eps = torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype)
         x_hat = (eps * x + (1 - eps) * fake).requires_grad_(True)
         y = None if y_real is None else torch.cat([y_real, y_fake, y_fake])  # x_hat: the fake's class
-        real_s, fake_s, hat_s = self.wrapped["discriminator"](torch.cat([x, fake, x_hat]), y).split(b)
+        real_s, fake_s, hat_s = self.wrapped["discriminator"](torch.cat([x, fake, x_hat]), y, parts=3).split(
+            b
+        )
         gp = gradient_penalty(hat_s, x_hat).mean()
         wasserstein = real_s.mean() - fake_s.mean()
         loss = -wasserstein + self.cfg.gp_weight * gp

@@ -10,7 +10,16 @@ from pydantic import ValidationError
 
 from components.generators import load_generator
 from components.training.config import LoopConfig
-from components.zoo.gan import Discriminator, GANConfig, GANTask, Generator, export, gradient_penalty
+from components.zoo.gan import (
+    Discriminator,
+    GANConfig,
+    GANTask,
+    Generator,
+    export,
+    gradient_penalty,
+    minibatch_std,
+    r1_penalty,
+)
 from tests.components.zoo.zoo_util import batch, read_config, run_task
 
 torch.set_num_threads(1)
@@ -32,6 +41,79 @@ def test_gradient_penalty_of_a_linear_critic_matches_the_closed_form() -> None:
     torch.testing.assert_close(gp, torch.full((5,), float((norm - 1) ** 2)))
     gp.sum().backward()  # the penalty's own gradient: 2 (||w|| - 1) w / ||w|| per sample
     torch.testing.assert_close(w.grad, 5 * 2 * (norm - 1) * w.detach() / norm)
+
+
+def test_r1_of_a_linear_discriminator_is_the_squared_weight_norm() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(12, requires_grad=True)
+    x = torch.randn(5, 3, 2, 2, requires_grad=True)
+    r1 = r1_penalty(x.flatten(1) @ w - 0.7, x)  # grad_x D = w for every sample
+    torch.testing.assert_close(r1, torch.full((5,), float(w.detach().pow(2).sum())))
+    r1.sum().backward()  # d/dw ||w||^2 = 2 w per sample
+    torch.testing.assert_close(w.grad, 5 * 2 * w.detach())
+
+
+def test_minibatch_std_groups_stay_inside_each_part() -> None:
+    torch.manual_seed(0)
+    real = torch.randn(6, 3, 2, 2)
+    collapsed = torch.randn(1, 3, 2, 2).expand(6, 3, 2, 2)  # one sample repeated: no diversity
+    out = minibatch_std(torch.cat([real, collapsed]), group=4, parts=2)
+    assert out.shape == (12, 1, 2, 2)
+    # gcd(6, 4) = 2: groups {0,1}, {2,3}, {4,5} of each part, one value per group over (C, H, W)
+    expected = real.view(3, 2, 3, 2, 2).std(dim=1, unbiased=False).mean(dim=(1, 2, 3)).repeat_interleave(2)
+    torch.testing.assert_close(out[:6, 0, 0, 0], expected, atol=1e-4, rtol=1e-4)
+    assert out[6:].max() < 1e-3 and out[:6].min() > 0.1  # the collapsed half is told apart
+    with pytest.raises(ValueError, match=r"batch of 12 does not split into parts=5 equal batches"):
+        minibatch_std(torch.cat([real, collapsed]), group=4, parts=5)
+
+
+def test_minibatch_std_discriminator_sees_diversity() -> None:
+    d = Discriminator(_cfg(d_mbstd_group=4), image_shape=(1, 16, 16), num_classes=10)
+    assert d.psi.in_features == (2 * 4 + 1) * 4 * 4  # the std map is one more channel into psi
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([1, 2, 3, 4])
+    out = d(x, y)
+    assert out.shape == (4,)
+    altered = x.clone()
+    altered[3] += 1.0  # one sample of the group changes: every score in the group moves
+    assert not torch.allclose(d(altered, y)[:3], out[:3])
+    pair = d(torch.cat([x, altered]), torch.cat([y, y]), parts=2)  # two parts: independent groups
+    torch.testing.assert_close(pair[:4], out)
+
+
+def test_spectral_norm_makes_the_discriminator_blind_to_weight_scale() -> None:
+    torch.manual_seed(0)
+    d = Discriminator(_cfg(d_spectral_norm=True, d_norm="none"), image_shape=(1, 16, 16), num_classes=0)
+    x = torch.randn(8, 1, 16, 16)
+    for _ in range(30):  # power iterations (one per training-mode forward)
+        d(x, None)
+    d.eval()
+    layers = [m for m in d.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for m in layers:  # W / sigma(W): largest singular value 1 (of the (out, in * k * k) matrix)
+        assert float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)) == pytest.approx(
+            1.0, rel=1e-2
+        )
+    before = d(x, None)
+    with torch.no_grad():
+        for m in layers:
+            m.parametrizations.weight.original.mul_(100.0)
+    torch.testing.assert_close(d(x, None), before, rtol=1e-4, atol=1e-5)
+
+
+def test_r1_and_mbstd_train_both_losses() -> None:
+    for loss, extra in [("ns", {"r1_weight": 1.0}), ("wgan_gp", {"n_critic": 1})]:
+        cfg = _cfg(loss=loss, d_mbstd_group=4, d_spectral_norm=True, **extra)
+        task = GANTask(cfg, LOOP, image_shape=(1, 8, 8), num_classes=3)
+        task.build(device=torch.device("cpu"), wrap=lambda m: m)
+        d_loss, metrics = task.step("discriminator", batch(4), step=0)
+        d_loss.backward()
+        assert all(p.grad is not None for p in task.modules["discriminator"].parameters() if p.requires_grad)
+        if loss == "ns":  # L_D + gamma / 2 * R1
+            assert float(d_loss.detach()) == pytest.approx(
+                float(metrics["d_loss"] + 0.5 * metrics["r1"]), rel=1e-5
+            )
+            assert metrics["r1"] > 0
+        sink = run_task(task, steps=2, data=batch(16))
+        assert math.isfinite(sink.rows[-1]["generator/loss"])
 
 
 def test_generator_shapes_and_projection_for_unlabelled() -> None:

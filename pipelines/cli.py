@@ -199,6 +199,47 @@ def rollback_command(model: ModelArg, params: ParamsOpt = Path("params.yaml")) -
     _registry_command("rollback", lambda: promote.rollback_main(params=params, model=model))
 
 
+@app.command("sample")
+def sample_command(
+    target: Annotated[
+        str,
+        typer.Argument(metavar="MODEL@ALIAS", help="e.g. genpipe-diffusion@champion, diffusion_pixel@v3"),
+    ],
+    n: Annotated[int, typer.Option("-n", help="number of images")] = 64,
+    out: Annotated[Path, typer.Option("--out", help="grid PNG to write")] = Path("samples.png"),
+    label: Annotated[
+        int | None,
+        typer.Option("--label", help="class of every image (-1: unconditional; default: each class in turn)"),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    sampler: Annotated[
+        str | None, typer.Option("--sampler", help="diffusion: ddpm, ddim, euler, heun")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", metavar="KEY=VALUE", help="any other sampling option")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="images per predict call")] = 16,
+    nrow: Annotated[int | None, typer.Option("--nrow", help="grid columns")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Sample a registered generator (its pyfunc model) into a PNG grid."""
+    from pipelines import sample
+
+    def run() -> None:
+        named = {"sampler": sampler, "steps": steps, "guidance": guidance, "temperature": temperature}
+        options = {k: v for k, v in named.items() if v is not None}
+        options.update(sample.parse_option(text) for text in option or [])
+        sample.main(
+            params=params, target=target, n=n, out=out, label=label, seed=seed,
+            batch_size=batch_size, nrow=nrow, options=options,
+        )  # fmt: skip
+
+    _registry_command("sample", run)
+
+
 def main() -> None:
     app()
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from components.evaluation.curves import plot_curves
 from components.io import atomic_file, write_json
-from components.registry.registry import register_version, registered_name
+from components.registry.registry import log_generator, register_version, registered_name
 from components.registry.tracking import STEP_KEY, MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
 from components.training.config import LoopConfig, TrainConfig
@@ -100,7 +100,34 @@ def train_on_ray(
     CLOCK.marks.update(result.clock)
     if result.resumed_from:
         print(f"{stage}: resumed run {run_name} from step {result.resumed_from}")
+    tag_worker_nodes(run, result.nodes)
     return result
+
+
+NODES_TAG, NUM_NODES_TAG = "ray.worker_nodes", "ray.num_nodes"
+
+
+def tag_worker_nodes(run: StageRun, nodes: tuple[str, ...]) -> dict[str, dict]:
+    """Tag the run with the Ray nodes its workers ran on: `{node id: {"ip", "ranks"}}` as JSON."""
+    import ray
+
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    placed: dict[str, dict] = {}
+    for rank, node in enumerate(nodes):
+        placed.setdefault(node, {"ip": ips.get(node, "?"), "ranks": []})["ranks"].append(rank)
+    if not placed:  # a result that names no nodes: nothing to say
+        return placed
+    client = MlflowClient(tracking_uri=run.tracking_uri)
+    client.set_tag(run.run_id, NUM_NODES_TAG, str(len(placed)))
+    value = json.dumps(placed)
+    if len(value) > 8000:  # MLflow's limit on a tag value: some 90 nodes
+        client.log_dict(run.run_id, placed, "ray_nodes.json")
+        value = "too long for a tag: see the artifact ray_nodes.json"
+    client.set_tag(run.run_id, NODES_TAG, value)
+    if len(placed) > 1:
+        hosts = ", ".join(f"{v['ip']} ({len(v['ranks'])})" for v in placed.values())
+        print(f"{run.stage}: {len(nodes)} workers on {len(placed)} nodes, workers per node: {hosts}")
+    return placed
 
 
 def check_resources(train: TrainConfig, *, local: bool) -> None:
@@ -162,13 +189,24 @@ def finish(
     tags: dict[str, str] | None = None,
     registered: str | None = None,
 ) -> str | None:
-    """A training stage's last steps: metrics JSON, final metrics and curves, model logged and registered."""
+    """A training stage's last steps: metrics JSON, final metrics and curves, model logged and registered.
+
+    A generator (`family` is a models/ folder of components.generators.MODELS) is logged as a pyfunc
+    model from code and registered from it; the evaluator and the tokenizer as a plain folder.
+    """
+    from components.generators import MODELS
+
     write_json(metrics_path, metrics)
     run.log_metrics({f"final/{k}": v for k, v in metrics.items()})
     rows = write_curves(run, curves_path)
     plot_curves(rows, curves_path.with_suffix(".png"), title=f"{family}: training curves")
     run.log_artifact(curves_path.with_suffix(".png"), "plots")
-    run.log_artifacts(model_dir, "model")
+    logged = None
+    if family in MODELS:
+        logged = log_generator(tracking_uri=run.tracking_uri, run_id=run.run_id, model_dir=model_dir)
+        print(f"{run.stage}: logged pyfunc model {logged.model_id} in {logged.seconds:.2f} s")
+    else:
+        run.log_artifacts(model_dir, "model")
     if not register_model:
         return None
     sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
@@ -176,6 +214,7 @@ def finish(
         **run.tags,
         **(tags or {}),
         "model_sha256": sha,
+        **(logged.tags if logged else {}),
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
     }
     name = registered or registered_name(family)
@@ -183,8 +222,8 @@ def finish(
         tracking_uri=run.tracking_uri,
         name=name,
         run_id=run.run_id,
-        artifact_path="model",
         tags=tags,
+        **({"model_id": logged.model_id} if logged else {"artifact_path": "model"}),
     )
     print(f"registered {name} version {version}")
     return version

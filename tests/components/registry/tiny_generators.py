@@ -1,0 +1,82 @@
+"""Randomly initialised tiny generators, exported as the training stages export them (seconds to build)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from components.diffusion.config import DiffusionConfig, SamplingConfig
+from components.diffusion.generator import export as export_diffusion
+from components.diffusion.precond import build_denoiser
+from components.io import save_model
+from components.prior import generator as prior_generator
+from components.prior.config import GPTConfig, MaskGITConfig, PriorConfig, PriorSamplingConfig
+from components.prior.task import build_prior
+from components.tokenizer.config import TokenizerConfig
+from components.tokenizer.vqgan import VQGAN
+
+CLASSES, IMAGE = 3, (1, 16, 16)
+BACKBONE = {"channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": ()}
+
+
+def pixel_diffusion(path: Path) -> Path:
+    """A class-conditional EDM model on 16x16 grey images, Heun with 3 steps by default."""
+    torch.manual_seed(0)
+    model = DiffusionConfig(objective="edm", backbone={**BACKBONE, "num_classes": CLASSES, "in_channels": 1})
+    denoiser = build_denoiser(model)
+    for name, param in denoiser.net.named_parameters():  # undo the zero inits: labels must matter
+        if name.startswith("out.") or ".conv2." in name:
+            torch.nn.init.normal_(param, std=0.02)
+    export_diffusion(
+        path,
+        denoiser_state=denoiser.state_dict(),
+        model=model,
+        sampling=SamplingConfig(sampler="heun", steps=3, guidance=1.5),
+        image_shape=IMAGE,
+        num_classes=CLASSES,
+    )
+    return path
+
+
+def vqgan(path: Path, *, codebook_size: int = 16) -> Path:
+    """A VQGAN with f = 4: 16x16 grey images <-> 4x4 token grids."""
+    cfg = TokenizerConfig(
+        autoencoder=dict(
+            in_channels=1,
+            channels=8,
+            channel_mult=(1, 2, 2),
+            downsample_factor=4,
+            num_res_blocks=1,
+            z_channels=8,
+            attention=False,
+        ),
+        quantizer={"kind": "vq", "codebook_size": codebook_size, "code_dim": 4},
+        loss={"perceptual_weight": 0.0, "disc": {"weight": 0.0}},
+    )
+    torch.manual_seed(0)
+    model = VQGAN(cfg)
+    save_model(path, model.state_dict(), model.config_dict())
+    return path
+
+
+def maskgit_prior(path: Path, *, tokenizer: Path) -> Path:
+    """A two-stage model: a 1-layer MaskGIT prior over 4x4 grids carrying the tokenizer it decodes with."""
+    tiny = dict(layers=1, heads=2, width=32, dropout=0.0)
+    prior = PriorConfig(
+        kind="maskgit", gpt=GPTConfig(**tiny), maskgit=MaskGITConfig(**tiny), label_dropout=0.0
+    )
+    torch.manual_seed(1)
+    model = build_prior(prior, grid=(4, 4), codebook_size=16, num_classes=CLASSES)
+    prior_generator.export(
+        path,
+        state=model.state_dict(),
+        prior=prior,
+        sampling=PriorSamplingConfig(steps=4, guidance=1.5),
+        grid=(4, 4),
+        codebook_size=16,
+        num_classes=CLASSES,
+        image_shape=IMAGE,
+        tokenizer_dir=tokenizer,
+    )
+    return path

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from components.data.readers import epoch_batches
+from components.training import distributed as dist
 from components.training.checkpoint import State, load_state, module_states, save_state
 from components.training.config import LoopConfig, TrainConfig
 from components.training.loop import MetricSink, NonFiniteError, SampleSink, train
@@ -53,6 +54,7 @@ class FitResult:
     path: str  # the run folder in storage
     resumed_from: int | None  # step the last attempt restored from, None when it started fresh
     clock: dict[str, float] = field(default_factory=dict)  # rank 0's first_step / last_step (time.time())
+    nodes: tuple[str, ...] = ()  # the Ray node id each rank ran on, in rank order
 
     def state(self) -> State:
         """The final training state (modules, EMA, optimizers, ...) read from the checkpoint."""
@@ -90,19 +92,30 @@ class _Spec:
 
 
 class _Trainer(ray.train.torch.TorchTrainer):
-    """TorchTrainer without the PlacementGroupCleaner, for a Ray instance the command owns.
+    """TorchTrainer without the PlacementGroupCleaner, where the cleaner cannot help.
 
     The cleaner is a detached actor that asks the State API every second whether the controller
     lives, to remove its placement group if it died ungracefully. On an instance that dies with the
     command there is nothing to protect (a dead job's placement groups go with it), and measured
     here it costs a process start and up to 12 s at the end of every fit(): stopping it waits out a
-    State API call that, without `ray[default]`'s dashboard, only times out. Where the method this
-    relies on is missing (another Ray), the default callbacks stay.
+    State API call that, without `ray[default]`'s dashboard, only times out. On a cluster without a
+    dashboard it cannot tell either, and only logs each refused call; with another Ray instance on
+    the node it even asks that one and dies with a traceback. Where the method this relies on is
+    missing (another Ray), the default callbacks stay.
     """
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
         return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+
+def _has_state_api() -> bool:
+    """Whether the connected cluster serves the State API: its head runs a dashboard (`ray[default]`)."""
+    try:
+        from ray._private.worker import get_dashboard_url
+    except ImportError:  # another Ray: keep its defaults
+        return True
+    return bool(get_dashboard_url())
 
 
 def storage_uri(path: str) -> str:
@@ -164,7 +177,7 @@ def fit(
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker
-    trainer = (_Trainer if owned_instance else ray.train.torch.TorchTrainer)(
+    trainer = (_Trainer if owned_instance or not _has_state_api() else ray.train.torch.TorchTrainer)(
         _worker,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
@@ -195,6 +208,7 @@ def fit(
         path=str(result.path),
         resumed_from=out.get("resumed_from"),
         clock=out.get("clock", {}),
+        nodes=tuple(out.get("nodes", ())),
     )
 
 
@@ -355,6 +369,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec.train.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    nodes = dist.all_gather_object(ray.get_runtime_context().get_node_id())  # which nodes trained
     device = ray.train.torch.get_device()
     batches, val_batches = _data(
         spec, micro=spec.loop.per_worker_batch(world), device=device, rank=rank, world=world
@@ -385,4 +400,4 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     finally:
         if sink is not None:
             sink.close()
-    return {"metrics": metrics, "resumed_from": io.restored_step, "clock": clock}
+    return {"metrics": metrics, "resumed_from": io.restored_step, "clock": clock, "nodes": nodes}

@@ -46,6 +46,7 @@ def test_ddp_across_two_nodes_matches_one_process(cluster, toy, tmp_path):
     builds = [e for e in toy.read_jsonl(events) if e["event"] == "build"]
     assert sorted(e["rank"] for e in builds) == [0, 1]
     assert len({e["node"] for e in builds}) == 2  # one worker per node: the all-reduce crossed nodes
+    assert set(result.nodes) == {e["node"] for e in builds}  # what the stage tags its run with
     reference = toy.RegressionTask()
     train(
         reference,

@@ -60,6 +60,9 @@ class GANConfig(StrictConfig):
     d_spectral_norm: bool = Field(default=False, description="spectral norm on D's weights (Miyato 2018)")
     d_mbstd_group: int = Field(default=0, ge=0, description="minibatch-std group size (Karras 2018); 0: off")
     r1_weight: float = Field(default=0.0, ge=0, description="gamma of R1 on reals (Mescheder 2018); 0: off")
+    mode_seeking: float = Field(
+        default=0.0, ge=0, description="lambda of the mode-seeking term (Mao 2019); 0: off"
+    )
 
     @property
     def family(self) -> str:
@@ -301,11 +304,25 @@ class GANTask(Task):
         if phase == "discriminator":
             return self._discriminator_step(x, labels if self.num_classes else None, y_fake, z)
         if phase == "generator":
-            fake = self.wrapped["generator"](z, y_fake)
-            scores = self._frozen_disc(fake, y_fake)
-            loss = -scores.mean() if self.cfg.loss == "wgan_gp" else F.softplus(-scores).mean()
-            return loss, {"g_loss": loss.detach()}
+            return self._generator_step(z, y_fake)
         raise ValueError(f"unknown phase {phase!r}; valid: ['discriminator', 'generator']")
+
+    def _generator_step(
+        self, z: torch.Tensor, y: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_G, plus lambda / (d_I / d_z) with d the mean |difference| of pairs that share a class."""
+        h = z.shape[0] // 2 if self.cfg.mode_seeking > 0 else 0
+        if h and y is not None:  # sample i + h asks for sample i's class
+            y = torch.cat([y[:h], y[:h], y[2 * h :]])
+        fake = self.wrapped["generator"](z, y)
+        scores = self._frozen_disc(fake, y)
+        loss = -scores.mean() if self.cfg.loss == "wgan_gp" else F.softplus(-scores).mean()
+        metrics = {"g_loss": loss.detach()}
+        if h:  # Mao et al. 2019, eq. 3: a generator that ignores z within a class pays 1 / ratio
+            ratio = (fake[:h] - fake[h : 2 * h]).abs().mean() / (z[:h] - z[h : 2 * h]).abs().mean()
+            loss = loss + self.cfg.mode_seeking / (ratio + 1e-5)
+            metrics["ms_ratio"] = ratio.detach()
+        return loss, metrics
 
     def _frozen_disc(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Discriminator scores with gradients to the input only (raw module, detached weights)."""

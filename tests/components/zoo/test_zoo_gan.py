@@ -116,6 +116,27 @@ def test_r1_and_mbstd_train_both_losses() -> None:
         assert math.isfinite(sink.rows[-1]["generator/loss"])
 
 
+def test_mode_seeking_pairs_share_a_class_and_punish_ignoring_z() -> None:
+    task = GANTask(_cfg(mode_seeking=2.0), LOOP, image_shape=(1, 8, 8), num_classes=3)
+    task.build(device=torch.device("cpu"), wrap=lambda m: m)
+    seen = []
+    task.modules["generator"].register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+    loss, metrics = task.step("generator", batch(7), step=0)  # pairs (0, 3), (1, 4), (2, 5); 6 alone
+    torch.testing.assert_close(seen[0][:3], seen[0][3:6])
+    assert float(loss.detach()) == pytest.approx(
+        float(metrics["g_loss"] + 2.0 / (metrics["ms_ratio"] + 1e-5))
+    )
+    loss.backward()
+    assert task.modules["generator"].project.weight.grad is not None
+    with torch.no_grad():  # a generator blind to z: every pair is identical, the ratio 0
+        task.modules["generator"].project.weight[:, :8] = 0
+    loss, metrics = task.step("generator", batch(7), step=0)
+    assert float(metrics["ms_ratio"]) < 1e-6 and float(loss.detach()) > 1e4
+    plain = GANTask(_cfg(), LOOP, image_shape=(1, 8, 8), num_classes=3)
+    plain.build(device=torch.device("cpu"), wrap=lambda m: m)
+    assert "ms_ratio" not in plain.step("generator", batch(7), step=0)[1]  # off by default
+
+
 def test_generator_shapes_and_projection_for_unlabelled() -> None:
     for shape in [(1, 16, 16), (3, 32, 32), (1, 28, 28)]:
         g = Generator(_cfg(), image_shape=shape, num_classes=10)

@@ -130,14 +130,21 @@ def disc_accuracy(task: TokenizerTask, real: torch.Tensor, fake: torch.Tensor) -
 
 
 def run(
-    name: str, disc: str, *, data_dir: Path, ev_dir: Path, params: str, steps: int | None
+    name: str,
+    disc: str,
+    *,
+    data_dir: Path,
+    ev_dir: Path,
+    params: str,
+    steps: int | None,
+    disc_start: int | None = None,
 ) -> tuple[dict, VQGAN]:
     """Train one tokenizer and judge it on the test split; (figures, the trained VQGAN in eval mode)."""
     cfg = load_stage(params, "train_tokenizer")["train_tokenizer"]
     data, test = ShardDataset(data_dir, "train"), ShardDataset(data_dir, "test")
     raw = cfg.model.model_dump()
     raw["autoencoder"]["in_channels"] = data.meta["channels"]
-    raw["loss"]["disc"].update(DISC[disc])
+    raw["loss"]["disc"].update(DISC[disc] | ({"start_step": disc_start} if disc_start is not None else {}))
     model = type(cfg.model).model_validate(raw)
     loop = _with_steps(cfg.loop, steps)
     evaluator = load_evaluator(ev_dir).requires_grad_(False)
@@ -289,6 +296,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--prior-steps", type=int, default=None, help="override the prior's loop.steps (default: params.yaml)"
     )
+    parser.add_argument(
+        "--disc-start", type=int, default=None, help="override loss.disc.start_step (default: params.yaml)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--work", default=".genpipe/bench/tokenizer_gan", help="shapes data and evaluator")
     parser.add_argument("--out", default=".genpipe/bench/tokenizer_gan/results.jsonl")
@@ -303,7 +313,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             data_dir, ev_dir = shapes_evaluator(work, params=args.params)
         for disc in args.disc:
             result, vqgan = run(
-                name, disc, data_dir=data_dir, ev_dir=ev_dir, params=args.params, steps=args.steps
+                name,
+                disc,
+                data_dir=data_dir,
+                ev_dir=ev_dir,
+                params=args.params,
+                steps=args.steps,
+                disc_start=args.disc_start,
             )
             result |= prior_fid(
                 f"{name}/{disc}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -80,3 +81,33 @@ def maskgit_prior(path: Path, *, tokenizer: Path) -> Path:
         tokenizer_dir=tokenizer,
     )
     return path
+
+
+def register_tiny(root: Path) -> dict:
+    """A sqlite store in `root` holding `genpipe-diffusion@champion` (pixel) and `genpipe-prior-maskgit@champion`
+    (prior + tokenizer), each logged as a pyfunc model from code the way the training stages log it.
+    """
+    from mlflow import MlflowClient
+
+    from components.registry.registry import log_generator, register_version, set_alias
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("tiny", artifact_location=(root / "mlartifacts").as_uri())
+    models = {
+        "genpipe-diffusion": pixel_diffusion(root / "models" / "diffusion_pixel"),
+        "genpipe-prior-maskgit": maskgit_prior(
+            root / "models" / "prior_maskgit", tokenizer=vqgan(root / "models" / "tokenizer")
+        ),
+    }
+    logged = {}
+    for name, model_dir in models.items():
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+        logged[name] = log_generator(tracking_uri=uri, run_id=run_id, model_dir=model_dir)
+        sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+        tags = {"git_commit": "abc123", "model_sha256": sha, **logged[name].tags}
+        version = register_version(
+            tracking_uri=uri, name=name, run_id=run_id, tags=tags, model_id=logged[name].model_id
+        )
+        set_alias(tracking_uri=uri, name=name, alias="champion", version=version)
+    return {"uri": uri, "models": models, "logged": logged}

@@ -19,11 +19,19 @@ draws a class uniformly. The discriminator's normalization is per sample, LayerN
 (GroupNorm with one group) or none, never BatchNorm: the gradient penalty is per sample (BatchNorm
 couples the samples in a batch, which "invalidates" the penalty, Gulrajani et al. sec. 4), real and
 fake share one forward (one DDP forward per backward), and train and eval modes agree.
+
+Diversity. Nothing in L_G rewards two fakes of one class for differing, and the projection term
+gives every fake of class y the same push towards that class's best-scoring image: in a short, fast
+run the generator learns to ignore z (one image per class). Options, all off by default:
+`mode_seeking` lambda adds lambda / (mean|G(z1, y) - G(z2, y)| / mean|z1 - z2|) to L_G over pairs
+that share a class (Mao et al. 2019, eq. 3): the direct remedy for a conditional generator that
+ignores z; `d_mbstd_group` appends the minibatch standard deviation to D's last features (Karras et
+al. 2018, sec. 3; groups never mix real and fake); `d_spectral_norm` (Miyato et al. 2018);
+`r1_weight` gamma adds gamma / 2 ||grad_x D(x)||^2 on reals to L_D (Mescheder et al. 2018, eq. 9).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +49,7 @@ from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
 from components.zoo.common import export_generator, progress_labels, read_export, request
+from components.zoo.gan_layers import CondBatchNorm, gradient_penalty, minibatch_std, r1_penalty
 
 MIN_START = 4  # the generator starts from a map of at least 4x4, as DCGAN does
 
@@ -104,25 +113,6 @@ def _dcgan_init(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-
-class CondBatchNorm(nn.Module):
-    """BatchNorm whose gain and bias are looked up per class (de Vries et al. 2017); plain if K = 0."""
-
-    def __init__(self, channels: int, *, num_classes: int) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0)
-        self.gain = self.bias = None
-        if num_classes:
-            self.gain, self.bias = nn.Embedding(num_classes, channels), nn.Embedding(num_classes, channels)
-            nn.init.normal_(self.gain.weight, 1.0, 0.02)
-            nn.init.zeros_(self.bias.weight)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        h = self.bn(x)
-        if self.gain is None:
-            return h
-        return h * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
 class Generator(nn.Module):
@@ -198,37 +188,6 @@ class Discriminator(nn.Module):
             proj = (self.embed(y.clamp_min(0)) * phi.sum(dim=(2, 3))).sum(1)  # projection, eq. 3
             out = out + torch.where(labelled, proj, torch.zeros_like(proj))
         return out
-
-
-def minibatch_std(phi: torch.Tensor, *, group: int, parts: int = 1) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 1, H, W): each sample's group std, averaged over (C, H, W) (Karras et al. 2018).
-
-    Groups are runs of gcd(B / parts, group) consecutive samples, so none straddles two of the `parts`
-    (real and fake judged in one forward); a collapsed generator's groups have a telltale low value.
-    """
-    b = phi.shape[0]
-    if parts < 1 or b % parts:
-        raise ValueError(f"batch of {b} does not split into parts={parts} equal batches")
-    g = math.gcd(b // parts, group)
-    grouped = phi.view(b // g, g, *phi.shape[1:])  # (B/g, g, C, H, W)
-    std = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B/g,)
-    return std.repeat_interleave(g).view(b, 1, 1, 1).expand(b, 1, *phi.shape[2:])
-
-
-def r1_penalty(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """||grad_x D(x)||^2 per sample (B,) on real images (Mescheder et al. 2018, eq. 9); graph kept."""
-    (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
-    return grad.flatten(1).pow(2).sum(dim=1)
-
-
-def gradient_penalty(scores: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(||grad_x_hat C(x_hat)||_2 - 1)^2 per sample, (B,) (Gulrajani et al. 2017, eq. 3).
-
-    `scores` (B,) must come from `x_hat` (B, ...) with requires_grad; the graph is kept so that the
-    penalty's own gradient reaches the critic's weights.
-    """
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).pow(2)
 
 
 def _truncated_normal(

@@ -91,12 +91,14 @@ def main(
     table[SEED] = [batch_seed(seed, i // batch_size) for i in range(n)]
     for key, value in options.items():
         table[key] = [value] * n
-    images = []
-    with tqdm(total=n, unit="img", desc=f"{name} v{mv.version}", file=sys.stderr) as bar:
-        for start in range(0, n, batch_size):
-            got = model.predict(table.iloc[start : start + batch_size].reset_index(drop=True))
-            images.append(decode_images(got[IMAGE]))
-            bar.update(len(got))
+    images, bar = [], None
+    for start in range(0, n, batch_size):
+        got = model.predict(table.iloc[start : start + batch_size].reset_index(drop=True))
+        images.append(decode_images(got[IMAGE]))
+        # The bar starts once the first batch passed the generator's option checks: an error stays one line.
+        bar = bar or tqdm(total=n, unit="img", desc=f"{name} v{mv.version}", file=sys.stderr)
+        bar.update(len(got))
+    bar.close()
     pixels = torch.from_numpy(np.concatenate(images))
     x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # uint8 (n, H, W, C) -> [-1, 1] (n, C, H, W)
     balanced = label is None and about["num_classes"] > 0

@@ -7,9 +7,8 @@ rebuilds the generator with `components.generators.load_generator` from safetens
 The request and response tables are described in `components.registry.serving`.
 """
 
-from __future__ import annotations
-
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 GENERATOR_ARTIFACT = "generator"  # the artifact key of the exported generator folder
@@ -23,7 +22,9 @@ class GeneratorModel(PythonModel):
 
         self.generator = load(context.artifacts[GENERATOR_ARTIFACT])
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint: MLflow neither validates nor infers from it (the table is checked in
+    # serving.predict, the signature is given at log time) and stops asking for type hints.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from components.registry.serving import predict
 
         return predict(self.generator, model_input)

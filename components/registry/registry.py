@@ -158,9 +158,8 @@ def log_generator(
     )
     try:
         with tempfile.TemporaryDirectory(prefix="genpipe-pyfunc-") as tmp, warnings.catch_warnings():
-            # MLflow nags for predict() type hints and an input example: the table is checked by
-            # predict itself (see serving.py) and an example would run the sampler at log time.
-            warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
+            # MLflow nags for an input example: one would run the sampler at log time.
+            warnings.filterwarnings("ignore", message=".*input example.*")
             local = Path(tmp) / "model"
             mlflow.pyfunc.save_model(
                 path=str(local),
@@ -244,7 +243,8 @@ def _model_version(client: MlflowClient, name: str, *, alias: str | None, versio
     try:
         held = client.get_registered_model(name).aliases or {}
     except MlflowException:
-        raise LookupError(f"no registered model {name!r}") from None
+        names = sorted(m.name for m in client.search_registered_models("name LIKE 'genpipe-%'"))
+        raise LookupError(f"no registered model {name!r}; registered: {', '.join(names) or 'none'}") from None
     try:
         return (
             client.get_model_version_by_alias(name, alias)

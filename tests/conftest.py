@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import postgres_mlflow, postgres_registry  # noqa: F401 - session services
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

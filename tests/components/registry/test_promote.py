@@ -1,4 +1,5 @@
-"""The promotion gate, its locks and rollback against real MLflow stores (sqlite file, HTTP server)."""
+"""The promotion gate, its locks and rollback against real MLflow stores: a sqlite file, and `mlflow server`
+over HTTP on a sqlite file and on PostgreSQL (where promotions race through the server lock)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from components.registry.registry import (
     set_alias,
     version_by_alias,
 )
-from tests.components.registry.test_registry import mlflow_server  # noqa: F401 - the fixture, reused
+from tests.components.registry.test_registry import experiment, mlflow_server  # noqa: F401 - the fixture, reused
 
 NAME = "genpipe-diffusion"
 JUDGE = "e" * 64
@@ -41,10 +42,7 @@ STAMP = {"user": "tester", "time": "2025-01-01T00:00:00+00:00"}
 def add_evaluated(uri: str, tmp: Path, *, name: str = NAME, evaluator: str = JUDGE, **metrics: float) -> str:
     """Register a new version and record its evaluation exactly as `evaluate` does (it becomes challenger)."""
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("t") or client.get_experiment(
-        client.create_experiment("t", artifact_location=(tmp / "artifacts").as_uri())
-    )
-    run_id = client.create_run(exp.experiment_id).info.run_id
+    run_id = client.create_run(experiment(uri, tmp)).info.run_id
     (tmp / "model").mkdir(exist_ok=True)
     (tmp / "model" / "config.json").write_text("{}")
     client.log_artifacts(run_id, str(tmp / "model"), "model")
@@ -80,10 +78,24 @@ def empty_db(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def store(tmp_path: Path, empty_db: Path) -> str:
+STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=STORES)
+def store(request, tmp_path: Path, empty_db: Path) -> str:
+    """A sqlite file (the file lock), or `mlflow server` over PostgreSQL (the server lock), empty."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_registry")
     shutil.copy(empty_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(params=STORES)
+def http_store(request) -> str:
+    """`mlflow server` over HTTP: on a sqlite file, or on PostgreSQL."""
+    return request.getfixturevalue(
+        {"sqlite": "mlflow_server", "postgres": "postgres_registry"}[request.param]
+    )
 
 
 def test_first_promotion_without_champion(store: str, tmp_path: Path):
@@ -97,7 +109,12 @@ def test_first_promotion_without_champion(store: str, tmp_path: Path):
     assert tags["promote.user"] == "tester" and PREVIOUS_TAG not in tags
 
 
-@pytest.mark.parametrize("metric", GATE_METRICS)
+@pytest.mark.parametrize(
+    ("store", "metric"),
+    [("sqlite", m) for m in GATE_METRICS]  # the rule is the store's business only in moving the alias:
+    + [pytest.param("postgres", m, marks=pytest.mark.postgres) for m in ("fid_over_floor", "cond_accuracy")],
+    indirect=["store"],
+)
 def test_gate_never_promotes_a_worse_or_equal_model(store: str, tmp_path: Path, metric: str):
     good, bad = (1.0, 2.0) if metric in LOWER_IS_BETTER else (0.9, 0.5)
     v1 = add_evaluated(store, tmp_path, **{metric: good})
@@ -116,6 +133,7 @@ def test_gate_never_promotes_a_worse_or_equal_model(store: str, tmp_path: Path, 
     assert rows(store)[v4]["tags"][PREVIOUS_TAG] == v1
 
 
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)  # the rule alone: decide() is pure
 @pytest.mark.parametrize(
     ("metric", "champion", "challenger", "margin", "promote"),
     [
@@ -133,6 +151,7 @@ def test_margin(store: str, tmp_path: Path, metric, champion, challenger, margin
     assert decision.promote is promote and decision.champion == v1 and str(margin) in decision.rule
 
 
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 def test_refusals(store: str, tmp_path: Path):
     v1 = add_evaluated(store, tmp_path, fid_over_floor=2.0)
     set_alias(tracking_uri=store, name=NAME, alias=CHAMPION, version=v1)
@@ -185,8 +204,8 @@ def test_file_lock_excludes_a_second_holder(tmp_path: Path):
         pass
 
 
-def test_server_lock_and_promotion_over_http(mlflow_server: str, tmp_path: Path):  # noqa: F811
-    uri, lock = mlflow_server, lock_model_name(NAME)
+def test_server_lock_and_promotion_over_http(http_store: str, tmp_path: Path):
+    uri, lock = http_store, lock_model_name(NAME)
     client = MlflowClient(tracking_uri=uri)
     with registry_lock(uri, NAME, timeout=5):
         assert client.get_registered_model(lock).name == lock
@@ -216,17 +235,21 @@ def test_server_lock_and_promotion_over_http(mlflow_server: str, tmp_path: Path)
 RACER = """
 import sys, time
 from pathlib import Path
-from components.registry.promote import PromotionRefused, apply, registry_lock
-from tests.components.registry.test_promote import STAMP, gate
+from components.registry.promote import PromotionRefused, apply, decide, registry_lock
+from components.registry.registry import list_versions
 
 uri, go = sys.argv[1], Path(sys.argv[2])
-decision = gate(uri)  # every racer decides against the same champion ...
+now = list_versions(tracking_uri=uri, name="genpipe-diffusion")
+by = lambda alias: next((r for r in now if alias in r["aliases"]), None)
+# every racer decides against the same champion ...
+decision = decide(challenger=by("challenger"), champion=by("champion"), metric="fid_over_floor", margin=0.0)
+STAMP = {"user": sys.argv[3], "time": "2025-01-01T00:00:00+00:00"}
 (go.parent / f"ready-{sys.argv[3]}").touch()
 while not go.exists():
     time.sleep(0.02)
 try:  # ... then all rush for the lock at once
     with registry_lock(uri, "genpipe-diffusion", timeout=60):
-        apply(uri, decision, record={**STAMP, "user": sys.argv[3]})
+        apply(uri, decision, record=STAMP)
     print("applied")
 except PromotionRefused as err:
     print(f"refused: {err}")

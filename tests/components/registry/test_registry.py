@@ -1,13 +1,9 @@
-"""Tracking sink and model registry against real MLflow stores: a sqlite file and an HTTP server."""
+"""Tracking sink and model registry against real MLflow stores: a sqlite file, and `mlflow server` over
+HTTP on a sqlite file and on PostgreSQL."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +20,20 @@ from components.registry.registry import (
     version_by_alias,
 )
 from components.registry.tracking import STEP_KEY, MlflowSink
+from tests import services
 
 
 def _new_run(uri: str, tmp: Path) -> str:
+    return MlflowClient(tracking_uri=uri).create_run(experiment(uri, tmp)).info.run_id
+
+
+def experiment(uri: str, tmp: Path, name: str = "t") -> str:
+    """The test experiment's id, created if new: artefacts under `tmp`, or through the server over HTTP."""
     client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("t", artifact_location=(tmp / "artifacts").as_uri())
-    return client.create_run(exp).info.run_id
+    if found := client.get_experiment_by_name(name):
+        return found.experiment_id
+    location = None if uri.startswith("http") else (tmp / "artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def _exercise(uri: str, tmp: Path) -> None:
@@ -80,50 +84,14 @@ def test_unknown_family_lists_valid():
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path, free_port: int):
-    port = free_port
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "served-artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180  # a loaded 2-core machine can take over a minute to start it
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("mlflow server exited during start-up")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not become healthy in 180 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)  # gunicorn winds down slowly on a loaded machine
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the workers go too
-        proc.wait()
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """`mlflow server` over HTTP on a sqlite file, for this test alone."""
+    with services.mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server") as url:
+        yield url
 
 
-def test_http_tracking_server(mlflow_server: str, tmp_path: Path):
-    _exercise(mlflow_server, tmp_path)
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_http_tracking_server(backend: str, request, tmp_path: Path):
+    """The same calls through `mlflow server`: on a sqlite file, and on PostgreSQL as teams run it."""
+    uri = request.getfixturevalue({"sqlite": "mlflow_server", "postgres": "postgres_registry"}[backend])
+    _exercise(uri, tmp_path)

@@ -47,14 +47,18 @@ down() {
   [[ -f $pids ]] || { say "nothing to stop (no $pids)"; return 0; }
   local pgid left
   while read -r pgid _; do kill -TERM -- "-$pgid" 2>/dev/null || true; done <"$pids"
-  for _ in $(seq 60); do  # ray start --block stops its raylet, GCS and workers on SIGTERM
+  # `ray start --block` stops its raylet, GCS and workers on SIGTERM, gracefully: up to 25 s on a
+  # busy machine. Past 10 s the rest is killed; a cluster keeps nothing on disk worth the wait.
+  for _ in $(seq 20); do
     left=0
     while read -r pgid _; do running "$pgid" && left=1; done <"$pids"
     [[ $left == 0 ]] && break
     sleep 0.5
   done
   while read -r pgid _; do kill -KILL -- "-$pgid" 2>/dev/null || true; done <"$pids"
-  rm -f "$pids" "$dir/env"
+  local temp; temp=$(cat "$dir/temp" 2>/dev/null || true)
+  [[ $temp == */genpipe-ray-* ]] && rm -rf "$temp"  # Ray's sessions: sockets, its own logs
+  rm -f "$pids" "$dir/env" "$dir/temp"
   say "stopped"
 }
 
@@ -76,6 +80,7 @@ unset RAY_ADDRESS
 # to the driver (each line twice), and one under /tmp/ray would be what every other `ray.init()` on
 # this machine finds. Short, since Ray's Unix sockets live there (at most 107 bytes a path).
 temp="${TMPDIR:-/tmp}/genpipe-ray-$port"
+echo "$temp" >"$dir/temp"
 
 start() {  # start NAME CMD...: CMD in a new process group, output to DIR/NAME.log
   local name=$1; shift

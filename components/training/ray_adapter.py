@@ -73,6 +73,23 @@ class FitResult:
         return module.eval()
 
 
+class WorkerFailedError(RuntimeError):
+    """Training failed on a worker after `train.max_failures` restarts (the worker's own traceback
+    went to the console through Ray's log forwarding; this is the driver's one line)."""
+
+
+def _failure_line(err: ray.train.WorkerGroupError) -> str:
+    """`worker rank 1 (of 2 failing) failed: ValueError: ...`: the first failing rank's error, first line."""
+    failures = err.worker_failures
+    if not failures:
+        return str(err).strip().splitlines()[-1]
+    rank = min(failures)
+    exc = failures[rank]
+    message = next(iter(str(exc).strip().splitlines()), "")
+    others = f" (of {len(failures)} failing)" if len(failures) > 1 else ""
+    return f"worker rank {rank}{others} failed: {type(exc).__name__}: {message}"
+
+
 @dataclass(frozen=True)
 class _Spec:
     """What each worker receives (pickled): factories, not objects, so each builds its own."""
@@ -154,7 +171,8 @@ def fit(
     Factories must be picklable (module-level callables or functools.partial); `sink_factory` and
     `sample_sink_factory` are called on rank 0 only. `shuffle_buffer` rows feed each worker's local
     shuffle (None: data order as read). Raises NonFiniteError without retrying: a resume from the
-    last checkpoint would only repeat it. `owned_instance`: the Ray instance dies with this command
+    last checkpoint would only repeat it; WorkerFailedError when a worker still fails after
+    `train.max_failures` restarts. `owned_instance`: the Ray instance dies with this command
     (see _Trainer).
     """
     unknown = sorted(set(datasets) - set(DATASET_KEYS))
@@ -197,7 +215,10 @@ def fit(
         if datasets
         else None,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as err:  # retries spent: the culprit in one line
+        raise WorkerFailedError(_failure_line(err)) from err
     out = result.return_value or {}
     if "nonfinite" in out:
         raise NonFiniteError(out["nonfinite"])

@@ -4,7 +4,7 @@
 #
 #   scripts/local-cluster.sh up [--nodes N] [--cpus N] [--port P] [--mlflow-port P] [--host IP] [--dir DIR]
 #   source .genpipe/cluster/env            # RAY_ADDRESS, RAY_AUTH_MODE, MLFLOW_TRACKING_URI
-#   genpipe train_evaluator                # or dvc repro -S train.num_workers=2
+#   .venv/bin/dvc exp run -S train.num_workers=2 train_evaluator   # one worker per node
 #   scripts/local-cluster.sh down [--dir DIR]
 #
 # `up` starts a head (`ray start --head --block`), N-1 more nodes (`ray start --address --block`),
@@ -32,7 +32,8 @@ done
 for v in nodes cpus port mlflow_port; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "--${v//_/-} must be a positive integer, got '${!v}'"
 done
-mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
+[[ $cmd == up ]] && mkdir -p "$dir"
+[[ -d $dir ]] && dir=$(cd "$dir" && pwd)
 pids="$dir/pids"
 
 # The project's tools: .venv/bin next to this script when there is one, else PATH.

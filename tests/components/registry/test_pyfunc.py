@@ -8,12 +8,10 @@ another directory: an already-imported `components` would shadow the model's own
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from PIL import Image
 
 from components.generators import load_generator
 from components.registry.registry import download, load_pyfunc, pip_requirements
+from tests import services
 from tests.components.registry.tiny_generators import register_tiny
 from tests.conftest import REPO, project_env
 
@@ -159,6 +158,31 @@ def test_bad_tables_are_one_line_errors_and_loads_are_cached(store: dict, tmp_pa
         load_pyfunc(tracking_uri=store["uri"], name=DIFFUSION, alias="best", cache=tmp_path)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_log_register_and_load_over_http(backend: str, request, tmp_path: Path):
+    """Against `mlflow server`: artefacts go through its proxy, the server resolves `models:/<id>`,
+    and `load_pyfunc` downloads each logged model once."""
+    if backend == "sqlite":
+        with services.mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server") as url:
+            _exercise_http(url, tmp_path)
+    else:
+        _exercise_http(request.getfixturevalue("postgres_registry"), tmp_path)
+
+
+def _exercise_http(url: str, tmp_path: Path) -> None:
+    store = register_tiny(tmp_path, uri=url, pixel_only=True)
+    mv = MlflowClient(tracking_uri=url).get_model_version(DIFFUSION, "1")
+    assert mv.source == store["logged"][DIFFUSION].model_uri and mv.run_id
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        model, _ = load_pyfunc(tracking_uri=url, name=DIFFUSION, alias="champion", cache=cache)
+    assert os.listdir(cache) == [store["logged"][DIFFUSION].model_id]
+    got = model.predict(pd.DataFrame({"label": [2, 0], "seed": [1, 1]}))
+    assert got["label"].tolist() == [2, 0] and got["image"].str.len().min() > 100
+    folder = download(tracking_uri=url, name=DIFFUSION, alias="champion", dst=tmp_path / "dl")
+    assert _tree_sha(folder, "*.safetensors") == mv.tags["weights_sha256"]
+
+
 @pytest.fixture
 def served(store: dict, free_port: int):
     """`mlflow models serve` of genpipe-diffusion@champion on a free port; always stopped."""
@@ -186,13 +210,7 @@ def served(store: dict, free_port: int):
                 time.sleep(0.5)
         yield url
     finally:  # the server's own session: uvicorn and its worker go with it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        services.stop_group(proc, grace=20)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

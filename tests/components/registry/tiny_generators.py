@@ -83,23 +83,29 @@ def maskgit_prior(path: Path, *, tokenizer: Path) -> Path:
     return path
 
 
-def register_tiny(root: Path) -> dict:
-    """A sqlite store in `root` holding `genpipe-diffusion@champion` (pixel) and `genpipe-prior-maskgit@champion`
-    (prior + tokenizer), each logged as a pyfunc model from code the way the training stages log it.
+def register_tiny(root: Path, *, uri: str | None = None, pixel_only: bool = False) -> dict:
+    """`genpipe-diffusion@champion` (pixel) and `genpipe-prior-maskgit@champion` (prior + tokenizer),
+    each logged as a pyfunc model from code the way the training stages log it, in the store `uri`
+    (default: a sqlite file in `root`, artefacts beside it; a server keeps its own artefact root).
     """
+    import uuid
+
     from mlflow import MlflowClient
 
     from components.registry.registry import log_generator, register_version, set_alias
 
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    local = uri is None
+    uri = uri or f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("tiny", artifact_location=(root / "mlartifacts").as_uri())
-    models = {
-        "genpipe-diffusion": pixel_diffusion(root / "models" / "diffusion_pixel"),
-        "genpipe-prior-maskgit": maskgit_prior(
-            root / "models" / "prior_maskgit", tokenizer=vqgan(root / "models" / "tokenizer")
-        ),
-    }
+    experiment = client.create_experiment(
+        f"tiny-{uuid.uuid4().hex[:8]}", artifact_location=(root / "mlartifacts").as_uri() if local else None
+    )
+    models = {"genpipe-diffusion": pixel_diffusion(root / "models" / "diffusion_pixel")}
+    if not pixel_only:
+        tokenizer = vqgan(root / "models" / "tokenizer")
+        models["genpipe-prior-maskgit"] = maskgit_prior(
+            root / "models" / "prior_maskgit", tokenizer=tokenizer
+        )
     logged = {}
     for name, model_dir in models.items():
         run_id = client.create_run(experiment, run_name=name).info.run_id

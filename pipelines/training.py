@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 
 from components.evaluation.curves import plot_curves
 from components.io import atomic_file, write_json
@@ -118,12 +119,11 @@ def tag_worker_nodes(run: StageRun, nodes: tuple[str, ...]) -> dict[str, dict]:
     if not placed:  # a result that names no nodes: nothing to say
         return placed
     client = MlflowClient(tracking_uri=run.tracking_uri)
-    client.set_tag(run.run_id, NUM_NODES_TAG, str(len(placed)))
     value = json.dumps(placed)
     if len(value) > 8000:  # MLflow's limit on a tag value: some 90 nodes
         client.log_dict(run.run_id, placed, "ray_nodes.json")
         value = "too long for a tag: see the artifact ray_nodes.json"
-    client.set_tag(run.run_id, NODES_TAG, value)
+    client.log_batch(run.run_id, tags=[RunTag(NUM_NODES_TAG, str(len(placed))), RunTag(NODES_TAG, value)])
     if len(placed) > 1:
         hosts = ", ".join(f"{v['ip']} ({len(v['ranks'])})" for v in placed.values())
         print(f"{run.stage}: {len(nodes)} workers on {len(placed)} nodes, workers per node: {hosts}")

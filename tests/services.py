@@ -221,9 +221,10 @@ def chromium() -> str:
 
 
 def browse(url: str, folder: Path, *, screenshot: Path | None = None, budget_ms: int = 15000) -> str:
-    """Load `url` in headless Chromium, let its scripts run `budget_ms` of virtual time; the DOM as HTML."""
+    """Load `url` in headless Chromium, let its scripts run `budget_ms` of virtual time; the DOM as HTML
+    (and a PNG of the window at `screenshot`)."""
     profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=folder))
-    out = ["--screenshot=" + str(screenshot), "--window-size=1400,900"] if screenshot else ["--dump-dom"]
+    out = ["--dump-dom"] + ([f"--screenshot={screenshot}", "--window-size=1400,900"] if screenshot else [])
     proc = subprocess.Popen(
         [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
         + [*out, url],

@@ -105,6 +105,7 @@ healthy() { python -c 'import sys, urllib.request; urllib.request.urlopen(sys.ar
 
 # Anything that stops `up` half-way (an error, Ctrl-C) stops what it started.
 trap '[[ ${ok:-} == 1 ]] || down' EXIT
+# 512 MiB of object store a node: Ray's default, 30% of the memory each, overcommits with several.
 ray_node=(ray start --block --num-cpus "$cpus" --node-ip-address "$host"
   --object-store-memory $((512 * 1024 * 1024)))
 # MLflow's job runner (GenAI evaluation jobs: seven more processes) is not needed for training runs.
@@ -126,7 +127,7 @@ RAY_ADDRESS="$host:$port" python - "$nodes" <<'EOF' || die "the cluster did not 
 import sys, time
 import ray
 want = int(sys.argv[1])
-ray.init(log_to_driver=False)
+ray.init(log_to_driver=False, logging_level="WARNING")
 deadline = time.time() + 120
 while len(alive := [n for n in ray.nodes() if n["Alive"]]) < want and time.time() < deadline:
     time.sleep(0.5)

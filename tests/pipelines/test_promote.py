@@ -1,5 +1,4 @@
-"""`genpipe promote`, `rollback` and `models` as a user runs them, against a real sqlite MLflow store
-(and the race also against `mlflow server` over PostgreSQL)."""
+"""`genpipe promote`, `rollback` and `models` as a user runs them, against a real sqlite MLflow store."""
 
 from __future__ import annotations
 
@@ -16,20 +15,10 @@ from tests.conftest import project_env, run
 
 
 @pytest.fixture
-def workspace(request, tmp_path: Path) -> tuple[Path, str]:
-    """The working directory, its params file pointing at its own sqlite store (default) or, with the
-    indirect param "postgres", at the session's `mlflow server` over PostgreSQL (registry emptied)."""
-    backend = getattr(request, "param", "sqlite")
-    uri = (
-        request.getfixturevalue("postgres_registry")
-        if backend == "postgres"
-        else f"sqlite:///{tmp_path / 'mlflow.db'}"
-    )
-    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {uri}\n")
-    return tmp_path, uri
-
-
-BOTH_STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+def workspace(tmp_path: Path) -> tuple[Path, str]:
+    """A folder with a params file pointing at its own sqlite store, as the working directory."""
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n")
+    return tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def _champion(uri: str, name: str = "genpipe-diffusion") -> str | None:
@@ -96,7 +85,6 @@ def test_models_table_and_lineage(workspace):
     assert proc.returncode == 1 and "no version of genpipe-diffusion with alias nobody" in proc.stderr
 
 
-@pytest.mark.parametrize("workspace", BOTH_STORES, indirect=True)  # file lock; server lock over HTTP
 def test_two_racing_cli_promotions_end_consistent(workspace):
     root, uri = workspace
     v1 = add_evaluated(uri, root, fid_over_floor=2.0)

@@ -103,7 +103,11 @@ TINY = {
         }
         for variant, model, sampling in (
             ("vae", {"channels": 8, "channel_mult": [1, 2], "latent_dim": 4, "beta": 2.0}, {}),
-            ("gan", {"g_channels": 8, "d_channels": 8, "latent_dim": 8}, {"sampling": {"truncation": 2.0}}),
+            (
+                "gan",
+                {"g_channels": 8, "d_channels": 8, "latent_dim": 8, "mode_seeking": 0.1},
+                {"sampling": {"truncation": 2.0}},
+            ),
             ("wgan", {"loss": "wgan_gp", "g_channels": 8, "d_channels": 8, "n_critic": 2}, {}),
             (
                 "flow",
@@ -175,6 +179,9 @@ def test_train_evaluator(workspace: Path):
     assert runs[0].data.tags["dvc_data_hash"].startswith("data/processed")
     versions = list_versions(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name="genpipe-evaluator")
     assert len(versions) == 1 and versions[0]["tags"]["params_hash"] == runs[0].data.tags["params_hash"]
+    lineage = versions[0]["tags"]  # the Ray run that trained it, as for every generator
+    assert lineage["ray_run_name"].startswith("train_evaluator-")
+    assert Path(lineage["ray_storage_path"]).is_absolute()
     curves = (workspace / "reports/plots/train_evaluator.csv").read_text().splitlines()
     assert curves[0].startswith("step,") and len(curves) > 3
     assert "final/" not in curves[0] and curves[1].startswith("10,")  # per-step rows only

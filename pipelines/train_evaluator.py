@@ -19,7 +19,7 @@ from components.evaluation.frechet import feature_stats, frechet_distance
 from components.io import atomic_dir
 from components.stages import TrainEvaluatorConfig
 from pipelines.runtime import CLOCK, print_config, repo_root, stage_run
-from pipelines.training import finish, ray_run_name, train_on_ray
+from pipelines.training import finish, ray_lineage, ray_run_name, train_on_ray
 
 STAGE = "train_evaluator"
 DATA = "data/processed"
@@ -62,6 +62,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
             metrics_path=root / METRICS,
             curves_path=root / CURVES,
             register_model=sections["mlflow"].register_models,
+            tags=ray_lineage(run_name, sections),
         )
     print(
         f"{STAGE}: test accuracy {metrics['test_accuracy']:.4f}, real-vs-real FD floor "

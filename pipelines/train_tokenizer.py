@@ -25,7 +25,7 @@ from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN, reconstruct
 from pipelines.runtime import CLOCK, print_config, repo_root, stage_run
 from pipelines.train_evaluator import TEST_STATS, TRAIN_STATS
-from pipelines.training import finish, ray_run_name, train_on_ray
+from pipelines.training import finish, ray_lineage, ray_run_name, train_on_ray
 
 STAGE = "train_tokenizer"
 DATA, EVALUATOR = "data/processed", "models/evaluator"
@@ -108,6 +108,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
             metrics_path=root / METRICS,
             curves_path=root / CURVES,
             register_model=sections["mlflow"].register_models,
+            tags=ray_lineage(run_name, sections),
         )
     print(
         f"{STAGE}: psnr {metrics['psnr']:.2f} dB, rFID {metrics['rfid']:.4f} "

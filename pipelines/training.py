@@ -58,6 +58,11 @@ def ray_run_name(
     return f"{label or stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def ray_lineage(run_name: str, sections: dict[str, StrictConfig]) -> dict[str, str]:
+    """The version tags that find a model's Ray run: its name and the storage holding its checkpoints."""
+    return {"ray_run_name": run_name, "ray_storage_path": absolute(sections["train"].storage_path)}
+
+
 def train_on_ray(
     *,
     stage: str,
@@ -302,11 +307,7 @@ def train_generator(
             metrics_path=root / "reports" / f"train_{spec.model}.json",
             curves_path=root / "reports" / "plots" / f"train_{spec.model}.csv",
             register_model=sections["mlflow"].register_models,
-            tags={
-                **tags,
-                "ray_run_name": run_name,
-                "ray_storage_path": absolute(sections["train"].storage_path),
-            },
+            tags={**tags, **ray_lineage(run_name, sections)},
             registered=MODELS[spec.model],
         )
     print(CLOCK.line(spec.label))

@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 run: setup  ## the whole default pipeline through DVC
 	@test -d .dvc || { echo "no .dvc/: run from a clone of the genpipe repository" >&2; exit 1; }
 	$(BIN)/genpipe repro
+	$(BIN)/genpipe results   # the results table in README.md and BENCHMARKS.md, from reports/
 
 test: setup  ## the whole test suite (CI runs this)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)

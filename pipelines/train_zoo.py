@@ -36,7 +36,12 @@ class Family:
 
 
 def _gan_knobs(m: gan.GANConfig) -> dict[str, object]:
-    knobs = {"loss": m.loss, "n_critic": m.critic_repeats, "betas": list(m.adam_betas)}
+    knobs = {
+        "loss": m.loss,
+        "n_critic": m.critic_repeats,
+        "betas": list(m.adam_betas),
+        "mode_seeking": m.mode_seeking,
+    }
     return knobs | ({"gp_weight": m.gp_weight} if m.loss == "wgan_gp" else {"d_lr_ratio": m.d_lr_ratio})
 
 

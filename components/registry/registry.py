@@ -316,8 +316,8 @@ def load_pyfunc(
     model_id = logged_model_id(mv)
     if model_id is None:
         raise ValueError(
-            f"{name} version {mv.version} is a plain folder, not a pyfunc model: it was registered "
-            "before generators were logged as models; retrain it (dvc repro) to register one"
+            f"{name} version {mv.version} is a plain folder, not a pyfunc model: only generators are "
+            "logged as models, and only since genpipe logs them from code (retrain it: dvc repro)"
         )
     local = Path(cache) / model_id
     if not (local / "MLmodel").is_file():
@@ -328,8 +328,9 @@ def load_pyfunc(
                 dst_path=tmp,
                 tracking_uri=tracking_uri,
             )
-            shutil.rmtree(local, ignore_errors=True)  # an incomplete copy (no MLmodel)
-            os.replace(got, local)
+            if not (local / "MLmodel").is_file():  # another process may have finished first
+                shutil.rmtree(local, ignore_errors=True)  # an incomplete copy (no MLmodel)
+                os.replace(got, local)
     return mlflow.pyfunc.load_model(str(local)), mv
 
 

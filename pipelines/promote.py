@@ -29,6 +29,9 @@ LINEAGE_TAGS = (
     "ray_storage_path",
     "eval.evaluator_sha256",
     "model_sha256",
+    "weights_sha256",
+    "code_sha256",
+    "tokenizer_sha256",
 )
 
 

@@ -25,7 +25,7 @@ run: setup  ## the whole default pipeline through DVC
 	$(BIN)/genpipe results   # the results table in README.md and BENCHMARKS.md, from reports/
 
 test: setup  ## the whole test suite (CI runs this)
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 bench: setup  ## benchmarks; figures go to BENCHMARKS.md (the diffusion part needs `make run` first)
 	$(BIN)/python -m benchmarks.run

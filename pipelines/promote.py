@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from components.config import read_params, validate_section
+from components.config import load_stage, read_params, validate_section
 from components.generators import MODELS
 from components.io import write_json
 from components.registry.promote import apply, decide, file_lock, registry_lock, rollback
@@ -61,10 +61,48 @@ def _stamp() -> dict[str, str]:
     return {"user": user, "time": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
+def _challenger_from_report(params: Path, model: str) -> bool:
+    """Record `reports/evaluate/<model>.json` on the registered version, if DVC vouches for the report.
+
+    DVC skips `evaluate@<model>` when its model, judge and code are unchanged (a fresh clone whose
+    training reproduced the committed weights), but the MLflow store is not versioned: the version
+    the training stage just registered there has no figures and no `challenger` alias yet. When
+    `dvc status` finds the stage up to date, the report judged exactly these weights.
+    """
+    from pipelines.evaluate import REPORTS, STAGE, _register
+
+    root = repo_root()
+    report = root / REPORTS / f"{model}.json"
+    if not report.is_file() or not _dvc_up_to_date(root, f"{STAGE}@{model}"):
+        return False
+    sections = load_stage(params, STAGE)
+    metrics = json.loads(report.read_text())
+    _register(
+        sections, root=root, model=model, metrics=metrics, options=sections[STAGE].options.get(model, {})
+    )
+    return True
+
+
+def _dvc_up_to_date(root: Path, stage: str) -> bool:
+    """Whether `dvc status` finds `stage` unchanged (False outside a DVC repo or for an unknown stage)."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            return repo.status(targets=[stage]) == {}
+    except Exception:  # not a DVC repo, no such stage, a broken lock: nothing to vouch with
+        return False
+
+
 def main(*, params: Path, model: str, metric: str, margin: float, dry_run: bool = False) -> None:
     """Decide challenger vs champion on `metric`; unless `dry_run`, record it and move the alias under a lock."""
     uri, name = store_uri(params), resolve(model)
     rows = list_versions(tracking_uri=uri, name=name)
+    if _by_alias(rows, CHALLENGER) is None and not dry_run:
+        # A fresh store beside committed reports: DVC skipped an unchanged evaluate stage.
+        folder = next((m for m, n in MODELS.items() if n == name), None)
+        if folder and _challenger_from_report(params, folder):
+            rows = list_versions(tracking_uri=uri, name=name)
     decision = decide(
         challenger=_by_alias(rows, CHALLENGER),
         champion=_by_alias(rows, CHAMPION),

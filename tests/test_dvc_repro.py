@@ -187,7 +187,8 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
     assert all(entry["decision"] == "promoted" for entry in promoted.values()), promoted
     assert "champion" in run(["genpipe", "models"], repo_copy).stdout
 
-    assert "Running stage" not in run(["dvc", "repro"], repo_copy).stdout
+    again = run(["dvc", "repro"], repo_copy).stdout  # only promote, which always runs (dvc.yaml)
+    assert [x for x in again.splitlines() if x.startswith("Running stage")] == ["Running stage 'promote':"]
     # What each knob re-runs, from DVC's own plan (`--dry`: the real re-run of a changed stage is
     # covered above on `prepare`; here the question is which stages a knob reaches).
     _set(params, "evaluate", seed=1)
@@ -207,3 +208,14 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
     assert "Running stage 'encode'" in plan and "Running stage 'train_tokenizer'" not in plan
     shown = run(["dvc", "metrics", "show"], repo_copy).stdout
     assert "reports/train_tokenizer.json" in shown and "reports/evaluate.json" in shown
+
+    run(["git", "checkout", "params.yaml"], repo_copy)
+    # A fresh store beside the same outputs (a new clone retrains the committed weights, and DVC
+    # skips the unchanged judges): promote records the up-to-date report on the new version.
+    (repo_copy / "mlflow.db").unlink()
+    run(["genpipe", "train_zoo", "vae"], repo_copy)  # the finished Ray run: same weights, registered anew
+    assert "up to date" in run(["dvc", "status", "evaluate@vae"], repo_copy).stdout
+    promoted = run(["genpipe", "promote", "vae"], repo_copy).stdout
+    assert "genpipe-vae: champion is v1" in promoted, promoted
+    lineage = run(["genpipe", "models", "--lineage", "vae@champion"], repo_copy).stdout
+    assert "eval.evaluator_sha256: -" not in lineage and "model_sha256: -" not in lineage

@@ -103,13 +103,20 @@ class _Spec:
     has_val: bool
     cache: bool  # hold this worker's train shard in memory after one pass (small data)
     # Small materialized splits, pulled into the object store by the driver: {split: ObjectRef of
-    # {column: array}}. Then Train gets no `datasets`, and starts no DatasetManager and no Ray Data
-    # autoscaling actor (~2 s each on 2 cores); each rank takes its equal share of the rows.
+    # {column: array}}. Then Train gets no `datasets` (and `_Trainer` drops the DatasetsCallback):
+    # no DatasetManager, no Ray Data autoscaling actor (~2 s each on 2 cores); each rank takes its
+    # equal share of the rows.
     in_memory: dict[str, Any] | None = None
 
 
 class _Trainer(ray.train.torch.TorchTrainer):
-    """TorchTrainer without the PlacementGroupCleaner, where the cleaner cannot help.
+    """TorchTrainer without the callbacks that cost a process and do nothing here.
+
+    Without `datasets` (small splits travel as arrays, see `_Spec.in_memory`) the DatasetsCallback
+    still starts a DatasetManager actor per fit() in Ray 2.60: a process importing ray and Ray Data
+    (~2 s on 2 cores) that serves no dataset. It is dropped whenever there are no datasets.
+
+    The PlacementGroupCleaner is dropped where it cannot help (`drop_cleaner`).
 
     The cleaner is a detached actor that asks the State API every second whether the controller
     lives, to remove its placement group if it died ungracefully. On an instance that dies with the
@@ -121,9 +128,15 @@ class _Trainer(ray.train.torch.TorchTrainer):
     missing (another Ray), the default callbacks stay.
     """
 
+    def __init__(self, *args, drop_cleaner: bool, **kwargs) -> None:
+        self._drop = {"PlacementGroupCleanerCallback"} if drop_cleaner else set()
+        if not kwargs.get("datasets"):
+            self._drop.add("DatasetsCallback")
+        super().__init__(*args, **kwargs)
+
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
-        return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+        return [c for c in callbacks if type(c).__name__ not in self._drop]
 
 
 def _has_state_api() -> bool:
@@ -195,8 +208,9 @@ def fit(
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker
-    trainer = (_Trainer if owned_instance or not _has_state_api() else ray.train.torch.TorchTrainer)(
+    trainer = _Trainer(
         _worker,
+        drop_cleaner=owned_instance or not _has_state_api(),
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources

@@ -19,6 +19,7 @@ import yaml
 from mlflow import MlflowClient
 
 from components.registry.registry import list_versions
+from pipelines.runtime import LOCAL_RAY_ENV
 
 TINY = {
     "train": {"storage_path": ".genpipe/ray_results"},
@@ -125,10 +126,13 @@ TINY = {
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("workspace")
     (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
-    old = {k: os.environ.get(k) for k in ("GENPIPE_ROOT", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    old = {
+        k: os.environ.get(k) for k in ("GENPIPE_ROOT", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", *LOCAL_RAY_ENV)
+    }
     os.environ["GENPIPE_ROOT"] = str(root)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ.update(LOCAL_RAY_ENV)  # as a stage's own local instance runs (pipelines/runtime.py)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield root
     ray.shutdown()

@@ -79,11 +79,11 @@ def train_on_ray(
     `reader` names the data format: "images" (data/processed: image, label) or "tokens" (data/tokens:
     tokens, latent, label), the inputs of the priors and of latent diffusion.
     """
-    from components.data.raydata import ray_dataset
-    from components.data.tokens import ray_token_dataset
+    from components.data.raydata import training_split
+    from components.data.tokens import token_training_split
     from components.training.ray_adapter import fit
 
-    readers = {"images": ray_dataset, "tokens": ray_token_dataset}
+    readers = {"images": training_split, "tokens": token_training_split}
     if reader not in readers:
         raise ValueError(f"unknown reader {reader!r}; valid: {', '.join(readers)}")
     CLOCK.mark("ray_start")

@@ -46,14 +46,35 @@ def decode_batch(batch: dict[str, np.ndarray], *, channels: int, size: int) -> d
     }
 
 
+def read_columns(data_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+    """The whole split decoded in this process: "image" (N, C, H, W) float32, "label" (N,) int64."""
+    meta = read_meta(data_dir)
+    files = [str(p) for p in split_files(data_dir, split)]
+    table = pa.concat_tables([pq.read_table(f, columns=["image", "label"]) for f in files])
+    if table.num_rows == 0:
+        return {}
+    batch = {"image": table.column("image").to_numpy(), "label": table.column("label").to_numpy()}
+    return decode_batch(batch, channels=meta["channels"], size=meta["image_size"])
+
+
+def training_split(data_dir: str | Path, split: str) -> dict[str, np.ndarray] | ray.data.Dataset:
+    """What a training stage hands to fit(): numpy columns when small, else a materialised Dataset.
+
+    Columns skip Ray Data altogether: building even a materialised Dataset from arrays runs a task
+    (~2 s per split for its worker process on 2 cores), and fit() would only turn it back into arrays.
+    """
+    if small([str(p) for p in split_files(data_dir, split)]):
+        return read_columns(data_dir, split)
+    return ray_dataset(data_dir, split)
+
+
 def ray_dataset(data_dir: str | Path, split: str, *, materialize: bool = True) -> ray.data.Dataset:
     """The split as a Ray Dataset with columns "image" (C, H, W) float32 and "label" int64."""
     meta = read_meta(data_dir)
     files = [str(p) for p in split_files(data_dir, split)]  # absolute: workers change directory
     if materialize and small(files):
-        table = pa.concat_tables([pq.read_table(f, columns=["image", "label"]) for f in files])
-        batch = {"image": table.column("image").to_numpy(), "label": table.column("label").to_numpy()}
-        return from_columns(decode_batch(batch, channels=meta["channels"], size=meta["image_size"]))
+        columns = read_columns(data_dir, split)
+        return from_columns(columns) if columns else ray.data.from_items([]).materialize()
     ds = ray.data.read_parquet(files, columns=["image", "label"])
     ds = ds.map_batches(
         decode_batch,

@@ -188,6 +188,20 @@ def _token_batch(batch: dict[str, np.ndarray], *, grid: tuple[int, int], latent_
     }
 
 
+TRAINING_COLUMNS = ("tokens", "latent", "label")
+
+
+def token_training_split(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray] | ray.data.Dataset:
+    """What a prior or latent-diffusion stage hands to fit(): arrays when small (no Ray Data), else a Dataset."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is not one of {list(SPLITS)}")
+    meta = read_token_meta(tokens_dir)
+    if small([str(Path(tokens_dir) / name) for name in meta["shards"][split]]):
+        arrays = read_tokens(tokens_dir, split)
+        return {k: arrays[k] for k in TRAINING_COLUMNS} if len(arrays["label"]) else {}
+    return ray_token_dataset(tokens_dir, split)
+
+
 def ray_token_dataset(tokens_dir: str | Path, split: str, *, materialize: bool = True) -> ray.data.Dataset:
     """One split of data/tokens as a Ray Dataset (the columns of `_token_batch`) for a Train worker."""
     if split not in SPLITS:
@@ -196,8 +210,8 @@ def ray_token_dataset(tokens_dir: str | Path, split: str, *, materialize: bool =
     files = [str((Path(tokens_dir) / name).resolve()) for name in meta["shards"][split]]  # workers cd
     if materialize and small(files):  # read here: no Ray read tasks (see components/data/raydata.py)
         arrays = read_tokens(tokens_dir, split)
-        return from_columns({k: arrays[k] for k in ("tokens", "latent", "label")})
-    ds = ray.data.read_parquet(files, columns=["tokens", "latent", "label"])
+        return from_columns({k: arrays[k] for k in TRAINING_COLUMNS})
+    ds = ray.data.read_parquet(files, columns=list(TRAINING_COLUMNS))
     ds = ds.map_batches(
         _token_batch,
         batch_format="numpy",

@@ -10,7 +10,6 @@ checkpoint that run reported, after a worker failure and after a killed driver a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -24,6 +23,7 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy  # Ray pinned to 2.60
 from torch import nn
 
 from components.data.readers import epoch_batches
@@ -34,6 +34,7 @@ from components.training.loop import MetricSink, NonFiniteError, SampleSink, tra
 from components.training.task import Batch, Task
 
 DATASET_KEYS = ("train", "val")
+Columns = dict[str, np.ndarray]  # a small split's rows: equal-length arrays, one row per leading index
 
 # glibc malloc in a Train worker: measured on the default evaluator, every step's activation-sized
 # blocks were mmapped and unmapped anew (~3,700 minor page faults per step, a fifth of the worker's
@@ -109,6 +110,28 @@ class _Spec:
     in_memory: dict[str, Any] | None = None
 
 
+class _NoCoordinatorPolicy(FixedScalingPolicy):
+    """FixedScalingPolicy without its resource requests to Ray Data's AutoscalingCoordinator.
+
+    Ray 2.60's fixed policy registers the workers' resources with a detached coordinator actor (for
+    the cluster autoscaler, and so that Ray Data leaves them to Train). On an instance that has no
+    autoscaler and runs no Ray Data job beside the fit (the splits travel as arrays), the request
+    informs nobody; the first fit() on an instance waited ~3 s for that actor's process to start.
+    """
+
+    def after_controller_start(self, train_run_context) -> None:
+        pass
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
+
+    def _send_resource_request(self) -> None:
+        pass
+
+    def _cancel_resource_request(self) -> None:
+        pass
+
+
 class _Trainer(ray.train.torch.TorchTrainer):
     """TorchTrainer without the callbacks that cost a process and do nothing here.
 
@@ -128,15 +151,21 @@ class _Trainer(ray.train.torch.TorchTrainer):
     missing (another Ray), the default callbacks stay.
     """
 
-    def __init__(self, *args, drop_cleaner: bool, **kwargs) -> None:
+    def __init__(self, *args, drop_cleaner: bool, local: bool = False, **kwargs) -> None:
         self._drop = {"PlacementGroupCleanerCallback"} if drop_cleaner else set()
         if not kwargs.get("datasets"):
             self._drop.add("DatasetsCallback")
+        self._no_coordinator = local and not kwargs.get("datasets")
         super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
         return [c for c in callbacks if type(c).__name__ not in self._drop]
+
+    def _initialize_and_run_controller(self, **kwargs):
+        if self._no_coordinator and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+            kwargs["scaling_policy"] = _NoCoordinatorPolicy(self.scaling_config)
+        return super()._initialize_and_run_controller(**kwargs)
 
 
 def _has_state_api() -> bool:
@@ -173,7 +202,7 @@ def fit(
     loop: LoopConfig,
     train: TrainConfig,
     run_name: str,
-    datasets: dict[str, ray.data.Dataset],
+    datasets: dict[str, ray.data.Dataset | Columns],
     sink_factory: Callable[[], MetricSink] | None = None,
     sample_sink_factory: Callable[[], SampleSink] | None = None,
     shuffle_buffer: int | None = 1024,
@@ -186,12 +215,19 @@ def fit(
     shuffle (None: data order as read). Raises NonFiniteError without retrying: a resume from the
     last checkpoint would only repeat it; WorkerFailedError when a worker still fails after
     `train.max_failures` restarts. `owned_instance`: the Ray instance dies with this command
-    (see _Trainer).
+    (see _Trainer). A split may be a Ray Dataset or, when small, its rows as numpy columns
+    (`Columns`, an empty dict for no rows): if every split is small, none of them goes through
+    Ray Data at all.
     """
     unknown = sorted(set(datasets) - set(DATASET_KEYS))
     if unknown or "train" not in datasets:
         raise ValueError(f"datasets keys {sorted(datasets)}: need 'train', may have 'val'; unknown {unknown}")
     loop.per_worker_batch(train.num_workers)  # fail here, not in every worker
+    if all(isinstance(ds, dict) or _small(ds) for ds in datasets.values()):
+        in_memory = {k: ray.put(ds if isinstance(ds, dict) else _columns(ds)) for k, ds in datasets.items()}
+    else:  # some split streams: the small ones join it as Datasets
+        in_memory = None
+        datasets = {k: _dataset(ds) if isinstance(ds, dict) else ds for k, ds in datasets.items()}
     spec = _Spec(
         task_factory=task_factory,
         loop=loop,
@@ -200,10 +236,10 @@ def fit(
         sample_sink_factory=sample_sink_factory,
         shuffle_buffer=shuffle_buffer,
         has_val="val" in datasets,
-        cache=_fits_in_memory(datasets["train"], workers=train.num_workers),
+        cache=in_memory is None and _fits_in_memory(datasets["train"], workers=train.num_workers),
+        in_memory=in_memory,
     )
-    if all(_small(ds) for ds in datasets.values()):
-        spec = dataclasses.replace(spec, in_memory={k: ray.put(_columns(ds)) for k, ds in datasets.items()})
+    if in_memory is not None:
         datasets = {}
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
@@ -211,6 +247,7 @@ def fit(
     trainer = _Trainer(
         _worker,
         drop_cleaner=owned_instance or not _has_state_api(),
+        local=owned_instance,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
@@ -300,7 +337,14 @@ def _fits_in_memory(ds: ray.data.Dataset, *, workers: int) -> bool:
     return ds.size_bytes() / workers < CACHE_BYTES
 
 
-def _columns(ds: ray.data.Dataset) -> dict[str, np.ndarray]:
+def _dataset(columns: Columns) -> ray.data.Dataset:
+    """Numpy columns as a materialized Dataset (a small split beside a streamed one)."""
+    from components.data.raydata import from_columns
+
+    return from_columns(columns) if columns else ray.data.from_items([]).materialize()
+
+
+def _columns(ds: ray.data.Dataset) -> Columns:
     """Every row of a small materialized dataset as numpy columns (an empty one included)."""
     if ds.count() == 0:
         return {}

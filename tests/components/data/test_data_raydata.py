@@ -64,3 +64,17 @@ def test_torch_batches_and_empty_split(local_ray, prepared):
     batch = next(iter(ds.iter_torch_batches(batch_size=4)))
     assert tuple(batch["image"].shape) == (4, 3, 8, 8) and str(batch["label"].dtype) == "torch.int64"
     assert ray_dataset(prepared, "val").count() == 0  # val=0: one empty shard, an empty dataset
+
+
+def test_training_split_is_arrays_when_small_and_a_dataset_when_not(local_ray, prepared, monkeypatch):
+    from components.data import raydata
+
+    columns = raydata.training_split(prepared, "train")
+    assert isinstance(columns, dict)  # read and decoded here: no Ray Data at all
+    ref = ShardDataset(prepared, "train")
+    np.testing.assert_array_equal(columns["image"], ref.images.numpy())
+    np.testing.assert_array_equal(columns["label"], ref.labels.numpy())
+    assert raydata.training_split(prepared, "val") == {}  # an empty split: no columns
+    monkeypatch.setattr(raydata, "IN_DRIVER_BYTES", 1)  # a set too large to read in the driver
+    ds = raydata.training_split(prepared, "train")
+    assert isinstance(ds, ray.data.Dataset) and ds.count() == len(ref)

@@ -5,6 +5,7 @@ Side effects live here and in the stage modules, never in components/.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -67,17 +68,20 @@ def git_commit() -> str:
 
 def dvc_data_hash(deps: list[str]) -> str:
     """DVC's recorded md5 of each data dep (from dvc.lock outs of the stages that made them)."""
-    lock = repo_root() / "dvc.lock"
     if not deps:
         return ""
-    found = {}
-    if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []):
-                if out.get("path") in deps:
-                    found[out["path"]] = out.get("md5", "")
+    lock = repo_root() / "dvc.lock"
+    found = _dvc_outs(lock, lock.stat().st_mtime_ns) if lock.is_file() else {}
     return ",".join(f"{d}:{found.get(d, 'untracked')}" for d in deps)
+
+
+@functools.lru_cache(maxsize=4)
+def _dvc_outs(lock: Path, mtime_ns: int) -> dict[str, str]:
+    """{out path: md5} of every stage in dvc.lock; parsed once per version of the file (a stage asks thrice)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 5x faster on a 50 kB lock file
+    stages = (yaml.load(lock.read_text(), Loader=loader) or {}).get("stages", {})
+    outs = (out for stage in stages.values() for out in stage.get("outs", []))
+    return {out["path"]: out.get("md5", "") for out in outs if "path" in out}
 
 
 # --- where a stage's time goes ----------------------------------------------------------------

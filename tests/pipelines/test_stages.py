@@ -237,6 +237,13 @@ def test_encode(workspace: Path):
     np.testing.assert_array_equal(batch["tokens"].numpy()[got], test["tokens"][order])
     np.testing.assert_array_equal(batch["label"].numpy()[got], test["label"][order])
     assert batch["tokens"].dtype == torch.int64 and batch["latent"].dtype == torch.float32
+    # What the stages hand to fit(): a split this small is plain arrays (no Ray Data), the same rows.
+    from components.data.tokens import token_training_split
+
+    columns = token_training_split(workspace / "data/tokens", "test")
+    assert isinstance(columns, dict) and sorted(columns) == ["label", "latent", "tokens"]
+    np.testing.assert_array_equal(columns["tokens"], test["tokens"])
+    assert columns["tokens"].dtype == np.int64 and columns["latent"].dtype == np.float32
 
 
 @pytest.mark.parametrize("variant", ["pixel", "latent"])

@@ -6,6 +6,11 @@ in this process, and handed to the stages through RAY_ADDRESS in their environme
 outside this command sees it, and it stops with this command. Where the user already names a
 cluster (RAY_ADDRESS, or `ray.address` in params), the stages join that one as they always do.
 
+The stages also skip their imports: a stage server (pipelines/stage_server.py) imports torch, Ray,
+MLflow and the stage modules once, and each `genpipe <stage>` that DVC starts runs in a fork of it
+(GENPIPE_STAGE_SERVER=off in the environment turns this off; a stage whose server is gone runs in its
+own process as before).
+
 At the end: one table of every stage that ran (wall time, training time, overhead, headline
 figures), printed and written to .genpipe/last_repro.md.
 """
@@ -15,11 +20,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipelines.launch import SERVER_ENV
 
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 TIMING_LINE = re.compile(r"^(\S+): [\d.]+ s = training ([\d.]+) \+ overhead ([\d.]+) s")
@@ -55,9 +65,14 @@ def main(*, params: Path, args: list[str]) -> int:
     if shared is not None:
         env["RAY_ADDRESS"] = env[SHARED_LOCAL_ENV] = address = shared
         print(f"genpipe repro: stages share the local Ray instance at {address}", flush=True)
+    server = None if os.environ.get(SERVER_ENV) == "off" else start_server(env, log=repo_root() / ".genpipe")
+    if server is not None:
+        env[SERVER_ENV] = server.socket
     try:
         stages, rc = _run_dvc([str(Path(sys.executable).parent / "dvc"), "repro", *args], env=env)
     finally:
+        if server is not None:
+            server.stop()
         if ray.is_initialized():
             ray.shutdown()
     if stages:
@@ -67,6 +82,51 @@ def main(*, params: Path, args: list[str]) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
     return rc
+
+
+@dataclass
+class StageServer:
+    process: subprocess.Popen
+    socket: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(Path(self.socket).parent, ignore_errors=True)
+
+
+def start_server(env: dict[str, str], *, log: Path) -> StageServer | None:
+    """The stage server, listening (it imports in the background); None, with a note, if it fails."""
+    folder = tempfile.mkdtemp(prefix="genpipe-stages-")
+    path = os.path.join(folder, "stages.sock")
+    log.mkdir(parents=True, exist_ok=True)
+    with open(log / "stage_server.log", "w") as err:
+        process = subprocess.Popen(  # -P: not the working directory's copy, the code `genpipe` runs
+            [sys.executable, "-P", "-m", "pipelines.stage_server", "--socket", path],
+            env={k: v for k, v in env.items() if k != SERVER_ENV},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,  # Ctrl-C reaches a stage once, through its client
+        )
+    assert process.stdout is not None
+    if select.select([process.stdout], [], [], 60)[0] and process.stdout.readline().strip() == "listening":
+        process.stdout.close()
+        return StageServer(process, path)
+    process.kill()
+    process.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+    print(
+        f"genpipe repro: the stage server did not start (see {log / 'stage_server.log'}); "
+        "each stage starts its own process",
+        flush=True,
+    )
+    return None
 
 
 def _run_dvc(cmd: list[str], *, env: dict[str, str]) -> tuple[list[StageTime], int]:

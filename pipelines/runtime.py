@@ -144,6 +144,11 @@ def _process_start() -> float:
 CLOCK = StageClock()
 
 
+def reset_clock(process_start: float) -> None:
+    """A stage forked by the stage server: its clock starts when its `genpipe` process did."""
+    CLOCK.marks = {"process": process_start}
+
+
 # --- Ray --------------------------------------------------------------------------------------
 def joins_cluster(cfg: RayConfig) -> str | None:
     """The address of the Ray cluster to join (RAY_ADDRESS, else `ray.address`); None: a local instance."""

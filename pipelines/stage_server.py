@@ -1,0 +1,207 @@
+"""`genpipe repro`'s stage server: each stage runs in a fork of one process that imported its code.
+
+DVC starts every stage as its own `genpipe <stage>` process, and each spent ~4 s of its start-up
+importing torch, Ray, MLflow and the stage's modules (the `python` and `imports` phases of its timing
+line). This server imports them once. pipelines/launch.py hands it a stage's argv, working
+directory, environment and stdin/stdout/stderr (over a Unix socket, the descriptors as SCM_RIGHTS);
+the stage runs in a fork exactly as it would in its own process, and its exit status goes back to
+the waiting `genpipe` process, which forwards Ctrl-C and SIGTERM to the fork. A fork shares nothing
+but imported modules: the server never starts Ray, opens an MLflow store or runs a torch op, and
+forks only while it has a single thread. One stage at a time, as DVC runs them.
+
+`genpipe repro` starts it (GENPIPE_STAGE_SERVER=off: it does not) and stops it when DVC is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+PRELOAD = (
+    "torch",
+    "numpy",
+    "pyarrow.parquet",
+    "mlflow",
+    "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "ray",
+    "ray.data",
+    "ray.train",
+    "ray.train.torch",
+    "pipelines.cli",
+    "pipelines.training",
+    "pipelines.prepare",
+    "pipelines.train_evaluator",
+    "pipelines.train_tokenizer",
+    "pipelines.encode",
+    "pipelines.train_diffusion",
+    "pipelines.train_prior",
+    "pipelines.train_zoo",
+    "pipelines.evaluate",
+    "pipelines.report",
+    "pipelines.promote",
+)
+GRACE_S = 10.0  # a stage whose client died gets SIGTERM, then SIGKILL after this long
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} stage server: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.stage_server", description=__doc__)
+    parser.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
+    path = parser.parse_args(argv).socket
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the stage through its client
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)  # clients that connect during the imports below wait in the backlog
+    print("listening", flush=True)
+    try:
+        started = time.perf_counter()
+        for name in PRELOAD:
+            importlib.import_module(name)
+        log(f"imported {len(PRELOAD)} modules in {time.perf_counter() - started:.1f} s")
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                serve_one(conn, listener)
+    finally:
+        listener.close()
+        Path(path).unlink(missing_ok=True)
+
+
+def serve_one(conn: socket.socket, listener: socket.socket) -> None:
+    """Fork the stage one client asks for, wait for it, send its exit status back."""
+    try:
+        head, fds, _, _ = socket.recv_fds(conn, 8, 3)
+        request = json.loads(_read(conn, int.from_bytes(head, "big")))
+        argv, cwd, env, start = request["argv"], request["cwd"], request["env"], float(request["start"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log(f"bad request ignored: {err!r}")
+        return
+    if len(fds) != 3 or threading.active_count() != 1:
+        log(f"declined ({len(fds)} descriptors, {threading.active_count()} threads): the client runs it")
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(b'{"pid": null}\n')
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        listener.close()
+        conn.close()
+        run_stage(argv, cwd=cwd, env=env, start=start, fds=fds)
+    for fd in fds:
+        os.close(fd)
+    log(f"{' '.join(argv[1:])}: pid {pid}")
+    try:
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        code = wait(pid, conn)
+    except BaseException:  # the server stops (SIGTERM) while the stage runs: the stage stops too
+        _stop(pid)
+        raise
+    log(f"{' '.join(argv[1:])}: exit {code}")
+    with contextlib.suppress(OSError):  # a client killed meanwhile
+        conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+
+
+def _read(conn: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = conn.recv(min(left, 1 << 16))
+        if not chunk:
+            raise ValueError(f"request cut short: {size - left} of {size} bytes")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def wait(pid: int, conn: socket.socket) -> int:
+    """The fork's exit status (128 + signal when killed); if its client hangs up first, stop it."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([pidfd, conn], [], [])
+        if pidfd not in ready:  # the client was killed: a stage must not run on without it
+            log(f"pid {pid}: its client went away, stopping it")
+            _stop(pid, pidfd)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(pidfd)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _stop(pid: int, pidfd: int | None = None) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if pidfd is None or not select.select([pidfd], [], [], GRACE_S)[0]:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_stage(argv: list[str], *, cwd: str, env: dict[str, str], start: float, fds: list[int]) -> None:
+    """In the fork: become the client's process (descriptors, environment, directory), run, exit."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        sys.argv = list(argv)
+        _reseed()
+        from pipelines.cli import app
+        from pipelines.runtime import reset_clock
+
+        reset_clock(start)
+        app(args=argv[1:], prog_name="genpipe")
+        code = 0
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            print(exit_.code, file=sys.stderr)
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - what the interpreter would print, then its status
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()  # Ray's shutdown and the like, as at a normal exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _reseed() -> None:
+    """A new process draws fresh seeds for the global generators; a fork would repeat its parent's."""
+    import random
+
+    import numpy as np
+
+    random.seed()
+    np.random.seed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The stage server `genpipe repro` starts: a stage forked from it behaves as in its own process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.runtime import CLOCK, reset_clock
+from tests.conftest import project_env, run
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real server process on a socket in a temp dir; yields (socket path, its log file)."""
+    folder = tmp_path_factory.mktemp("server")
+    path, log = folder / "s.sock", folder / "server.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "pipelines.stage_server", "--socket", str(path)],
+            env=project_env(),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert proc.stdout.readline().strip() == "listening"
+    yield str(path), log
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    assert not path.exists(), "the socket outlived the server"
+
+
+def _pids(log: Path) -> list[int]:
+    return [int(p) for p in re.findall(r": pid (\d+)", log.read_text())]
+
+
+def test_a_stage_through_the_server_matches_its_own_process(server, repo_copy: Path):
+    path, log = server
+    before = len(_pids(log))
+    direct = run(["genpipe", "prepare", "--dry-run"], repo_copy)
+    served = run(["genpipe", "prepare", "--dry-run"], repo_copy, GENPIPE_STAGE_SERVER=path)
+    assert served.stdout == direct.stdout and yaml.safe_load(served.stdout)["prepare"]["source"]
+    assert len(_pids(log)) == before + 1, "the server did not run it"
+    # the client's environment and directory: a params file named relative to the client's cwd
+    (repo_copy / "sub").mkdir()
+    raw = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    raw["prepare"]["image_size"] = 12
+    (repo_copy / "sub" / "p.yaml").write_text(yaml.safe_dump(raw))
+    out = run(
+        ["genpipe", "prepare", "--dry-run", "--params", "p.yaml"],
+        repo_copy / "sub",
+        GENPIPE_STAGE_SERVER=path,
+        GENPIPE_ROOT=str(repo_copy),
+    )
+    assert yaml.safe_load(out.stdout)["prepare"]["image_size"] == 12
+    assert len(_pids(log)) == before + 2
+
+
+def test_a_failing_stage_fails_the_same_way(server, repo_copy: Path):
+    path, log = server
+    raw = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    raw["prepare"]["image_size"] = 1
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(raw))
+    direct = run(["genpipe", "prepare", "--dry-run"], repo_copy, check=False)
+    served = run(["genpipe", "prepare", "--dry-run"], repo_copy, check=False, GENPIPE_STAGE_SERVER=path)
+    assert direct.returncode == served.returncode == 1
+    assert served.stderr == direct.stderr and len(served.stderr.strip().splitlines()) == 1
+    assert "prepare.image_size=1" in served.stderr
+
+
+def test_a_killed_client_stops_its_stage_and_the_server_goes_on(server, repo_copy: Path):
+    path, log = server
+    before = len(_pids(log))
+    client = subprocess.Popen(
+        ["genpipe", "prepare"], cwd=repo_copy, env=project_env(GENPIPE_STAGE_SERVER=path), text=True
+    )
+    deadline = time.time() + 60
+    while len(_pids(log)) == before and time.time() < deadline:
+        time.sleep(0.1)
+    child = _pids(log)[-1]
+    client.send_signal(signal.SIGKILL)  # no chance to forward anything: the server must notice
+    client.wait(timeout=30)
+    deadline = time.time() + 30
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child), "the stage ran on after its client was killed"
+    assert "its client went away" in log.read_text()
+    # the server still serves
+    assert run(["genpipe", "prepare", "--dry-run"], repo_copy, GENPIPE_STAGE_SERVER=path).returncode == 0
+
+
+def test_sigterm_to_the_client_reaches_the_stage(server, repo_copy: Path):
+    path, log = server
+    before = len(_pids(log))
+    client = subprocess.Popen(
+        ["genpipe", "prepare"], cwd=repo_copy, env=project_env(GENPIPE_STAGE_SERVER=path), text=True
+    )
+    deadline = time.time() + 60
+    while len(_pids(log)) == before and time.time() < deadline:
+        time.sleep(0.1)
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(timeout=30) == 128 + signal.SIGTERM  # the stage's own status, passed back
+    assert not _alive(_pids(log)[-1])
+
+
+def test_without_a_server_the_stage_runs_in_its_own_process(repo_copy: Path, tmp_path: Path):
+    missing = str(tmp_path / "none.sock")
+    out = run(["genpipe", "prepare", "--dry-run"], repo_copy, GENPIPE_STAGE_SERVER=missing)
+    assert yaml.safe_load(out.stdout)["prepare"]["source"] == "builtin:digits"
+    off = run(["genpipe", "prepare", "--dry-run"], repo_copy, GENPIPE_STAGE_SERVER="off")
+    assert off.stdout == out.stdout
+
+
+def test_reset_clock_counts_from_the_clients_start():
+    saved = dict(CLOCK.marks)
+    try:
+        reset_clock(123.0)
+        CLOCK.mark("cli")
+        assert CLOCK.marks["process"] == 123.0 and CLOCK.phases()["python"] == CLOCK.marks["cli"] - 123.0
+    finally:
+        CLOCK.marks = saved
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by the server) counts as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

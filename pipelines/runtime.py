@@ -231,7 +231,13 @@ def init_ray(cfg: RayConfig) -> None:
     quiet_ray_logs()
     address = joins_cluster(cfg)
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=QUIET_RUNTIME_ENV)
+        shared = address == os.environ.get(SHARED_LOCAL_ENV)  # `genpipe repro`'s: no "Connecting to" lines
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            runtime_env=QUIET_RUNTIME_ENV,
+            **({"logging_level": logging.WARNING} if shared else {}),
+        )
         return
     for key, value in LOCAL_RAY_ENV.items():  # inherited by every process of the instance started here
         os.environ.setdefault(key, value)
@@ -370,6 +376,8 @@ def stage_run(
     """
     from mlflow import MlflowClient
 
+    # MLflow's tqdm bar per artefact copy ("Downloading artifacts" x5 when a model is logged)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg: MlflowConfig = sections["mlflow"]
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)

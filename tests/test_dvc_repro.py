@@ -152,6 +152,10 @@ def test_full_pipeline_with_tiny_params(repo_copy: Path):
         "execution finished in",  # Ray Data, a line per dataset
         "exclude_resources` is deprecated",
         "non-writable tensors",
+        "core_worker",  # e.g. the encode actors' "constructor arguments in the object store" error
+        "Downloading artifacts",  # MLflow's tqdm bar per artefact copy when a model is logged
+        "Connecting to existing Ray cluster",  # a stage joining `genpipe repro`'s instance
+        "is deprecated",
     )
     assert not [n for n in noise if n in out], [n for n in noise if n in out]
     stages = ["prepare", "train_evaluator", "train_tokenizer", "encode", "report", "promote"]

@@ -9,6 +9,7 @@ Ray Data actor, not once per batch.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,27 @@ def encode_split(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards come out in the order they went in
     ds = ray.data.read_parquet(files, columns=["id", "image", "label"])
-    ds = ds.map_batches(
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in Ray 2.60, and its only route warns as deprecated
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        ds = _encode_actors(
+            ds, model_dir, meta=meta, batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu
+        )
+    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+
+
+def _encode_actors(ds, model_dir, *, meta: dict, batch_size: int, num_actors: int, use_gpu: bool):
+    """`ds` mapped through a pool of TokenizerActor, each loading the tokenizer once."""
+    return ds.map_batches(
         TokenizerActor,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_gpus=1 if use_gpu else 0,
+        # No actor restarts: Ray Data's default (-1) with the map function's constructor arguments in
+        # the object store makes the core worker log an error line per encode (ray issue 53727); a
+        # lost tokenizer actor fails the stage instead, and `dvc repro` re-runs it.
+        max_restarts=0,
         fn_constructor_args=(str(Path(model_dir).resolve()),),
         fn_constructor_kwargs={
             "channels": meta["channels"],
@@ -91,7 +107,6 @@ def encode_split(
             "device": "cuda" if use_gpu else "cpu",
         },
     )
-    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
 
 
 def write_token_split(
@@ -173,7 +188,9 @@ def read_tokens(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     }
 
 
-def _token_batch(batch: dict[str, np.ndarray], *, grid: tuple[int, int], latent_dim: int) -> dict[str, np.ndarray]:
+def _token_batch(
+    batch: dict[str, np.ndarray], *, grid: tuple[int, int], latent_dim: int
+) -> dict[str, np.ndarray]:
     """Flat Parquet lists -> tokens (B, h, w) int64, latent (B, D, h, w) float32, label (B,) int64."""
     h, w = grid
 

@@ -77,14 +77,7 @@ def test_a_failing_stage_fails_the_same_way(server, repo_copy: Path):
 
 def test_a_killed_client_stops_its_stage_and_the_server_goes_on(server, repo_copy: Path):
     path, log = server
-    before = len(_pids(log))
-    client = subprocess.Popen(
-        ["genpipe", "prepare"], cwd=repo_copy, env=project_env(GENPIPE_STAGE_SERVER=path), text=True
-    )
-    deadline = time.time() + 60
-    while len(_pids(log)) == before and time.time() < deadline:
-        time.sleep(0.1)
-    child = _pids(log)[-1]
+    client, child = _start_prepare(repo_copy, path, log)
     client.send_signal(signal.SIGKILL)  # no chance to forward anything: the server must notice
     client.wait(timeout=30)
     deadline = time.time() + 30
@@ -98,16 +91,10 @@ def test_a_killed_client_stops_its_stage_and_the_server_goes_on(server, repo_cop
 
 def test_sigterm_to_the_client_reaches_the_stage(server, repo_copy: Path):
     path, log = server
-    before = len(_pids(log))
-    client = subprocess.Popen(
-        ["genpipe", "prepare"], cwd=repo_copy, env=project_env(GENPIPE_STAGE_SERVER=path), text=True
-    )
-    deadline = time.time() + 60
-    while len(_pids(log)) == before and time.time() < deadline:
-        time.sleep(0.1)
+    client, child = _start_prepare(repo_copy, path, log)
     client.send_signal(signal.SIGTERM)
     assert client.wait(timeout=30) == 128 + signal.SIGTERM  # the stage's own status, passed back
-    assert not _alive(_pids(log)[-1])
+    assert not _alive(child)
 
 
 def test_without_a_server_the_stage_runs_in_its_own_process(repo_copy: Path, tmp_path: Path):
@@ -126,6 +113,19 @@ def test_reset_clock_counts_from_the_clients_start():
         assert CLOCK.marks["process"] == 123.0 and CLOCK.phases()["python"] == CLOCK.marks["cli"] - 123.0
     finally:
         CLOCK.marks = saved
+
+
+def _start_prepare(repo_copy: Path, path: str, log: Path) -> tuple[subprocess.Popen, int]:
+    """A real `genpipe prepare` through the server (a few seconds of work); its client and fork pid."""
+    before = len(_pids(log))
+    client = subprocess.Popen(
+        ["genpipe", "prepare"], cwd=repo_copy, env=project_env(GENPIPE_STAGE_SERVER=path), text=True
+    )
+    deadline = time.time() + 60
+    while len(_pids(log)) == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(_pids(log)) > before, "the server never forked the stage"
+    return client, _pids(log)[-1]
 
 
 def _alive(pid: int) -> bool:

@@ -65,7 +65,9 @@ def main(*, params: Path, args: list[str]) -> int:
     if shared is not None:
         env["RAY_ADDRESS"] = env[SHARED_LOCAL_ENV] = address = shared
         print(f"genpipe repro: stages share the local Ray instance at {address}", flush=True)
-    server = None if os.environ.get(SERVER_ENV) == "off" else start_server(env, log=repo_root() / ".genpipe")
+    # Linux only: forking a process that imported torch is not safe on macOS (Objective-C runtime)
+    off = os.environ.get(SERVER_ENV) == "off" or sys.platform != "linux"
+    server = None if off else start_server(env, log=repo_root() / ".genpipe")
     if server is not None:
         env[SERVER_ENV] = server.socket
     try:

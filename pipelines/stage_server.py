@@ -134,7 +134,10 @@ def _read(conn: socket.socket, size: int) -> bytes:
 
 def wait(pid: int, conn: socket.socket) -> int:
     """The fork's exit status (128 + signal when killed); if its client hangs up first, stop it."""
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # a kernel before Linux 5.3: poll instead
+        return _wait_polling(pid, conn)
     try:
         ready, _, _ = select.select([pidfd, conn], [], [])
         if pidfd not in ready:  # the client was killed: a stage must not run on without it
@@ -143,6 +146,28 @@ def wait(pid: int, conn: socket.socket) -> int:
         _, status = os.waitpid(pid, 0)
     finally:
         os.close(pidfd)
+    return _exit_code(status)
+
+
+def _wait_polling(pid: int, conn: socket.socket) -> int:
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return _exit_code(status)
+        if select.select([conn], [], [], 0.2)[0]:
+            log(f"pid {pid}: its client went away, stopping it")
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + GRACE_S
+            while time.monotonic() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return _exit_code(status)
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            return _exit_code(os.waitpid(pid, 0)[1])
+
+
+def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
 

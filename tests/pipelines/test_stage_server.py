@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,3 +139,26 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("client_stays", [True, False])
+def test_waiting_without_a_pidfd(client_stays: bool):
+    """The polling wait (kernels before Linux 5.3): the exit status, or a stop when the client goes."""
+    from pipelines.stage_server import _wait_polling
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # a stand-in stage: exits 3 after a moment, or is stopped long before its 30 s
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as run_stage does (the test process may trap it)
+        ours.close()  # a stage holds no end of its client's connection, as in run_stage
+        theirs.close()
+        time.sleep(0.3 if client_stays else 30)
+        os._exit(3)
+    if not client_stays:
+        theirs.close()  # the client was killed
+    started = time.monotonic()
+    code = _wait_polling(pid, ours)
+    assert code == (3 if client_stays else 128 + signal.SIGTERM) and time.monotonic() - started < 15
+    ours.close()
+    if client_stays:
+        theirs.close()

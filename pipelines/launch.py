@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 SERVER_ENV = "GENPIPE_STAGE_SERVER"  # the Unix socket `genpipe repro` hands to the stages it runs
+FORK_TIMEOUT_S = 120.0  # a free server forks within its imports' time (~5 s); else run here
 STAGES = frozenset(
     {
         "prepare",
@@ -50,10 +51,10 @@ def process_start() -> float:
     try:
         stat = Path("/proc/self/stat").read_text()
         ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
-        lines = Path("/proc/stat").read_text().splitlines()
-        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        # its age on the boot clock, not /proc/stat's btime: whole seconds, up to 1 s early
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
 
 
@@ -67,17 +68,21 @@ def through_server(address: str) -> int | None:
             "start": process_start(),
         }
     ).encode()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(address)
         socket.send_fds(conn, [len(request).to_bytes(8, "big")], [0, 1, 2])
         conn.sendall(request)
         replies = conn.makefile("r")
+        conn.settimeout(FORK_TIMEOUT_S)  # a server stuck in its imports: run here rather than hang
         first = json.loads(replies.readline() or "{}")
+        conn.settimeout(None)  # the stage itself may run for hours
     except (OSError, ValueError):
+        conn.close()  # a server that forks later sees the hang-up and runs nothing
         return None  # no server, or it stopped before forking: nothing ran, run here
-    pid = first.get("pid")
+    pid = first.get("pid") if isinstance(first, dict) else None
     if not isinstance(pid, int):
+        conn.close()
         return None  # the server declined (see stage_server.serve_one): run here
 
     def forward(signum, _frame) -> None:  # Ctrl-C, or DVC stopping the stage: the stage gets it

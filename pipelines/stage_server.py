@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         while True:
             conn, _ = listener.accept()
             with conn:
-                serve_one(conn, listener)
+                try:
+                    serve_one(conn, listener)
+                except Exception as err:  # noqa: BLE001 - one client's trouble never stops the server
+                    log(f"request failed: {err!r}")
     finally:
         listener.close()
         Path(path).unlink(missing_ok=True)
@@ -87,31 +90,41 @@ def main(argv: list[str] | None = None) -> None:
 
 def serve_one(conn: socket.socket, listener: socket.socket) -> None:
     """Fork the stage one client asks for, wait for it, send its exit status back."""
+    fds: list[int] = []
     try:
         head, fds, _, _ = socket.recv_fds(conn, 8, 3)
         request = json.loads(_read(conn, int.from_bytes(head, "big")))
         argv, cwd, env, start = request["argv"], request["cwd"], request["env"], float(request["start"])
+        strings = (
+            [*argv, cwd, *env, *env.values()] if isinstance(argv, list) and isinstance(env, dict) else []
+        )
+        if not strings or not all(isinstance(s, str) for s in strings):
+            raise TypeError("argv, cwd, env must be a list of strings, a string, a dict of strings")
     except (OSError, ValueError, KeyError, TypeError) as err:
         log(f"bad request ignored: {err!r}")
+        _close(fds)
         return
+    if select.select([conn], [], [], 0)[0]:  # it hung up (timed out waiting, killed): nothing to run
+        log(f"{' '.join(argv[1:])}: its client went away before it started")
+        _close(fds)
+        return
+    # Python threads only: the native ones here (numpy's and scipy's OpenBLAS pools, Arrow's jemalloc
+    # background thread) park themselves around a fork through their pthread_atfork handlers.
     if len(fds) != 3 or threading.active_count() != 1:
         log(f"declined ({len(fds)} descriptors, {threading.active_count()} threads): the client runs it")
-        for fd in fds:
-            os.close(fd)
+        _close(fds)
         conn.sendall(b'{"pid": null}\n')
         return
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        listener.close()
-        conn.close()
-        run_stage(argv, cwd=cwd, env=env, start=start, fds=fds)
-    for fd in fds:
-        os.close(fd)
+        run_stage(argv, cwd=cwd, env=env, start=start, fds=fds, inherited=(listener, conn))
+    _close(fds)
     log(f"{' '.join(argv[1:])}: pid {pid}")
     try:
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        with contextlib.suppress(OSError):  # a client already gone: wait() sees it and stops the fork
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         code = wait(pid, conn)
     except BaseException:  # the server stops (SIGTERM) while the stage runs: the stage stops too
         _stop(pid)
@@ -119,6 +132,12 @@ def serve_one(conn: socket.socket, listener: socket.socket) -> None:
     log(f"{' '.join(argv[1:])}: exit {code}")
     with contextlib.suppress(OSError):  # a client killed meanwhile
         conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _read(conn: socket.socket, size: int) -> bytes:
@@ -173,23 +192,36 @@ def _exit_code(status: int) -> int:
 
 
 def _stop(pid: int, pidfd: int | None = None) -> None:
+    """SIGTERM, then SIGKILL if it still runs after GRACE_S (at once where no pidfd can tell)."""
+    own = None
+    if pidfd is None:
+        with contextlib.suppress(OSError):
+            pidfd = own = os.pidfd_open(pid)
     try:
         os.kill(pid, signal.SIGTERM)
         if pidfd is None or not select.select([pidfd], [], [], GRACE_S)[0]:
             os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    finally:
+        if own is not None:
+            os.close(own)
 
 
-def run_stage(argv: list[str], *, cwd: str, env: dict[str, str], start: float, fds: list[int]) -> None:
+def run_stage(
+    argv: list[str], *, cwd: str, env: dict[str, str], start: float, fds: list[int], inherited=()
+) -> None:
     """In the fork: become the client's process (descriptors, environment, directory), run, exit."""
     code = 1
     try:
+        for sock in inherited:  # the server's listener and connection are not the stage's
+            sock.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
+        _stdio()
         os.environ.clear()
         os.environ.update(env)
         os.chdir(cwd)
@@ -211,11 +243,28 @@ def run_stage(argv: list[str], *, cwd: str, env: dict[str, str], start: float, f
         traceback.print_exc()
     finally:
         try:
+            _flush()
             atexit._run_exitfuncs()  # Ray's shutdown and the like, as at a normal exit
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush()
         finally:
             os._exit(code)
+
+
+def _stdio() -> None:
+    """New text streams on the client's 0/1/2, line-buffered so a stage's lines reach DVC as printed.
+
+    The server's own sys.__stdout__ and friends stay (anything that kept one writes to the same fds).
+    """
+    encoding = sys.stdout.encoding  # the server runs with the stages' environment, hence locale
+    sys.stdin = open(0, encoding=encoding, closefd=False)  # noqa: SIM115 - lives as long as the fork
+    sys.stdout = open(1, "w", buffering=1, encoding=encoding, errors=sys.stdout.errors, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, encoding=encoding, errors="backslashreplace", closefd=False)  # noqa: SIM115
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def _reseed() -> None:

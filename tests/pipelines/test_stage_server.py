@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from pipelines.runtime import CLOCK, reset_clock
-from tests.conftest import project_env, run
+from tests.conftest import REPO, project_env, run
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,27 @@ def test_sigterm_to_the_client_reaches_the_stage(server, repo_copy: Path):
     assert not _alive(child)
 
 
+def test_a_bad_or_abandoned_request_leaves_the_server_serving(server, repo_copy: Path):
+    path, log = server
+    request = {"argv": ["genpipe", "prepare"], "cwd": str(repo_copy), "env": project_env(), "start": 0.0}
+    body = json.dumps(request).encode()
+    seen = log.read_text()
+    null = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
+    try:
+        for head, payload in ((len(b"[1"), b"[1"), (len(body), body)):  # not JSON; a client that hangs up
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.connect(path)
+                socket.send_fds(conn, [head.to_bytes(8, "big")], null)
+                conn.sendall(payload)
+    finally:
+        for fd in null:
+            os.close(fd)
+    assert run(["genpipe", "prepare", "--dry-run"], repo_copy, GENPIPE_STAGE_SERVER=path).returncode == 0
+    text = log.read_text()
+    for note in ("bad request ignored", "went away"):  # went away: before its fork, or after, stopped
+        assert text.count(note) == seen.count(note) + 1, note
+
+
 def test_without_a_server_the_stage_runs_in_its_own_process(repo_copy: Path, tmp_path: Path):
     missing = str(tmp_path / "none.sock")
     out = run(["genpipe", "prepare", "--dry-run"], repo_copy, GENPIPE_STAGE_SERVER=missing)
@@ -114,6 +136,16 @@ def test_reset_clock_counts_from_the_clients_start():
         assert CLOCK.marks["process"] == 123.0 and CLOCK.phases()["python"] == CLOCK.marks["cli"] - 123.0
     finally:
         CLOCK.marks = saved
+
+
+def test_the_clients_start_time_is_its_own_to_the_tick():
+    """/proc/stat's btime is whole seconds: a start built on it reads up to 1 s early."""
+    code = (
+        "import time; t = time.time(); from pipelines.launch import process_start; print(process_start(), t)"
+    )
+    before = time.time()
+    start, first_line = map(float, run([sys.executable, "-c", code], REPO).stdout.split())
+    assert before - 0.02 <= start <= first_line  # a clock tick is 10 ms
 
 
 def _start_prepare(repo_copy: Path, path: str, log: Path) -> tuple[subprocess.Popen, int]:

@@ -10,7 +10,6 @@ checkpoint that run reported, after a worker failure and after a killed driver a
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -23,11 +22,11 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy  # Ray pinned to 2.60
 from torch import nn
 
 from components.data.readers import epoch_batches
 from components.training import distributed as dist
+from components.training import ray_trims
 from components.training.checkpoint import State, load_state, module_states, save_state
 from components.training.config import LoopConfig, TrainConfig
 from components.training.loop import MetricSink, NonFiniteError, SampleSink, train
@@ -104,77 +103,10 @@ class _Spec:
     has_val: bool
     cache: bool  # hold this worker's train shard in memory after one pass (small data)
     # Small materialized splits, pulled into the object store by the driver: {split: ObjectRef of
-    # {column: array}}. Then Train gets no `datasets` (and `_Trainer` drops the DatasetsCallback):
+    # {column: array}}. Then Train gets no `datasets` (and ray_trims drops the DatasetsCallback):
     # no DatasetManager, no Ray Data autoscaling actor (~2 s each on 2 cores); each rank takes its
     # equal share of the rows.
     in_memory: dict[str, Any] | None = None
-
-
-class _NoCoordinatorPolicy(FixedScalingPolicy):
-    """FixedScalingPolicy without its resource requests to Ray Data's AutoscalingCoordinator.
-
-    Ray 2.60's fixed policy registers the workers' resources with a detached coordinator actor (for
-    the cluster autoscaler, and so that Ray Data leaves them to Train). On an instance that has no
-    autoscaler and runs no Ray Data job beside the fit (the splits travel as arrays), the request
-    informs nobody; the first fit() on an instance waited ~3 s for that actor's process to start.
-    """
-
-    def after_controller_start(self, train_run_context) -> None:
-        pass
-
-    def _maybe_send_resource_request(self) -> None:
-        pass
-
-    def _send_resource_request(self) -> None:
-        pass
-
-    def _cancel_resource_request(self) -> None:
-        pass
-
-
-class _Trainer(ray.train.torch.TorchTrainer):
-    """TorchTrainer without the callbacks that cost a process and do nothing here.
-
-    Without `datasets` (small splits travel as arrays, see `_Spec.in_memory`) the DatasetsCallback
-    still starts a DatasetManager actor per fit() in Ray 2.60: a process importing ray and Ray Data
-    (~2 s on 2 cores) that serves no dataset. It is dropped whenever there are no datasets.
-
-    The PlacementGroupCleaner is dropped where it cannot help (`drop_cleaner`).
-
-    The cleaner is a detached actor that asks the State API every second whether the controller
-    lives, to remove its placement group if it died ungracefully. On an instance that dies with the
-    command there is nothing to protect (a dead job's placement groups go with it), and measured
-    here it costs a process start and up to 12 s at the end of every fit(): stopping it waits out a
-    State API call that, without `ray[default]`'s dashboard, only times out. On a cluster without a
-    dashboard it cannot tell either, and only logs each refused call; with another Ray instance on
-    the node it even asks that one and dies with a traceback. Where the method this relies on is
-    missing (another Ray), the default callbacks stay.
-    """
-
-    def __init__(self, *args, drop_cleaner: bool, local: bool = False, **kwargs) -> None:
-        self._drop = {"PlacementGroupCleanerCallback"} if drop_cleaner else set()
-        if not kwargs.get("datasets"):
-            self._drop.add("DatasetsCallback")
-        self._no_coordinator = local and not kwargs.get("datasets")
-        super().__init__(*args, **kwargs)
-
-    def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        return [c for c in callbacks if type(c).__name__ not in self._drop]
-
-    def _initialize_and_run_controller(self, **kwargs):
-        if self._no_coordinator and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
-            kwargs["scaling_policy"] = _NoCoordinatorPolicy(self.scaling_config)
-        return super()._initialize_and_run_controller(**kwargs)
-
-
-def _has_state_api() -> bool:
-    """Whether the connected cluster serves the State API: its head runs a dashboard (`ray[default]`)."""
-    try:
-        from ray._private.worker import get_dashboard_url
-    except ImportError:  # another Ray: keep its defaults
-        return True
-    return bool(get_dashboard_url())
 
 
 def storage_uri(path: str) -> str:
@@ -215,7 +147,7 @@ def fit(
     shuffle (None: data order as read). Raises NonFiniteError without retrying: a resume from the
     last checkpoint would only repeat it; WorkerFailedError when a worker still fails after
     `train.max_failures` restarts. `owned_instance`: the Ray instance dies with this command
-    (see _Trainer). A split may be a Ray Dataset or, when small, its rows as numpy columns
+    (see ray_trims). A split may be a Ray Dataset or, when small, its rows as numpy columns
     (`Columns`, an empty dict for no rows): if every split is small, none of them goes through
     Ray Data at all.
     """
@@ -244,10 +176,9 @@ def fit(
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker
-    trainer = _Trainer(
+    trainer = ray_trims.trainer(
         _worker,
-        drop_cleaner=owned_instance or not _has_state_api(),
-        local=owned_instance,
+        owned_instance=owned_instance,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
@@ -427,24 +358,11 @@ def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int, world: in
     return batches, (val_batches if val is not None else None)
 
 
-def _quiet_report_log() -> None:
-    """Drop Ray's INFO line per report (every metric of the checkpoint, in one long line).
-
-    Ray 2.60 logs it under a logger named by its source file, outside the `ray.train` logger that
-    LoggingConfig(log_level) sets, so the level is set here; a later Ray that moves it only logs more.
-    """
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def _worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker entry: build the task and its data on this rank, then run the loop."""
     clock = {"worker": time.time()}  # the stage's timing line: when this process began to work
     spec: _Spec = config["spec"]
-    _quiet_report_log()
+    ray_trims.quiet_report_log()
     torch.set_num_threads(spec.train.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

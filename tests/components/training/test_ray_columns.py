@@ -1,8 +1,6 @@
-"""Small splits as numpy columns: fit() trains on them like on Datasets, and starts no Ray Data actor.
+"""Small splits as numpy columns: fit() trains on them like the plain loop does.
 
-A fresh local instance of its own (not test_ray_train's): the AutoscalingCoordinator is a detached
-actor, so one fit() through the default policy anywhere in the instance would hide whether this
-path starts it.
+Which Ray actors such a fit() saves is tests/components/training/test_ray_trims.py's subject.
 """
 
 from __future__ import annotations
@@ -32,10 +30,6 @@ def fresh_ray(toy, fast_controller):
     ray.shutdown()
 
 
-def _named_actors() -> set[str]:
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-
-
 def test_columns_train_like_the_plain_loop_without_ray_data_actors(fresh_ray, toy, tmp_path):
     data = toy.make_data(N)
     columns = {"image": data["image"].numpy(), "label": data["label"].numpy().astype(np.int64)}
@@ -60,18 +54,3 @@ def test_columns_train_like_the_plain_loop_without_ray_data_actors(fresh_ray, to
     weights = result.module_states(ema_module=None)["net"]["weight"]
     torch.testing.assert_close(weights, task.modules["net"].weight.detach(), atol=1e-6, rtol=0)
     assert not any(k.startswith("val/") for k in result.metrics)
-    # Ray 2.60's default scaling policy creates this detached actor on the first fit() of an instance
-    assert "AutoscalingCoordinator" not in _named_actors()
-
-
-def test_a_joined_cluster_keeps_the_default_policy(fresh_ray, toy, tmp_path):
-    data = toy.make_data(N)
-    fit(
-        task_factory=toy.RegressionTask,
-        loop=LoopConfig(steps=2, **LOOP),
-        train=TrainConfig(num_workers=1, storage_path=str(tmp_path / "ray"), max_failures=0),
-        run_name="joined",
-        datasets={"train": {"image": data["image"].numpy(), "label": data["label"].numpy()}},
-        owned_instance=False,  # a cluster the user runs: its autoscaler hears of the workers
-    )
-    assert "AutoscalingCoordinator" in _named_actors()

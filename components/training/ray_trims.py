@@ -1,0 +1,146 @@
+"""Ray Train's private hooks, in one module: each trim is gated on the Ray it was written for.
+
+A `TorchTrainer.fit()` in Ray 2.60 starts helper actors that cost a process start each (~2-3 s on
+2 cores) and do nothing for a stage whose splits travel as arrays on an instance that dies with the
+command. Removing them needs Ray Train internals, so every such hook lives here, and:
+- runs only on `TESTED_RAY` (the version it was written and tested for); on any other Ray, stock
+  Ray Train runs and one notice says so;
+- has a name, and `GENPIPE_RAY_TRIMS_OFF=name,name` (or `all`) turns it off;
+- has a test of its effect (tests/components/training/test_ray_trims.py: the actor it saves is
+  absent with it and present without it), so an upgrade that breaks one fails loudly.
+
+The trims:
+- `datasets_callback`: no DatasetsCallback when fit() gets no Ray Datasets (it starts a
+  DatasetManager actor that would serve none).
+- `placement_group_cleaner`: no detached PlacementGroupCleaner actor where it cannot help: on an
+  instance owned by the command (its placement groups die with it), or a cluster without the State
+  API it polls (without `ray[default]`'s dashboard it only times out, up to 12 s per fit()).
+- `autoscaling_coordinator`: the fixed scaling policy without its resource requests to Ray Data's
+  detached AutoscalingCoordinator, on an owned instance with no Ray Dataset (no autoscaler and no
+  Ray Data job to inform; the first fit() waited ~3 s for that actor).
+- `report_log`: Ray's INFO line per `ray.train.report` (all metrics of a checkpoint in one line)
+  is logged under a logger named by its source file, outside the `ray.train` logger.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import ray
+import ray.train.torch
+
+TESTED_RAY = "2.60."  # the Ray release line every trim below was written and tested for
+OFF_ENV = "GENPIPE_RAY_TRIMS_OFF"  # comma-separated trim names, or `all`
+TRIMS = ("datasets_callback", "placement_group_cleaner", "autoscaling_coordinator", "report_log")
+
+log = logging.getLogger("genpipe")
+_noticed: list[str] = []
+
+
+def enabled(name: str) -> bool:
+    """Whether trim `name` applies: the tested Ray runs and `GENPIPE_RAY_TRIMS_OFF` does not name it."""
+    if name not in TRIMS:
+        raise ValueError(f"unknown Ray trim {name!r}; valid: {', '.join(TRIMS)}")
+    off = {s.strip() for s in os.environ.get(OFF_ENV, "").split(",") if s.strip()}
+    unknown = off - set(TRIMS) - {"all"}
+    if unknown:
+        raise ValueError(
+            f"{OFF_ENV}={os.environ[OFF_ENV]!r}: unknown trim {sorted(unknown)[0]!r}; "
+            f"valid: all, {', '.join(TRIMS)}"
+        )
+    if "all" in off or name in off:
+        return False
+    if not ray.__version__.startswith(TESTED_RAY):
+        if not _noticed:
+            _noticed.append(ray.__version__)
+            log.warning(
+                "genpipe: Ray %s is not the %sx its start-up trims were written for; running stock "
+                "Ray Train (a few seconds more per training stage)",
+                ray.__version__,
+                TESTED_RAY,
+            )
+        return False
+    return True
+
+
+def has_state_api() -> bool:
+    """Whether the connected cluster serves the State API (its head runs `ray[default]`'s dashboard)."""
+    if not enabled("placement_group_cleaner"):
+        return True  # stock behaviour: the cleaner stays either way
+    try:
+        from ray._private.worker import get_dashboard_url
+    except ImportError:
+        return True
+    return bool(get_dashboard_url())
+
+
+def quiet_report_log() -> None:
+    """Ray's per-report INFO line off (called in each Train worker)."""
+    if not enabled("report_log"):
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def trainer(train_fn, *, owned_instance: bool, **kwargs: Any) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer with every applicable trim; stock `TorchTrainer` when none applies."""
+    datasets = bool(kwargs.get("datasets"))
+    drop = set()
+    if not datasets and enabled("datasets_callback"):
+        drop.add("DatasetsCallback")
+    if enabled("placement_group_cleaner") and (owned_instance or not has_state_api()):
+        drop.add("PlacementGroupCleanerCallback")
+    no_coordinator = owned_instance and not datasets and enabled("autoscaling_coordinator")
+    if not drop and not no_coordinator:
+        return ray.train.torch.TorchTrainer(train_fn, **kwargs)
+    return _trimmed_class()(train_fn, drop=frozenset(drop), no_coordinator=no_coordinator, **kwargs)
+
+
+@functools.cache
+def _trimmed_class() -> type:
+    """The TorchTrainer subclass, built once on first use (it imports Train internals)."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    callbacks = {
+        "DatasetsCallback": DatasetsCallback,
+        "PlacementGroupCleanerCallback": PlacementGroupCleanerCallback,
+    }
+
+    class NoCoordinatorPolicy(FixedScalingPolicy):
+        """FixedScalingPolicy without its resource requests to the AutoscalingCoordinator."""
+
+        def after_controller_start(self, train_run_context) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _send_resource_request(self) -> None:
+            pass
+
+        def _cancel_resource_request(self) -> None:
+            pass
+
+    class TrimmedTrainer(ray.train.torch.TorchTrainer):
+        def __init__(self, *args, drop: frozenset[str], no_coordinator: bool, **kwargs) -> None:
+            self._drop = tuple(callbacks[name] for name in drop)
+            self._no_coordinator = no_coordinator
+            super().__init__(*args, **kwargs)
+
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, self._drop)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if self._no_coordinator and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = NoCoordinatorPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return TrimmedTrainer

@@ -1,0 +1,103 @@
+"""Each Ray trim's effect: the actor it saves is absent with it and present without it.
+
+A fresh local instance of its own: the AutoscalingCoordinator and the PlacementGroupCleaner are
+detached actors, so a fit() through stock Ray Train elsewhere in the instance would hide whether
+the trimmed fit() starts them. Trimmed first, then stock on the same instance.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import ray
+from ray._private import state  # tests may read Ray internals; components/ and pipelines/ may not
+
+from components.training import ray_trims
+from components.training.config import LoopConfig, TrainConfig
+from components.training.ray_adapter import fit
+
+N = 8
+LOOP = dict(batch_size=N, lr=0.1, schedule="cosine", warmup_steps=1, grad_clip=None, log_every=1)
+# the actor class each start-up trim saves, in Ray 2.60
+SAVED = {
+    "datasets_callback": "DatasetManager",
+    "placement_group_cleaner": "PlacementGroupCleaner",
+    "autoscaling_coordinator": "AutoscalingCoordinator",
+}
+
+
+@pytest.fixture(scope="module")
+def fresh_ray(toy, fast_controller):
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(toy)
+    yield
+    ray.shutdown()
+
+
+def _actor_classes() -> set[str]:
+    """The class names of every actor this instance ever created (dead ones included)."""
+    return {a["ActorClassName"] for a in state.actors().values()}
+
+
+def _started(name: str, classes: set[str]) -> bool:
+    return any(SAVED[name] in c for c in classes)
+
+
+def _fit(toy, tmp_path, run: str) -> None:
+    data = toy.make_data(N)
+    fit(
+        task_factory=toy.RegressionTask,
+        loop=LoopConfig(steps=2, **LOOP),
+        train=TrainConfig(num_workers=1, storage_path=str(tmp_path / "ray"), max_failures=0),
+        run_name=run,
+        datasets={"train": {"image": data["image"].numpy(), "label": data["label"].numpy()}},
+        owned_instance=True,
+    )
+
+
+def test_each_trim_saves_its_actor_and_stock_ray_starts_it(fresh_ray, toy, tmp_path, monkeypatch):
+    assert ray.__version__.startswith(ray_trims.TESTED_RAY), "a new Ray: re-check every trim, then TESTED_RAY"
+    monkeypatch.delenv(ray_trims.OFF_ENV, raising=False)
+    _fit(toy, tmp_path, "trimmed")
+    trimmed = _actor_classes()
+    assert not [name for name in SAVED if _started(name, trimmed)], trimmed
+
+    monkeypatch.setenv(ray_trims.OFF_ENV, "all")
+    _fit(toy, tmp_path, "stock")
+    stock = _actor_classes()
+    missing = [name for name in SAVED if not _started(name, stock)]
+    assert not missing, f"stock Ray Train no longer starts what these trims save: {missing} ({stock})"
+
+
+def test_the_report_log_trim_quiets_the_logger_ray_logs_reports_under(monkeypatch):
+    from ray.train.v2._internal.execution import context
+
+    logger = logging.getLogger(context.__file__)
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setenv(ray_trims.OFF_ENV, "report_log")
+    ray_trims.quiet_report_log()
+    assert logger.level == logging.NOTSET
+    monkeypatch.delenv(ray_trims.OFF_ENV)
+    ray_trims.quiet_report_log()
+    assert logger.level == logging.WARNING
+
+
+def test_another_ray_runs_stock_train_with_one_notice(monkeypatch, caplog):
+    monkeypatch.delenv(ray_trims.OFF_ENV, raising=False)
+    monkeypatch.setattr(ray, "__version__", "2.61.0")
+    monkeypatch.setattr(ray_trims, "_noticed", [])
+    with caplog.at_level(logging.WARNING, logger="genpipe"):
+        assert not any(ray_trims.enabled(name) for name in ray_trims.TRIMS)
+        trainer = ray_trims.trainer(lambda: None, owned_instance=True)
+    assert type(trainer) is ray.train.torch.TorchTrainer
+    notices = [r.getMessage() for r in caplog.records if "2.61.0" in r.getMessage()]
+    assert len(notices) == 1 and "stock Ray Train" in notices[0]
+
+
+def test_an_unknown_trim_name_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setenv(ray_trims.OFF_ENV, "report_log,coordinator")
+    with pytest.raises(ValueError, match=r"unknown trim 'coordinator'; valid: all, datasets_callback"):
+        ray_trims.enabled("report_log")

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from components.diffusion.discretization import default_sigma_range, sigma_bounds
 from components.nn.unet import UNetConfig
 from components.schema import StrictConfig
 
@@ -115,8 +116,6 @@ class SamplingConfig(StrictConfig):
 
 def check_sampling(model: DiffusionConfig, sampling: SamplingConfig) -> None:
     """Raise ValueError (one line) when `sampling` cannot run on a model trained with `model`."""
-    from components.diffusion.discretization import default_sigma_range, sigma_bounds
-
     objective, sampler, disc = model.objective, sampling.sampler, sampling.discretization
     table = VALID_SAMPLING[objective]
     if disc not in table.get(sampler, ()):

@@ -94,10 +94,7 @@ def default_sigma_range(model: DiffusionConfig) -> tuple[float, float]:
 def sampling_sigmas(
     model: DiffusionConfig, sampling: SamplingConfig, *, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """(steps + 1,) float32 descending sigmas, ending at 0, for this objective and sampling config."""
-    from components.diffusion.config import check_sampling
-
-    check_sampling(model, sampling)
+    """(steps + 1,) float32 descending sigmas, ending at 0, for a pair `config.check_sampling` passed."""
     disc, steps = sampling.discretization, sampling.steps
     if disc == "karras":
         lo, hi = default_sigma_range(model)

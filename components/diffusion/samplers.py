@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from components.diffusion.config import DiffusionConfig, SamplingConfig
+from components.diffusion.config import DiffusionConfig, SamplingConfig, check_sampling
 from components.diffusion.discretization import sampling_sigmas
 
 Denoiser = Callable[..., torch.Tensor]  # D(x, sigma (B,), labels) -> (B, ...)
@@ -221,6 +221,7 @@ def sample(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Draw x at sigmas[0] (x = sigma_max n, EDM's prior) from `generator` and run the chosen sampler."""
+    check_sampling(model, sampling)
     sigmas = sampling_sigmas(model, sampling, device=device)
     x = sigmas[0] * torch.randn(shape, generator=generator, device=device)
     fn = SAMPLERS[sampling.sampler]

@@ -130,9 +130,16 @@ class LoggedGenerator:
 
 
 def log_generator(
-    *, tracking_uri: str, run_id: str, model_dir: str | Path, name: str = "model"
+    *,
+    tracking_uri: str,
+    run_id: str,
+    model_dir: str | Path,
+    name: str = "model",
+    code_dir: str | Path | None = None,
 ) -> LoggedGenerator:
     """Log the exported generator in `model_dir` as a pyfunc model from code, as an output of the run.
+
+    `code_dir` is the `components` package logged with it (default: the one imported here).
 
     Explicit client calls, no fluent run or global tracking URI: a logged model in the run's
     experiment, the model saved locally by `mlflow.pyfunc.save_model` (no input example, so the
@@ -165,7 +172,7 @@ def log_generator(
                 path=str(local),
                 python_model=str(CODE_FILE),
                 artifacts={GENERATOR_ARTIFACT: str(model_dir)},
-                code_paths=[str(Path(components.__file__).parent)],
+                code_paths=[str(code_dir or Path(components.__file__).parent)],
                 pip_requirements=pip_requirements(),
                 signature=ModelSignature(
                     outputs=Schema([ColSpec("string", IMAGE), ColSpec("long", LABEL), ColSpec("long", SEED)])

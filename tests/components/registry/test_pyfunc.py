@@ -50,7 +50,7 @@ def _env(store: dict) -> dict[str, str]:
 
 
 LOAD_AND_PREDICT = """
-import base64, io, json, sys
+import base64, inspect, io, json, sys
 import mlflow.pyfunc, numpy as np, pandas as pd
 from PIL import Image
 
@@ -69,7 +69,8 @@ for name in sys.argv[1:]:
         "labels": got["label"].tolist(), "seeds": got["seed"].tolist(),
         "same_again": bool((decode(model.predict(table)["image"]) == x).all()),
         "steps_matter": bool((fewer_steps != x).any()),
-        "components": sys.modules["components"].__file__,
+        "components": inspect.getsourcefile(inspect.unwrap(type(model.unwrap_python_model().generator).sample)),
+        "left_in_sys_modules": sorted(m for m in sys.modules if m.split(".")[0] == "components"),
     }
 print(json.dumps(out))
 """
@@ -94,6 +95,12 @@ def test_loads_from_registry_without_pickle_in_a_fresh_process(store: dict):
         assert got["same_again"] and got["steps_matter"], name  # seeded; the steps option is applied
         # The model's own copy of the code ran, not this checkout's.
         assert not got["components"].startswith(str(REPO)), got["components"]
+        assert got["components"].endswith(
+            "/code/components/diffusion/generator.py"
+            if name == DIFFUSION
+            else "/code/components/prior/generator.py"
+        ), got["components"]
+        assert got["left_in_sys_modules"] == []  # each model's code is in place only while it runs
     assert not (store["root"] / "elsewhere" / "mlflow.db").exists()
 
 
@@ -240,5 +247,8 @@ def test_mlflow_models_serve_answers_with_images(served: str):
     images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"])))) for r in rows]
     assert all(x.shape == (16, 16) and x.dtype == np.uint8 for x in images)
     assert not np.array_equal(images[0], images[2])
+    # A model error is HTTP 400 with the project's one line, even from plain `mlflow models serve`.
     status, body = _post(served, {"dataframe_records": [{"seed": 0, "stepz": 3}]})
-    assert status >= 400 and "unknown column 'stepz'" in json.dumps(body)
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", body
+    assert body["message"].startswith("unknown column 'stepz'; valid: label, seed,"), body
+    assert "\n" not in body["message"] and "stack_trace" not in body, body

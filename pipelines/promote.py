@@ -1,24 +1,46 @@
-"""Registry commands: `promote MODEL` (the champion/challenger gate), `rollback MODEL`, `models`.
+"""Registry commands: `promote MODEL...` (the champion/challenger gate), `rollback MODEL`, `models`.
 
-The gate compares the `eval.*` tags that `evaluate` writes on each version; the verdict goes onto the
-challenger as `promote.*` tags and into `reports/promote.json` (one entry per registered name).
+The gate compares the `eval.*` tags that `evaluate` writes on each version. Each model is decided
+alone, inside its lock: the rows are read, the gate decides, and the verdict goes onto the challenger
+(`promote.*` tags), into the model's history (`decision.<n>` tags) and into `reports/promote.json`
+(one entry per registered name, merged) before the lock is released. Deciding inside the lock makes a
+lost race harmless: the loser finds the champion where it would have put it and exits 0.
+The lock's wait and break age come from GENPIPE_LOCK_WAIT and GENPIPE_LOCK_BREAK_AFTER (seconds).
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import os
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
+
+from mlflow.exceptions import MlflowException
 
 from components.config import load_stage, read_params, validate_section
 from components.generators import MODELS
 from components.io import write_json
-from components.registry.promote import apply, decide, file_lock, registry_lock, rollback
+from components.registry.promote import (
+    DEFAULT_BREAK_AFTER,
+    DEFAULT_TIMEOUT,
+    Decision,
+    apply,
+    check_break_after,
+    decide,
+    file_lock,
+    history,
+    registry_lock,
+    rollback,
+)
 from components.registry.registry import CHALLENGER, CHAMPION, FAMILIES, list_versions, registered_name
 from pipelines.runtime import repo_root, tracking_uri
 
 REPORT = "reports/promote.json"
+WAIT_ENV, BREAK_AFTER_ENV = "GENPIPE_LOCK_WAIT", "GENPIPE_LOCK_BREAK_AFTER"
+#: What makes one model's outcome a failure without stopping the others.
+FAILURES = (ValueError, OSError, ArithmeticError, KeyError, RuntimeError, MlflowException)
 TABLE_METRICS = ("fid_over_floor", "cond_accuracy", "bits_per_dim")
 LINEAGE_TAGS = (
     "genpipe.stage",
@@ -94,62 +116,123 @@ def _dvc_up_to_date(root: Path, stage: str) -> bool:
         return False
 
 
-def main(*, params: Path, model: str, metric: str, margin: float, dry_run: bool = False) -> None:
-    """Decide challenger vs champion on `metric`; unless `dry_run`, record it and move the alias under a lock."""
-    uri, name = store_uri(params), resolve(model)
-    rows = list_versions(tracking_uri=uri, name=name)
-    if _by_alias(rows, CHALLENGER) is None and not dry_run:
-        # A fresh store beside committed reports: DVC skipped an unchanged evaluate stage.
-        folder = next((m for m, n in MODELS.items() if n == name), None)
-        if folder and _challenger_from_report(params, folder):
-            rows = list_versions(tracking_uri=uri, name=name)
+def lock_settings() -> dict[str, float]:
+    """The lock's wait and break age (seconds) from the environment, validated before any work."""
+    return {
+        "timeout": _seconds(WAIT_ENV, DEFAULT_TIMEOUT),
+        "break_after": _seconds(BREAK_AFTER_ENV, DEFAULT_BREAK_AFTER),
+    }
+
+
+def _seconds(env: str, default: float) -> float:
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = raw
+    return check_break_after(value, source=env)
+
+
+def _warn(message: str) -> None:
+    print(f"promote: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _decide(rows: list[dict], *, metric: str, margin: float) -> Decision:
     decision = decide(
         challenger=_by_alias(rows, CHALLENGER),
         champion=_by_alias(rows, CHAMPION),
         metric=metric,
         margin=margin,
     )
+    name = decision.name
     champion = (
-        f"v{decision.champion} ({metric} {decision.champion_value:.6g})" if decision.champion else "none"
+        f"v{decision.champion} ({metric} {decision.champion_value:.6g})"
+        if decision.champion and decision.champion_value is not None
+        else _v(decision.champion)
     )
     verb = "decision: promote" if decision.promote else "decision: keep the champion"
     print(
         f"promote: {name}: challenger v{decision.challenger} ({metric} {decision.challenger_value:.6g}) vs champion {champion}"
     )
     print(f"promote: {name}: {verb}: {decision.reason} [rule: {decision.rule}]")
+    return decision
+
+
+def main(*, params: Path, model: str, metric: str, margin: float, dry_run: bool = False) -> None:
+    """Decide challenger vs champion on `metric`; unless `dry_run`, record it and move the alias, all under the lock."""
+    uri, name = store_uri(params), resolve(model)
+    settings = lock_settings()
+    rows = list_versions(tracking_uri=uri, name=name)
+    if _by_alias(rows, CHALLENGER) is None and not dry_run:
+        # A fresh store beside committed reports: DVC skipped an unchanged evaluate stage.
+        folder = next((m for m, n in MODELS.items() if n == name), None)
+        if folder and _challenger_from_report(params, folder):
+            rows = list_versions(tracking_uri=uri, name=name)
     if dry_run:
+        _decide(rows, metric=metric, margin=margin)
         print("promote: --dry-run: nothing changed")
         return
     stamp = _stamp()
-    with registry_lock(uri, name):
-        apply(uri, decision, record=stamp)
-    if decision.champion == decision.challenger:
-        return  # already champion: nothing new to record
-    outcome = "promoted" if decision.promote else "kept"
-    _report(name, {**decision.as_record(), "decision": outcome, **stamp})
-    print(
-        f"promote: {name}: champion is v{decision.challenger if decision.promote else decision.champion} -> {REPORT}"
-    )
+    with registry_lock(uri, name, **settings, on_break=_warn) as lease:
+        decision = _decide(list_versions(tracking_uri=uri, name=name), metric=metric, margin=margin)
+        lease.verify()
+        changed = apply(uri, decision, record=stamp)
+        if changed:
+            outcome = "promoted" if decision.promote else "kept"
+            _report(name, {**decision.as_record(), "decision": outcome, **stamp})
+    champion = decision.challenger if decision.promote else decision.champion
+    if changed:
+        print(f"promote: {name}: champion is {_v(champion)} -> {REPORT}")
+    else:
+        print(f"promote: {name}: champion is {_v(champion)} (unchanged, nothing new to record)")
+
+
+def main_many(
+    *, params: Path, models: list[str], metric: str, margin: float, dry_run: bool = False
+) -> list[str]:
+    """Decide every named model, each alone; the failures as `model: reason` lines ([] when all went well)."""
+    failures = []
+    for model in models:
+        try:
+            main(params=params, model=model, metric=metric, margin=margin, dry_run=dry_run)
+        except FAILURES as err:
+            if os.environ.get("GENPIPE_DEBUG"):
+                raise
+            text = str(err).strip()
+            message = text.splitlines()[0] if text else type(err).__name__
+            print(f"promote: {model}: not decided: {message}", flush=True)
+            failures.append(f"{model}: {message}")
+    return failures
 
 
 def rollback_main(*, params: Path, model: str) -> None:
-    """Give `champion` back to the version the current champion replaced."""
+    """Give `champion` back to the version the current champion replaced, and retire the current one."""
     uri, name = store_uri(params), resolve(model)
+    settings = lock_settings()
     current = _by_alias(list_versions(tracking_uri=uri, name=name), CHAMPION)
     stamp = _stamp()
-    with registry_lock(uri, name):
+    with registry_lock(uri, name, **settings, on_break=_warn) as lease:
+        lease.verify()
         old, new = rollback(uri, name, expected=current and current["version"], record=stamp)
-    _report(name, {"name": name, "decision": "rolled_back", "from": old, "to": new, **stamp})
-    print(f"rollback: {name}: champion v{old} -> v{new} -> {REPORT}")
+        _report(name, {"name": name, "decision": "rolled_back", "from": old, "to": new, **stamp})
+    print(
+        f"rollback: {name}: champion v{old} -> v{new}; v{old} is retired (never promoted again) -> {REPORT}"
+    )
 
 
 def _report(name: str, entry: dict) -> None:
-    """Read-modify-write of reports/promote.json under its own lock: other models' entries stay."""
+    """Read-modify-write of reports/promote.json under its own lock (temp file + rename): other models' entries stay."""
     path = repo_root() / REPORT
     with file_lock(path.parent / f".{path.name}.lock", timeout=60):
         report = json.loads(path.read_text()) if path.is_file() else {}
         report[name] = entry
         write_json(path, report)
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"
 
 
 # --- listing ----------------------------------------------------------------------------------
@@ -185,4 +268,19 @@ def lineage(*, params: Path, target: str) -> list[str]:
     if row is None:
         raise ValueError(f"no version of {name} with {'version' if alias.isdigit() else 'alias'} {alias}")
     lines = [f"{name} v{row['version']} aliases={','.join(row['aliases']) or '-'} run={row['run_id']}"]
-    return lines + [f"  {key}: {row['tags'].get(key, '-')}" for key in LINEAGE_TAGS]
+    lines += [f"  {key}: {row['tags'].get(key, '-')}" for key in LINEAGE_TAGS]
+    return lines + history_lines(store_uri(params), name)
+
+
+def history_lines(uri: str, name: str) -> list[str]:
+    """The model's decision history (registered-model tags decision.<n>), one line each, oldest first."""
+    lines = [f"decisions of {name} (tags decision.<n>):"]
+    for e in history(uri, name):
+        who = f"{e.get('user', '?')} {e.get('time', '?')}"
+        if e.get("decision") == "rolled_back":
+            lines.append(f"  {e['n']}: {who}: rolled back v{e['from']} -> v{e['to']}")
+        else:
+            lines.append(
+                f"  {e['n']}: {who}: {e['decision']} challenger v{e['challenger']} against {_v(e['champion'])}: {e['reason']}"
+            )
+    return lines if len(lines) > 1 else [*lines, "  none"]

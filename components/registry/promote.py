@@ -1,27 +1,34 @@
-"""Champion/challenger promotion: a metric gate over `eval.*` version tags, a lock, rollback.
+"""Champion/challenger promotion: a metric gate over `eval.*` version tags, rollback, a history.
 
-MLflow aliases have no compare-and-set, so every move of `champion` happens inside a lock: an
-flock on a file beside a local store, or, against a tracking server, a registered model that the
-server creates for one racer only (RESOURCE_ALREADY_EXISTS for the others). Inside the lock the
-champion is read again; a decision computed against another champion is refused, never applied.
+MLflow aliases have no compare-and-set, so every move of `champion` happens inside a lock
+(`components.registry.locks`: an flock beside a local store, a sequence of experiments on a
+server). Inside the lock the champion is read again; a decision computed against another champion
+is refused, never applied. A rolled-back version is tagged `promote.rolled_back` and the gate never
+promotes it again. Every decision is appended to the registered model's tags `decision.<n>` (n
+counts up under the lock; an existing number is never written again).
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import socket
-import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+import json
+import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from components.registry.locks import (  # noqa: F401 - the lock API, re-exported
+    DEFAULT_BREAK_AFTER,
+    DEFAULT_TIMEOUT,
+    Lease,
+    LockHeld,
+    check_break_after,
+    file_lock,
+    local_store_path,
+    lock_model_name,
+    registry_lock,
+    server_lock,
+)
 from components.registry.registry import CHALLENGER, CHAMPION
 
 #: Gate metrics and which way is better; figures come from the `eval.<metric>` version tags.
@@ -30,7 +37,8 @@ HIGHER_IS_BETTER = ("cond_accuracy", "precision", "recall")
 GATE_METRICS = LOWER_IS_BETTER + HIGHER_IS_BETTER
 EVALUATOR_TAG = "eval.evaluator_sha256"
 PREVIOUS_TAG = "promote.previous_champion"  # on a new champion: the version it replaced
-LOCK_OWNER_TAG = "genpipe.lock_owner"
+ROLLED_BACK_TAG = "promote.rolled_back"  # on a version that a rollback took champion from: never again
+HISTORY_PREFIX = "decision."  # registered-model tags decision.<n>: one JSON record per decision
 
 
 class PromotionRefused(RuntimeError):
@@ -76,14 +84,24 @@ def decide(*, challenger: dict | None, champion: dict | None, metric: str, margi
     """The gate over two version rows (as `list_versions` gives them); refuses when it cannot compare."""
     if metric not in GATE_METRICS:
         raise ValueError(f"unknown gate metric {metric!r}; valid: {list(GATE_METRICS)}")
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin:g}")
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin:g}")
     if challenger is None:
         raise PromotionRefused("no version holds the challenger alias: run `genpipe evaluate` first")
     new = _figure(challenger, metric, CHALLENGER)
     judge = challenger["tags"].get(EVALUATOR_TAG, "")
     common = dict(name=challenger["name"], metric=metric, margin=margin, rule=_rule(metric, margin))
     common |= dict(challenger=challenger["version"], challenger_value=new, evaluator_sha256=judge)
+    retired = challenger["tags"].get(ROLLED_BACK_TAG)
+    if retired and (champion is None or champion["version"] != challenger["version"]):
+        old = champion and champion["tags"].get(f"eval.{metric}")
+        return Decision(
+            **common,
+            champion=champion and champion["version"],
+            champion_value=None if old is None else float(old),
+            promote=False,
+            reason=f"v{challenger['version']} was rolled back ({retired}): never promoted again",
+        )
     if champion is None:
         return Decision(**common, champion=None, champion_value=None, promote=True, reason="no champion yet")
     if champion["version"] == challenger["version"]:
@@ -113,94 +131,6 @@ def decide(*, challenger: dict | None, champion: dict | None, metric: str, margi
     )
 
 
-# --- locks ------------------------------------------------------------------------------------
-def local_store_path(tracking_uri: str) -> Path | None:
-    """The file of a sqlite store or the folder of a file store; None for a server or remote DB."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        path = unquote(parsed.path)
-        return Path(path) if path and path != "/:memory:" else None
-    if parsed.scheme in ("", "file"):
-        return Path(unquote(parsed.path))
-    return None
-
-
-@contextmanager
-def file_lock(path: Path, *, timeout: float) -> Iterator[None]:
-    """An exclusive flock on `path` (created, never removed: removing it would let two racers in)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise PromotionRefused(
-                        f"{path} is held by another process for over {timeout:g} s"
-                    ) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def lock_model_name(name: str) -> str:
-    return f"genpipe-lock-{name.removeprefix('genpipe-')}"
-
-
-@contextmanager
-def server_lock(tracking_uri: str, name: str, *, timeout: float, stale_after: float) -> Iterator[None]:
-    """A lock the server makes atomic: the registered model `genpipe-lock-<family>` exists for one holder."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    lock, owner = lock_model_name(name), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.create_registered_model(lock, tags={LOCK_OWNER_TAG: owner}, description=f"lock on {name}")
-            break
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        _break_if_stale(client, lock, stale_after=stale_after)
-        if time.monotonic() > deadline:
-            raise PromotionRefused(f"{lock} is held by another promotion for over {timeout:g} s")
-        time.sleep(0.2)
-    try:
-        yield
-    finally:
-        with suppress(MlflowException):  # release only our own: a stale lock may have been broken and retaken
-            if client.get_registered_model(lock).tags.get(LOCK_OWNER_TAG) == owner:
-                client.delete_registered_model(lock)
-
-
-def _break_if_stale(client: MlflowClient, lock: str, *, stale_after: float) -> None:
-    """Delete a lock created over `stale_after` seconds ago (its holder died without releasing)."""
-    try:
-        held = client.get_registered_model(lock)
-    except MlflowException:
-        return  # released meanwhile
-    if time.time() - held.creation_timestamp / 1000 > stale_after:
-        with suppress(MlflowException):  # another racer broke it first
-            client.delete_registered_model(lock)
-
-
-@contextmanager
-def registry_lock(
-    tracking_uri: str, name: str, *, timeout: float = 60.0, stale_after: float = 600.0
-) -> Iterator[None]:
-    """The lock that serializes alias moves of `name`: a file beside a local store, else on the server."""
-    store = local_store_path(tracking_uri)
-    if store is None:
-        with server_lock(tracking_uri, name, timeout=timeout, stale_after=stale_after):
-            yield
-    else:
-        with file_lock(store.parent / f".{store.name}.{lock_model_name(name)}.lock", timeout=timeout):
-            yield
-
-
 # --- moves ------------------------------------------------------------------------------------
 def _champion_now(client: MlflowClient, name: str) -> str | None:
     try:
@@ -209,8 +139,12 @@ def _champion_now(client: MlflowClient, name: str) -> str | None:
         return None
 
 
-def apply(tracking_uri: str, decision: Decision, *, record: dict[str, str]) -> None:
-    """Inside the lock: check the champion is still the one judged, record the verdict, move the alias."""
+def apply(tracking_uri: str, decision: Decision, *, record: dict[str, str]) -> bool:
+    """Inside the lock: check the champion is still the one judged, record the verdict, move the alias.
+
+    False when there is nothing new to record: the challenger already is champion, was rolled back,
+    or already carries this same verdict against this same champion (a repeated `dvc repro`).
+    """
     client = MlflowClient(tracking_uri=tracking_uri)
     now = _champion_now(client, decision.name)
     if now != decision.champion:
@@ -218,7 +152,10 @@ def apply(tracking_uri: str, decision: Decision, *, record: dict[str, str]) -> N
             f"{decision.name} champion moved from {_v(decision.champion)} to {_v(now)} while deciding: run promote again"
         )
     if decision.champion == decision.challenger:
-        return  # a no-op keeps the tags of the promotion that made it champion
+        return False  # a no-op keeps the tags of the promotion that made it champion
+    version = client.get_model_version(decision.name, decision.challenger)
+    if version.tags.get(ROLLED_BACK_TAG):
+        return False  # the rollback's own record says why
     tags = {
         "promote.decision": "promoted" if decision.promote else "kept",
         "promote.against": decision.champion or "none",
@@ -230,20 +167,28 @@ def apply(tracking_uri: str, decision: Decision, *, record: dict[str, str]) -> N
         "promote.champion_value": "none"
         if decision.champion_value is None
         else f"{decision.champion_value:.6g}",
-        **{f"promote.{k}": v for k, v in record.items()},
     }
+    same = ("promote.decision", "promote.against", "promote.metric", "promote.margin")
+    if not decision.promote and all(version.tags.get(k) == tags[k] for k in same):
+        return False
+    tags |= {f"promote.{k}": v for k, v in record.items()}
     if decision.promote and decision.champion is not None:
         tags[PREVIOUS_TAG] = decision.champion
     for key, value in tags.items():
         client.set_model_version_tag(decision.name, decision.challenger, key, value)
+    append_history(
+        client, decision.name, {**decision.as_record(), "decision": tags["promote.decision"], **record}
+    )
     if decision.promote:
         client.set_registered_model_alias(decision.name, CHAMPION, decision.challenger)
+    return True
 
 
 def rollback(
     tracking_uri: str, name: str, *, expected: str | None, record: dict[str, str]
 ) -> tuple[str, str]:
-    """Inside the lock: give `champion` back to the version the current one replaced; (from, to)."""
+    """Inside the lock: give `champion` back to the version the current one replaced, and retire the
+    current one (tagged `promote.rolled_back`: the gate never promotes it again); (from, to)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     now = _champion_now(client, name)
     if now != expected:
@@ -255,10 +200,43 @@ def rollback(
         raise PromotionRefused(
             f"{name} champion v{now} replaced no earlier champion: nothing to roll back to"
         )
-    for key, value in {"rollback.to": previous, **{f"rollback.{k}": v for k, v in record.items()}}.items():
+    stamp = " ".join(f"{k}={v}" for k, v in record.items())
+    tags = {"rollback.to": previous, **{f"rollback.{k}": v for k, v in record.items()}}
+    tags[ROLLED_BACK_TAG] = f"champion back to v{previous}; {stamp}".strip("; ")
+    for key, value in tags.items():
         client.set_model_version_tag(name, now, key, value)
+    append_history(
+        client, name, {"name": name, "decision": "rolled_back", "from": now, "to": previous, **record}
+    )
     client.set_registered_model_alias(name, CHAMPION, previous)
     return now, previous
+
+
+# --- history ----------------------------------------------------------------------------------
+def append_history(client: MlflowClient, name: str, entry: dict) -> int:
+    """Inside the lock: add `entry` as the registered model's tag `decision.<n>`, n one past the last."""
+    tags = client.get_registered_model(name).tags
+    n = 1 + max((int(k[len(HISTORY_PREFIX) :]) for k in tags if _is_history(k)), default=0)
+    client.set_registered_model_tag(
+        name, f"{HISTORY_PREFIX}{n}", json.dumps({"n": n, **entry}, sort_keys=True)
+    )
+    return n
+
+
+def history(tracking_uri: str, name: str) -> list[dict]:
+    """Every decision recorded on `name`, oldest first ([] for a model that does not exist)."""
+    try:
+        tags = MlflowClient(tracking_uri=tracking_uri).get_registered_model(name).tags
+    except MlflowException:
+        return []
+    return [
+        json.loads(tags[k])
+        for k in sorted((k for k in tags if _is_history(k)), key=lambda k: int(k[len(HISTORY_PREFIX) :]))
+    ]
+
+
+def _is_history(key: str) -> bool:
+    return key.startswith(HISTORY_PREFIX) and key[len(HISTORY_PREFIX) :].isdigit()
 
 
 def _v(version: str | None) -> str:

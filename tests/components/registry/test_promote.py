@@ -3,6 +3,7 @@ over HTTP on a sqlite file and on PostgreSQL (where promotions race through the 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -14,10 +15,13 @@ from components.registry.promote import (
     GATE_METRICS,
     LOWER_IS_BETTER,
     PREVIOUS_TAG,
+    ROLLED_BACK_TAG,
+    LockHeld,
     PromotionRefused,
     apply,
     decide,
     file_lock,
+    history,
     lock_model_name,
     registry_lock,
     rollback,
@@ -190,7 +194,19 @@ def test_rollback_restores_previous_and_refuses_without_one(store: str, tmp_path
         rollback(store, NAME, expected=v1, record=STAMP)
     assert rollback(store, NAME, expected=v2, record=STAMP) == (v2, v1)
     assert version_by_alias(tracking_uri=store, name=NAME, alias=CHAMPION) == v1
-    assert rows(store)[v2]["tags"]["rollback.to"] == v1
+    assert (
+        rows(store)[v2]["tags"]["rollback.to"] == v1 and "tester" in rows(store)[v2]["tags"][ROLLED_BACK_TAG]
+    )
+    # The rolled-back version still holds `challenger`, but the gate never promotes it again.
+    decision = gate(store)
+    assert not decision.promote and "rolled back" in decision.reason and decision.challenger == v2
+    assert apply(store, decision, record=STAMP) is False
+    assert version_by_alias(tracking_uri=store, name=NAME, alias=CHAMPION) == v1
+    assert [(e["n"], e["decision"]) for e in history(store, NAME)] == [
+        (1, "promoted"),
+        (2, "promoted"),
+        (3, "rolled_back"),
+    ]
 
 
 def test_file_lock_excludes_a_second_holder(tmp_path: Path):
@@ -198,28 +214,33 @@ def test_file_lock_excludes_a_second_holder(tmp_path: Path):
     with registry_lock(uri, NAME, timeout=1):
         lock = tmp_path / f".mlflow.db.{lock_model_name(NAME)}.lock"
         assert lock.is_file()
-        with pytest.raises(PromotionRefused, match="held by another process"), file_lock(lock, timeout=0.2):
+        with (
+            pytest.raises(LockHeld, match=r"still held after waiting 0.2 s, by .* pid \d+"),
+            file_lock(lock, timeout=0.2),
+        ):
             pass
     with file_lock(lock, timeout=0.2):  # released
         pass
 
 
 def test_server_lock_and_promotion_over_http(http_store: str, tmp_path: Path):
-    uri, lock = http_store, lock_model_name(NAME)
+    uri = http_store
     client = MlflowClient(tracking_uri=uri)
-    with registry_lock(uri, NAME, timeout=5):
-        assert client.get_registered_model(lock).name == lock
+    with registry_lock(uri, NAME, timeout=5) as lease:
+        held = client.get_experiment(lease.experiment_id)
+        assert held.name.startswith("genpipe-lock.diffusion.") and held.lifecycle_stage == "active"
+        assert held.tags["genpipe.lock.pid"] == str(os.getpid())
+        assert not client.search_registered_models("name LIKE 'genpipe-lock%'")  # no lock among the models
         with (
-            pytest.raises(PromotionRefused, match="held by another promotion"),
-            server_lock(uri, NAME, timeout=0.5, stale_after=600),
+            pytest.raises(
+                LockHeld, match=rf"still held after waiting 0.5 s, by .* pid {os.getpid()}.*--experiment-id"
+            ),
+            server_lock(uri, NAME, timeout=0.5, break_after=600),
         ):
             pass
-    assert not [m for m in client.search_registered_models() if m.name == lock]
-    # A holder that died leaves its lock; once older than stale_after it is broken and taken.
-    client.create_registered_model(lock)
-    time.sleep(1.2)
-    with server_lock(uri, NAME, timeout=10, stale_after=1):
-        assert client.get_registered_model(lock).tags.get("genpipe.lock_owner")
+    assert client.get_experiment(lease.experiment_id).lifecycle_stage == "deleted"  # released: hidden
+    with server_lock(uri, NAME, timeout=5) as again:  # the next generation
+        assert again.generation == lease.generation + 1
     # The gate end to end through the server.
     v1 = add_evaluated(uri, tmp_path, fid_over_floor=2.0)
     with registry_lock(uri, NAME):
@@ -229,7 +250,8 @@ def test_server_lock_and_promotion_over_http(http_store: str, tmp_path: Path):
         apply(uri, gate(uri), record=STAMP)
     assert version_by_alias(tracking_uri=uri, name=NAME, alias=CHAMPION) == v2
     assert rows(uri)[v2]["tags"][PREVIOUS_TAG] == v1
-    assert [r["name"] for r in list_versions(tracking_uri=uri)] == [NAME, NAME]  # the lock lists no versions
+    assert [r["name"] for r in list_versions(tracking_uri=uri)] == [NAME, NAME]
+    assert [e["challenger"] for e in history(uri, NAME)] == [v1, v2]
 
 
 RACER = """

@@ -182,18 +182,21 @@ def promote_command(
     """Move `champion` to the `challenger` version when it beats the champion on the gate metric."""
     from pipelines import promote
 
-    for model in models:
-        _registry_command(
-            "promote",
-            lambda m=model: promote.main(
-                params=params, model=m, metric=metric, margin=margin, dry_run=dry_run
-            ),
+    def run() -> None:  # every model is decided; the exit is 1 only if some model's outcome failed
+        failed = promote.main_many(
+            params=params, models=models, metric=metric, margin=margin, dry_run=dry_run
         )
+        if len(failed) > 1:
+            raise RuntimeError(f"{len(failed)} of {len(models)} models not decided: {'; '.join(failed)}")
+        if failed:
+            raise RuntimeError(failed[0])
+
+    _registry_command("promote", run)
 
 
 @app.command("rollback")
 def rollback_command(model: ModelArg, params: ParamsOpt = Path("params.yaml")) -> None:
-    """Give `champion` back to the version the current champion replaced."""
+    """Give `champion` back to the version the current champion replaced; that one is never promoted again."""
     from pipelines import promote
 
     _registry_command("rollback", lambda: promote.rollback_main(params=params, model=model))

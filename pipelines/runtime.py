@@ -48,22 +48,33 @@ def params_hash(sections: dict[str, StrictConfig]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def git_commit() -> str:
+#: What a stage's result depends on besides its data: the code and the stage definitions and params.
+#: The stages' own tracked outputs (dvc.lock, reports/, data/ and models/ pointers) are not in it.
+CODE_PATHS = ("components", "pipelines", "params.yaml", "dvc.yaml", "pyproject.toml")
+
+
+def git_commit(paths: tuple[str, ...] = CODE_PATHS) -> str:
+    """HEAD's sha, with `-dirty` when a file under `paths` differs from it (untracked .py files too)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=10
         )
         sha = out.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo_root(),
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return f"{sha}{'-dirty' if dirty else ''}" if sha else "unknown"
+        return f"{sha}{'-dirty' if sha and code_dirty(paths) else ''}" if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def code_dirty(paths: tuple[str, ...] = CODE_PATHS) -> bool:
+    """Whether a tracked file under `paths` is modified, or an unignored file there is untracked."""
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--", *paths],
+        cwd=repo_root(),
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+    return any(line.strip() for line in status.splitlines())
 
 
 def dvc_data_hash(deps: list[str]) -> str:

@@ -6,17 +6,22 @@ naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from components.data.config import PrepareConfig
+from components.diffusion.config import SamplingConfig
+from components.prior.config import PriorSamplingConfig
 from components.schema import StrictConfig
 from components.stages import (
     EncodeConfig,
     EvaluateConfig,
+    GANSamplingConfig,
+    TemperatureSamplingConfig,
     TrainDiffusionConfig,
     TrainEvaluatorConfig,
     TrainPriorConfig,
@@ -67,14 +72,26 @@ STAGE_SECTIONS: dict[str, type[StrictConfig]] = {
 
 
 def _one_line(section: str, err: ValidationError) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A renamed key is both unknown and missing: name the unknown one, not the whole section.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) for p in first["loc"])
     key = f"{section}.{loc}" if loc else section
     value = first.get("input")
     if first["type"] == "extra_forbidden":
-        return f"{key}: unknown key (allowed here: {_allowed(err, first['loc'])})"
+        allowed = _allowed(err, first["loc"])
+        close = difflib.get_close_matches(str(first["loc"][-1]), allowed.split(", "), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{key}: unknown key (allowed here: {allowed}){hint}"
+    if first["type"] == "missing":
+        return f"{key}: missing (required here)"
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{key}={value!r}: {msg}"
+    return f"{key}={_short(value)}: {msg}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _allowed(err: ValidationError, loc: tuple) -> str:
@@ -101,9 +118,62 @@ def validate_section(name: str, raw: Any) -> StrictConfig:
     if not isinstance(raw, dict):
         raise ParamsError(f"{name}: must be a mapping, got {type(raw).__name__}")
     try:
-        return models[name].model_validate(raw)
+        config = models[name].model_validate(raw)
     except ValidationError as err:
         raise ParamsError(_one_line(name, err)) from None
+    if name in SECTION_CHECKS:
+        SECTION_CHECKS[name](config)
+    return config
+
+
+def _prior_knobs(config: TrainPriorConfig) -> None:
+    """A prior variant may set only the sampling knobs of its own kind (`steps` is MaskGIT's)."""
+    for kind in ("gpt", "maskgit"):
+        own = PriorSamplingConfig().options(kind)
+        foreign = sorted(getattr(config, kind).sampling.model_fields_set - set(own))
+        if foreign:
+            raise ParamsError(
+                f"train_prior.{kind}.sampling.{foreign[0]}: not a {kind} knob; "
+                f"a {kind} prior samples with: {', '.join(sorted(own))}"
+            )
+
+
+def sampling_options(model: str) -> tuple[type[StrictConfig], tuple[str, ...]]:
+    """(the sampling config, the option names) of the generator in models/<model>."""
+    if model.startswith("diffusion_"):
+        return SamplingConfig, tuple(SamplingConfig.model_fields)
+    if model.startswith("prior_"):
+        kind = model.removeprefix("prior_")
+        return PriorSamplingConfig, tuple(PriorSamplingConfig().options(kind))  # type: ignore[arg-type]
+    config = GANSamplingConfig if model in ("gan", "wgan") else TemperatureSamplingConfig
+    return config, tuple(config.model_fields)
+
+
+def check_model_options(model: str, options: dict[str, Any], *, where: str) -> None:
+    """Names and values of a model's sampling options, each against its field's type and the shared
+    limits (components/sampling_limits.py); the loaded generator checks combinations."""
+    config, names = sampling_options(model)
+    for name, value in options.items():
+        if name not in names:
+            raise ParamsError(
+                f"{where}.{name}: unknown sampling option for {model}; valid: {', '.join(sorted(names))}"
+            )
+        field = config.model_fields[name]
+        typed = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+        try:
+            TypeAdapter(typed).validate_python(value)
+        except ValidationError as err:
+            msg = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ParamsError(f"{where}.{name}={_short(value)}: {msg}") from None
+
+
+def _evaluate_options(config: EvaluateConfig) -> None:
+    for model, options in config.options.items():
+        check_model_options(model, options, where=f"evaluate.options.{model}")
+
+
+#: Checks across a validated section's fields that no single config holds.
+SECTION_CHECKS = {"train_prior": _prior_knobs, "evaluate": _evaluate_options}
 
 
 def read_params(path: str | Path) -> dict[str, Any]:

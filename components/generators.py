@@ -55,6 +55,9 @@ class Generator(Protocol):
     image_shape: tuple[int, int, int]  # (C, H, W)
     default_options: dict[str, Any]  # the family's sampling knobs with their trained defaults
 
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """`options` over the defaults, every name and value checked (one-line errors); samples nothing."""
+
     def sample(
         self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
     ) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -10,6 +10,7 @@ from components.diffusion.config import DiffusionStageConfig
 from components.evaluation.evaluator import EvaluatorConfig
 from components.generators import MODELS
 from components.prior.config import PriorConfig, PriorSamplingConfig
+from components.sampling_limits import limited
 from components.schema import StrictConfig
 from components.tokenizer.config import TokenizerConfig
 from components.training.config import LoopConfig
@@ -105,13 +106,17 @@ class TrainPriorConfig(StrictConfig):
 class TemperatureSamplingConfig(StrictConfig):
     """Default sampling of a likelihood family: latents (VAE, flow) or logits (PixelCNN) at temperature T."""
 
-    temperature: float = Field(default=1.0, gt=0, description="1: the model's own distribution")
+    temperature: Annotated[float, limited("temperature")] = Field(
+        default=1.0, description="1: the model's own distribution"
+    )
 
 
 class GANSamplingConfig(StrictConfig):
     """Default sampling of a GAN: z ~ N(0, I), or truncated to [-t, t] (BigGAN's truncation trick)."""
 
-    truncation: float | None = Field(default=None, gt=0, description="null: plain N(0, I)")
+    truncation: Annotated[float | None, limited("truncation")] = Field(
+        default=None, description="null: plain N(0, I)"
+    )
 
 
 class VAEVariantConfig(StrictConfig):

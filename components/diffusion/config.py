@@ -8,12 +8,13 @@ table, `VALID_SAMPLING`, checked by `check_sampling` and by `DiffusionStageConfi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from components.diffusion.discretization import default_sigma_range, sigma_bounds
 from components.nn.unet import UNetConfig
+from components.sampling_limits import limited
 from components.schema import StrictConfig
 
 Objective = Literal["ddpm", "ve", "edm", "flow"]
@@ -72,20 +73,32 @@ class SamplingConfig(StrictConfig):
     """How to sample: sampler, steps, discretization, guidance and the samplers' knobs."""
 
     sampler: Sampler = "heun"
-    steps: int = Field(default=18, ge=1, description="sampler iterations; sigmas has steps + 1 entries")
+    steps: Annotated[int, limited("steps")] = Field(
+        default=18, description="sampler iterations; sigmas has steps + 1 entries"
+    )
     discretization: Discretization = "karras"
-    rho: float = Field(default=7.0, gt=0)  # EDM eq. 5
-    guidance: float = Field(default=1.0, ge=0, description="CFG weight w: 1 conditional, 0 unconditional")
-    guidance_interval: tuple[float, float] | None = Field(
+    rho: Annotated[float, limited("rho")] = 7.0  # EDM eq. 5
+    guidance: Annotated[float, limited("guidance")] = Field(
+        default=1.0, description="CFG weight w: 1 conditional, 0 unconditional"
+    )
+    guidance_interval: Annotated[tuple[float, float] | None, limited("guidance_interval")] = Field(
         default=None, description="(sigma_lo, sigma_hi]: guide only at these noise levels; null: at all"
     )  # Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"
-    eta: float = Field(default=0.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 DDPM-like")
-    S_churn: float = Field(default=0.0, ge=0)  # heun only (EDM Algorithm 2); 0: deterministic
-    S_tmin: float = Field(default=0.0, ge=0)
-    S_tmax: float | None = Field(default=None, gt=0, description="null: no upper bound (EDM's inf)")
-    S_noise: float = Field(default=1.0, gt=0)
-    sigma_min: float | None = Field(default=None, gt=0, description="karras only; null: per objective")
-    sigma_max: float | None = Field(default=None, gt=0, description="karras only; null: per objective")
+    eta: Annotated[float, limited("eta")] = Field(
+        default=0.0, description="ddim only: 0 deterministic, 1 DDPM-like"
+    )
+    S_churn: Annotated[float, limited("S_churn")] = 0.0  # heun only (EDM Algorithm 2); 0: deterministic
+    S_tmin: Annotated[float, limited("S_tmin")] = 0.0
+    S_tmax: Annotated[float | None, limited("S_tmax")] = Field(
+        default=None, description="null: no upper bound (EDM's inf)"
+    )
+    S_noise: Annotated[float, limited("S_noise")] = 1.0
+    sigma_min: Annotated[float | None, limited("sigma_min")] = Field(
+        default=None, description="karras only; null: per objective"
+    )
+    sigma_max: Annotated[float | None, limited("sigma_max")] = Field(
+        default=None, description="karras only; null: per objective"
+    )
 
     @model_validator(mode="after")
     def _own_knobs(self) -> SamplingConfig:

@@ -110,6 +110,10 @@ class DiffusionGenerator:
         check_sampling(self.model, sampling)
         return sampling
 
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The options over the trained defaults, validated as `options` does."""
+        return self.options(**options).model_dump()
+
     def nfe(self, **options: Any) -> int:
         """Network evaluations per sample for these options (see `config.nfe`)."""
         return nfe(self.options(**options))

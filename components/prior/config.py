@@ -9,10 +9,11 @@ schedule and choice temperature 4.5); params.yaml sets a small model for the dig
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from components.sampling_limits import limited
 from components.schema import StrictConfig
 
 PriorKind = Literal["gpt", "maskgit"]
@@ -67,14 +68,18 @@ class PriorConfig(StrictConfig):
 class PriorSamplingConfig(StrictConfig):
     """Sampling knobs; `steps` and `choice_temperature` are MaskGIT's, `use_cache` is GPT's."""
 
-    temperature: float = Field(default=1.0, gt=0)
-    top_k: int | None = Field(default=None, ge=0, description="None or 0: off")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus mass in (0, 1]; 1: off")
-    guidance: float = Field(
-        default=1.0, ge=0, description="CFG scale w; 1: plain conditional, 0: unconditional"
+    temperature: Annotated[float, limited("temperature")] = 1.0
+    top_k: Annotated[int | None, limited("top_k")] = Field(default=None, description="None or 0: off")
+    top_p: Annotated[float, limited("top_p")] = Field(
+        default=1.0, description="nucleus mass in (0, 1]; 1: off"
     )
-    steps: int = Field(default=8, ge=1)  # MaskGIT decodes 256 tokens in 8 steps (sec. 4.2)
-    choice_temperature: float = Field(default=4.5, ge=0)  # MaskGIT's reference code; annealed to 0
+    guidance: Annotated[float, limited("guidance")] = Field(
+        default=1.0, description="CFG scale w; 1: plain conditional, 0: unconditional"
+    )
+    steps: Annotated[int, limited("steps")] = 8  # MaskGIT decodes 256 tokens in 8 steps (sec. 4.2)
+    choice_temperature: Annotated[float, limited("choice_temperature")] = (
+        4.5  # MaskGIT's reference code; annealed to 0
+    )
     use_cache: bool = True  # GPT: KV cache (same samples, fewer FLOPs)
 
     def options(self, kind: PriorKind) -> dict[str, Any]:

@@ -102,13 +102,18 @@ class PriorGenerator:
         self.image_shape = tuple(image_shape)
         self.default_options: dict[str, Any] = sampling.options(kind)
 
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options over the trained defaults; names, then values (one line naming key and rule)."""
+        merged = merge_options(f"{FAMILY}/{self.kind}", self.default_options, options)
+        checked = sampling_config(merged)  # the shared limits, through the config's field types
+        return {name: getattr(checked, name) for name in merged}
+
     @torch.no_grad()
     def sample(
         self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
     ) -> torch.Tensor:
         """Images (n, C, H, W) in [-1, 1] for labels (n,) int64; an int n draws n from the null class."""
-        options = merge_options(f"{FAMILY}/{self.kind}", self.default_options, options)
-        sampling_config(options)  # values: one line naming the option and the rule
+        options = self.check_options(options)
         n, labels = sample_labels(labels, num_classes=self.num_classes)
         tokens = GENERATE[self.kind](
             self.model, n if labels is None else labels, generator=generator, **options

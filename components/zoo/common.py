@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from components.generators import read_generator, sample_labels, save_generator
+from components.sampling_limits import check_option
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 
@@ -110,10 +111,16 @@ def check_image_shape(
 
 
 def check_temperature(value: Any, *, family: str) -> float:
-    """A positive float sampling temperature, else a one-line error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{family}: temperature={value!r} must be a positive number")
-    return float(value)
+    """A sampling temperature within the shared limit (components/sampling_limits.py), else one line."""
+    return check_sampling_option("temperature", value, family=family)
+
+
+def check_sampling_option(name: str, value: Any, *, family: str) -> Any:
+    """Option `name` checked against the shared limits; the one-line error names the family."""
+    try:
+        return check_option(name, value)
+    except ValueError as err:
+        raise ValueError(f"{family}: {err}") from None
 
 
 def export_generator(

@@ -435,13 +435,17 @@ class FlowGenerator:
         self.default_options = dict(default_options)
         self.device = flow.top_prior.device
 
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The temperature over the default, within the shared limit."""
+        opts = merge_options(FAMILY, self.default_options, options)
+        return {**opts, "temperature": check_temperature(opts["temperature"], family=FAMILY)}
+
     @torch.no_grad()
     def sample(
         self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
     ) -> torch.Tensor:
         """Inverse flow of latents drawn at temperature T (option `temperature`)."""
-        opts = merge_options(FAMILY, self.default_options, options)
-        temperature = check_temperature(opts["temperature"], family=FAMILY)
+        temperature = self.check_options(options)["temperature"]
         n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
         return self.flow.sample(y, n=n, temperature=temperature, generator=generator)
 

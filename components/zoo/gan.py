@@ -48,7 +48,13 @@ from components.nn.blocks import group_norm
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
-from components.zoo.common import export_generator, progress_labels, read_export, request
+from components.zoo.common import (
+    check_sampling_option,
+    export_generator,
+    progress_labels,
+    read_export,
+    request,
+)
 from components.zoo.gan_layers import CondBatchNorm, gradient_penalty, minibatch_std, r1_penalty
 
 MIN_START = 4  # the generator starts from a map of at least 4x4, as DCGAN does
@@ -362,15 +368,20 @@ class GANGenerator:
         self.default_options = dict(default_options)
         self.device = net.project.weight.device
 
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The truncation over the default, within the shared limit."""
+        opts = merge_options(self.family, self.default_options, options)
+        return {
+            **opts,
+            "truncation": check_sampling_option("truncation", opts["truncation"], family=self.family),
+        }
+
     @torch.no_grad()
     def sample(
         self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
     ) -> torch.Tensor:
         """G(z, y); option truncation: null (plain N(0, I)) or t > 0 (z restricted to [-t, t])."""
-        opts = merge_options(self.family, self.default_options, options)
-        t = opts["truncation"]
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
-            raise ValueError(f"{self.family}: truncation={t!r} must be null or a positive number")
+        t = self.check_options(options)["truncation"]
         n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
         z = _truncated_normal((n, self.net.latent_dim), truncation=t, generator=generator, device=self.device)
         return self.net(z, y).clamp(-1, 1)

@@ -366,13 +366,17 @@ class PixelCNNGenerator:
         self.default_options = dict(default_options)
         self.device = net.head[-1].weight.device
 
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The temperature over the default, within the shared limit."""
+        opts = merge_options(FAMILY, self.default_options, options)
+        return {**opts, "temperature": check_temperature(opts["temperature"], family=FAMILY)}
+
     @torch.no_grad()
     def sample(
         self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
     ) -> torch.Tensor:
         """Ancestral samples at temperature T (option `temperature`: logits / T)."""
-        opts = merge_options(FAMILY, self.default_options, options)
-        temperature = check_temperature(opts["temperature"], family=FAMILY)
+        temperature = self.check_options(options)["temperature"]
         n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
         return sample_images(self.net, y, n=n, temperature=temperature, generator=generator)
 

@@ -230,13 +230,17 @@ class VAEGenerator:
         self.default_options = dict(default_options)
         self.device = vae.log_scale.device
 
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The temperature over the default, within the shared limit."""
+        opts = merge_options(FAMILY, self.default_options, options)
+        return {**opts, "temperature": check_temperature(opts["temperature"], family=FAMILY)}
+
     @torch.no_grad()
     def sample(
         self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
     ) -> torch.Tensor:
         """Decoder means at z ~ N(0, T^2 I); option: temperature T."""
-        opts = merge_options(FAMILY, self.default_options, options)
-        temperature = check_temperature(opts["temperature"], family=FAMILY)
+        temperature = self.check_options(options)["temperature"]
         n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
         return _sample(self.vae, y, n=n, generator=generator, temperature=temperature)
 

@@ -47,11 +47,11 @@ def test_options_per_kind() -> None:
 @pytest.mark.parametrize(
     ("model", "raw", "needles"),
     [
-        (PriorSamplingConfig, {"top_p": 1.5}, ["top_p=1.5", "less than or equal to 1"]),
-        (PriorSamplingConfig, {"top_p": 0.0}, ["top_p=0.0", "greater than 0"]),
-        (PriorSamplingConfig, {"steps": 0}, ["steps=0", "greater than or equal to 1"]),
-        (PriorSamplingConfig, {"top_k": -1}, ["top_k=-1", "greater than or equal to 0"]),
-        (PriorSamplingConfig, {"temperature": 0}, ["temperature=0", "greater than 0"]),
+        (PriorSamplingConfig, {"top_p": 1.5}, ["top_p=1.5", "must be a finite number in (0, 1]"]),
+        (PriorSamplingConfig, {"top_p": 0.0}, ["top_p=0.0", "(0, 1]"]),
+        (PriorSamplingConfig, {"steps": 0}, ["steps=0", "must be an integer in [1, "]),
+        (PriorSamplingConfig, {"top_k": -1}, ["top_k=-1", "must be null or an integer in [0, 65536]"]),
+        (PriorSamplingConfig, {"temperature": 0}, ["temperature=0", "(0, 10]"]),
         (PriorSamplingConfig, {"guidance": -1.0}, ["guidance=-1.0"]),
         (PriorConfig, {"kind": "rnn"}, ["kind='rnn'", "'gpt' or 'maskgit'"]),
         (PriorConfig, {"label_dropout": 1.0}, ["label_dropout=1.0", "less than 1"]),
@@ -70,6 +70,6 @@ def test_bad_values_fail_with_one_line(model, raw: dict, needles: list[str]) -> 
 
 
 def test_sampling_config_raises_one_line_value_error() -> None:
-    with pytest.raises(ValueError, match=r"^top_p=2: Input should be less than or equal to 1$"):
+    with pytest.raises(ValueError, match=r"^top_p=2: must be a finite number in \(0, 1\]$"):
         sampling_config({"top_p": 2})
     assert sampling_config({"top_k": 5}).top_k == 5

@@ -86,8 +86,8 @@ def test_options_are_validated_with_one_line(helpers, tmp_path) -> None:
             {"steps": 4},
             "prior/gpt: unknown sampling option 'steps'; valid: guidance, temperature, top_k, top_p, use_cache",
         ),
-        ({"top_p": 1.5}, "top_p=1.5: Input should be less than or equal to 1"),
-        ({"temperature": 0.0}, "temperature=0.0: Input should be greater than 0"),
+        ({"top_p": 1.5}, "top_p=1.5: must be a finite number in (0, 1]"),
+        ({"temperature": 0.0}, "temperature=0.0: must be a finite number in (0, 10]"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError) as info:

@@ -121,6 +121,18 @@ def repro(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
     raise typer.Exit(run_repro(params=params, args=list(ctx.args)))
 
 
+exp_app = typer.Typer(help="DVC experiments the way `genpipe repro` runs the pipeline.", no_args_is_help=True)
+app.add_typer(exp_app, name="exp")
+
+
+@exp_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exp_run(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
+    """`dvc exp run [ARGS]` (e.g. `-S section.key=value`) as `genpipe repro` runs `dvc repro`."""
+    from pipelines.repro import main as run_repro
+
+    raise typer.Exit(run_repro(params=params, args=list(ctx.args), command=("exp", "run")))
+
+
 def _registry_command(label: str, call) -> None:
     """Run a registry command; a refusal or bad input is one line and exit 1, like a stage."""
     from pipelines.runtime import fail
@@ -241,6 +253,9 @@ def sample_command(
         )  # fmt: skip
 
     _registry_command("sample", run)
+
+
+app.command("serve")(importlib.import_module("pipelines.serve").command)  # its server lives in serve.py
 
 
 def main() -> None:

@@ -48,8 +48,19 @@ class StageTime:
         return (self.ended or time.time()) - self.started
 
 
-def main(*, params: Path, args: list[str]) -> int:
-    """Run `dvc repro ARGS` against one shared local Ray instance; the summary; dvc's exit status."""
+#: dvc arguments under which no stage runs now: no Ray instance or stage server to start for them
+NOTHING_RUNS = frozenset({"--dry", "--queue", "--run-all", "-h", "--help"})
+
+
+def main(*, params: Path, args: list[str], command: tuple[str, ...] = ("repro",)) -> int:
+    """Run `dvc COMMAND ARGS` against one shared local Ray instance; the summary; dvc's exit status.
+
+    The stages' `genpipe` is this one: its bin folder goes first on their PATH, so a venv needs no
+    activating (`.venv/bin/genpipe repro` works where a bare `.venv/bin/dvc repro` finds no `genpipe`).
+    """
+    dvc = [str(Path(sys.executable).parent / "dvc"), *command, *args]
+    if NOTHING_RUNS & set(args):  # a dry run, or queued experiments that run later, elsewhere
+        return subprocess.run(dvc, env=_stage_env()).returncode
     import ray
 
     from components.config import load_stage
@@ -60,8 +71,7 @@ def main(*, params: Path, args: list[str]) -> int:
     if joins_cluster(ray_cfg) is None:
         init_ray(ray_cfg)  # sets RAY_AUTH_MODE here; the stages inherit it with the address
         shared = ray.get_runtime_context().gcs_address
-    env = dict(os.environ)  # the stages' `genpipe` is this venv's, as `make run` puts it first on PATH
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = _stage_env()
     if shared is not None:
         env["RAY_ADDRESS"] = env[SHARED_LOCAL_ENV] = address = shared
         print(f"genpipe repro: stages share the local Ray instance at {address}", flush=True)
@@ -71,7 +81,7 @@ def main(*, params: Path, args: list[str]) -> int:
     if server is not None:
         env[SERVER_ENV] = server.socket
     try:
-        stages, rc = _run_dvc([str(Path(sys.executable).parent / "dvc"), "repro", *args], env=env)
+        stages, rc = _run_dvc(dvc, env=env)
     finally:
         if server is not None:
             server.stop()
@@ -84,6 +94,13 @@ def main(*, params: Path, args: list[str]) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
     return rc
+
+
+def _stage_env() -> dict[str, str]:
+    """This environment, this venv's bin folder first on PATH (what activating the venv does)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 @dataclass

@@ -4,7 +4,7 @@
 #
 #   scripts/local-cluster.sh up [--nodes N] [--cpus N] [--port P] [--mlflow-port P] [--host IP] [--dir DIR]
 #   source .genpipe/cluster/env            # RAY_ADDRESS, RAY_AUTH_MODE, MLFLOW_TRACKING_URI
-#   .venv/bin/dvc exp run -S train.num_workers=2 train_evaluator   # one worker per node
+#   .venv/bin/genpipe exp run -S train.num_workers=2 train_evaluator   # one worker per node
 #   scripts/local-cluster.sh down [--dir DIR]
 #
 # `up` starts a head (`ray start --head --block`), N-1 more nodes (`ray start --address --block`),

@@ -31,15 +31,14 @@ from components.diffusion.config import VALID_SAMPLING, DiffusionConfig, Samplin
 from components.diffusion.generator import export
 from components.diffusion.task import DiffusionTask
 from components.evaluation.evaluator import load_evaluator
-from components.evaluation.frechet import FeatureStats, frechet_distance
 from components.evaluation.judge import judge
+from components.evaluation.reference import load_reference
 from components.generators import Generator, load_generator
 from components.training.checkpoint import LocalCheckpointIO, module_states
 from components.training.config import LoopConfig
 from components.training.loop import train
 
 COLUMNS = ("model", "sampler", "discretization", "steps", "nfe", "fd", "fd_over_floor", "cond_accuracy")
-TEST_STATS, TRAIN_STATS = "test_stats.safetensors", "train_stats.safetensors"  # pipelines/train_evaluator.py
 TRAIN_FACTS = "bench_train.json"  # how train_ddpm trained an exported model
 REF_STEPS = 1000  # DDPM's T: ancestral sampling through every step of the chain
 #: EDM Table 5's ImageNet-64 stochastic settings (S_churn, S_tmin, S_tmax, S_noise).
@@ -119,8 +118,8 @@ class Judge:
     def __post_init__(self) -> None:
         self.evaluator = load_evaluator(self.evaluator_dir, device=self.device).float()
         self.test = ShardDataset(self.data, "test")
-        self.test_stats = FeatureStats.load(self.evaluator_dir / TEST_STATS)
-        self.floor = frechet_distance(FeatureStats.load(self.evaluator_dir / TRAIN_STATS), self.test_stats)
+        reference = load_reference(self.evaluator_dir)
+        self.test_stats, self.floor = reference.test, reference.floor
 
     def curve(self, generator: Generator, curve: Curve, *, model: str, log=print) -> list[dict]:
         """One CSV row per step count of `curve`: all N samples in one batch."""

@@ -35,9 +35,10 @@ from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.data.readers import ShardDataset, epoch_batches
 from components.evaluation.evaluator import EvaluatorTask, load_evaluator, predict, save_evaluator
-from components.evaluation.frechet import FeatureStats, feature_stats, frechet_distance
+from components.evaluation.frechet import feature_stats, frechet_distance
 from components.evaluation.judge import judge
 from components.evaluation.recon import recon_metrics
+from components.evaluation.reference import TEST_STATS, compute_reference, load_reference, save_reference
 from components.generators import load_generator
 from components.io import save_model
 from components.prior.generator import export as export_prior
@@ -48,7 +49,6 @@ from components.training.checkpoint import LocalCheckpointIO, module_states
 from components.training.config import LoopConfig
 from components.training.loop import train
 
-TEST_STATS, TRAIN_STATS = "test_stats.safetensors", "train_stats.safetensors"
 SHAPES = PrepareConfig(source="builtin:shapes", image_size=32, channels=3)
 # "on": params.yaml's disc block with taming-transformers' weight 0.8 (the params.yaml default is 0, off);
 # "on_group": the same with the GroupNorm discriminator of before
@@ -107,8 +107,7 @@ def shapes_evaluator(work: Path, *, params: str) -> tuple[Path, Path]:
     accuracy = float((predict(net, test.images) == test.labels).float().mean())
     print(f"shapes evaluator: test accuracy {accuracy:.4f} in {time.perf_counter() - tic:.0f}s", flush=True)
     save_evaluator(net, ev_dir)
-    feature_stats(net, test.images).save(ev_dir / TEST_STATS)
-    feature_stats(net, data.images).save(ev_dir / TRAIN_STATS)
+    save_reference(compute_reference(net, train=data.images, test=test.images), ev_dir)
     return data_dir, ev_dir
 
 
@@ -162,8 +161,8 @@ def run(
     wall = time.perf_counter() - tic
     vqgan = task.modules["vqgan"].eval()
     x_rec, usage = reconstruct(vqgan, test.images)
-    test_stats = FeatureStats.load(ev_dir / TEST_STATS)
-    floor = frechet_distance(FeatureStats.load(ev_dir / TRAIN_STATS), test_stats)
+    reference = load_reference(ev_dir)
+    test_stats, floor = reference.test, reference.floor
     out = {
         "data": name,
         "disc": disc,
@@ -236,15 +235,15 @@ def prior_fid(
 
     # evaluate prior_gpt: the one judge, on this data's evaluator and test statistics
     ev = load_stage(params, "evaluate")["evaluate"]
-    test_stats = FeatureStats.load(ev_dir / TEST_STATS)
+    reference = load_reference(ev_dir)
     n = ev.num_samples or len(data)
     tic = time.perf_counter()
     result = judge(
         load_generator(folder / "prior_gpt"),
         evaluator=load_evaluator(ev_dir),
         test_images=test.images,
-        test_stats=test_stats,
-        floor=frechet_distance(FeatureStats.load(ev_dir / TRAIN_STATS), test_stats),
+        test_stats=reference.test,
+        floor=reference.floor,
         n=n,
         seed=ev.seed,
         batch_size=ev.batch_size,

@@ -20,14 +20,13 @@ from components.config import load_stage
 from components.data.readers import ShardDataset
 from components.data.shards import read_meta
 from components.evaluation.evaluator import load_evaluator
-from components.evaluation.frechet import FeatureStats, frechet_distance
 from components.evaluation.grid import make_grid, save_png
 from components.evaluation.judge import class_rows, judge
+from components.evaluation.reference import load_reference
 from components.generators import MODELS, load_generator
 from components.io import write_json
 from components.stages import EvaluateConfig
 from pipelines.runtime import print_config, repo_root, tracking_uri
-from pipelines.train_evaluator import TEST_STATS, TRAIN_STATS
 
 STAGE = "evaluate"
 DATA, EVALUATOR = "data/processed", "models/evaluator"
@@ -63,16 +62,14 @@ def main(*, params: Path, model: str, dry_run: bool = False) -> None:
         print(f"{STAGE}: would sample {n} images from models/{model} with options {options or 'defaults'}")
         return
     test = ShardDataset(root / DATA, "test")
-    floor = frechet_distance(
-        FeatureStats.load(root / EVALUATOR / TRAIN_STATS), FeatureStats.load(root / EVALUATOR / TEST_STATS)
-    )
+    reference = load_reference(root / EVALUATOR)
     print(f"{STAGE}: {model}: sampling {n} images ({options or 'trained defaults'})")
     result = judge(
         generator,
         evaluator=evaluator.float(),
         test_images=test.images,
-        test_stats=FeatureStats.load(root / EVALUATOR / TEST_STATS),
-        floor=floor,
+        test_stats=reference.test,
+        floor=reference.floor,
         n=n,
         seed=cfg.seed,
         batch_size=cfg.batch_size,

@@ -16,12 +16,11 @@ import torch
 
 from components.config import load_stage
 from components.data.shards import read_meta
-from components.data.tokens import read_token_meta, read_tokens
+from components.data.tokens import check_tokenizer, read_token_meta, read_tokens
 from components.diffusion.generator import export as export_diffusion
 from components.diffusion.task import DiffusionTask
 from components.stages import DiffusionVariantConfig
 from pipelines.runtime import print_config, repo_root
-from pipelines.train_prior import check_tokenizer
 from pipelines.training import GeneratorStage, train_generator, variant_sections
 
 STAGE = "train_diffusion"

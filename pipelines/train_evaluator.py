@@ -15,7 +15,7 @@ from components.config import load_stage
 from components.data.readers import ShardDataset
 from components.data.shards import read_meta
 from components.evaluation.evaluator import Evaluator, EvaluatorTask, predict, save_evaluator
-from components.evaluation.frechet import feature_stats, frechet_distance
+from components.evaluation.reference import compute_reference, save_reference
 from components.io import atomic_dir
 from components.stages import TrainEvaluatorConfig
 from pipelines.runtime import CLOCK, print_config, repo_root, stage_run
@@ -26,7 +26,6 @@ DATA = "data/processed"
 OUT = "models/evaluator"
 METRICS = "reports/train_evaluator.json"
 CURVES = "reports/plots/train_evaluator.csv"
-TEST_STATS, TRAIN_STATS = "test_stats.safetensors", "train_stats.safetensors"
 
 
 def main(*, params: Path, dry_run: bool = False) -> None:
@@ -76,10 +75,8 @@ def export(evaluator: Evaluator, *, data_dir: Path, out: Path) -> dict[str, floa
     """Test accuracy, feature statistics of the real splits, and the model files, written atomically."""
     test, train = ShardDataset(data_dir, "test"), ShardDataset(data_dir, "train")
     accuracy = float((predict(evaluator, test.images) == test.labels).float().mean())
-    test_stats, train_stats = feature_stats(evaluator, test.images), feature_stats(evaluator, train.images)
-    floor = frechet_distance(train_stats, test_stats)
+    reference = compute_reference(evaluator, train=train.images, test=test.images)
     with atomic_dir(out) as tmp:
         save_evaluator(evaluator, tmp)
-        test_stats.save(tmp / TEST_STATS)
-        train_stats.save(tmp / TRAIN_STATS)
-    return {"test_accuracy": accuracy, "fid_floor": floor}
+        save_reference(reference, tmp)
+    return {"test_accuracy": accuracy, "fid_floor": reference.floor}

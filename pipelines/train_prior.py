@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from components.config import load_stage
-from components.data.tokens import read_token_meta
+from components.data.tokens import check_tokenizer, read_token_meta
 from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
 from pipelines.runtime import print_config, repo_root
@@ -25,18 +25,6 @@ SPECS = {
     kind: GeneratorStage(STAGE, kind, f"prior_{kind}", DATA, "tokens", deps=(TOKENIZER,))
     for kind in ("gpt", "maskgit")
 }
-
-
-def check_tokenizer(meta: dict, tokenizer_dir: Path) -> None:
-    """data/tokens must come from the tokenizer the prior will decode with (else: re-run encode)."""
-    import hashlib
-
-    sha = hashlib.sha256((tokenizer_dir / "model.safetensors").read_bytes()).hexdigest()
-    recorded = meta.get("tokenizer", {}).get("model_sha256")
-    if recorded != sha:
-        raise ValueError(
-            f"{DATA} was encoded by tokenizer {str(recorded)[:12]}, but {TOKENIZER} is {sha[:12]}: run `dvc repro encode`"
-        )
 
 
 def main(*, params: Path, variant: str, dry_run: bool = False) -> None:

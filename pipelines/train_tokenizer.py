@@ -16,15 +16,15 @@ from components.config import load_stage
 from components.data.readers import ShardDataset
 from components.data.shards import read_meta
 from components.evaluation.evaluator import load_evaluator
-from components.evaluation.frechet import FeatureStats, feature_stats, frechet_distance
+from components.evaluation.frechet import feature_stats, frechet_distance
 from components.evaluation.grid import make_grid, save_png
 from components.evaluation.recon import recon_metrics
+from components.evaluation.reference import load_reference
 from components.io import save_model
 from components.stages import TrainTokenizerConfig
 from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN, reconstruct
 from pipelines.runtime import CLOCK, print_config, repo_root, stage_run
-from pipelines.train_evaluator import TEST_STATS, TRAIN_STATS
 from pipelines.training import finish, ray_lineage, ray_run_name, train_on_ray
 
 STAGE = "train_tokenizer"
@@ -125,14 +125,13 @@ def judge(vqgan: VQGAN, *, data_dir: Path, evaluator_dir: Path, num_grid: int):
     x_rec, usage = reconstruct(vqgan, test.images)
     evaluator = load_evaluator(evaluator_dir)
     rec_stats = feature_stats(evaluator, x_rec)
-    test_stats = FeatureStats.load(evaluator_dir / TEST_STATS)
-    floor = frechet_distance(FeatureStats.load(evaluator_dir / TRAIN_STATS), test_stats)
-    rfid = frechet_distance(rec_stats, test_stats)
+    reference = load_reference(evaluator_dir)
+    rfid = frechet_distance(rec_stats, reference.test)
     metrics = {
         **recon_metrics(x_rec, test.images),
         "l1": float((x_rec - test.images).abs().mean()),
         "rfid": rfid,
-        "rfid_over_floor": rfid / max(floor, 1e-12),
+        "rfid_over_floor": rfid / max(reference.floor, 1e-12),
         "codebook_usage": usage.usage(),
         "perplexity": usage.perplexity(),
     }

@@ -14,8 +14,6 @@ import yaml
 from benchmarks import run
 from benchmarks.diffusion import (
     COLUMNS,
-    TEST_STATS,
-    TRAIN_STATS,
     curves,
     load_ddpm,
     main,
@@ -29,7 +27,7 @@ from components.diffusion.config import DiffusionConfig, SamplingConfig
 from components.diffusion.generator import export
 from components.diffusion.precond import build_denoiser
 from components.evaluation.evaluator import Evaluator, EvaluatorConfig, save_evaluator
-from components.evaluation.frechet import feature_stats
+from components.evaluation.reference import compute_reference, save_reference
 
 TINY = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": []}
 
@@ -43,8 +41,8 @@ def fixture(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     evaluator = Evaluator(EvaluatorConfig(widths=(8,), feature_dim=8), in_channels=1, num_classes=10).eval()
     save_evaluator(evaluator, root / "evaluator")
-    for split, name in (("test", TEST_STATS), ("train", TRAIN_STATS)):
-        feature_stats(evaluator, ShardDataset(data, split).images).save(root / "evaluator" / name)
+    images = {split: ShardDataset(data, split).images for split in ("train", "test")}
+    save_reference(compute_reference(evaluator, **images), root / "evaluator")
     model = DiffusionConfig(objective="edm", backbone={**TINY, "num_classes": 10, "in_channels": 1})
     export(
         root / "diffusion_pixel",

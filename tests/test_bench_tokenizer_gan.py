@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.tokenizer_gan import TEST_STATS, TRAIN_STATS, main
+from benchmarks.tokenizer_gan import main
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.data.readers import ShardDataset
 from components.evaluation.evaluator import Evaluator, EvaluatorConfig, save_evaluator
-from components.evaluation.frechet import feature_stats
+from components.evaluation.reference import compute_reference, save_reference
 from components.generators import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,8 @@ def workdir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     evaluator = Evaluator(EvaluatorConfig(widths=(8,), feature_dim=8), in_channels=1, num_classes=10).eval()
     save_evaluator(evaluator, root / "models" / "evaluator")
-    for split, name in (("test", TEST_STATS), ("train", TRAIN_STATS)):
-        feature_stats(evaluator, ShardDataset(data, split).images).save(root / "models" / "evaluator" / name)
+    images = {split: ShardDataset(data, split).images for split in ("train", "test")}
+    save_reference(compute_reference(evaluator, **images), root / "models" / "evaluator")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     tok = params["train_tokenizer"]
     tok["model"]["autoencoder"] |= {"channels": 8, "z_channels": 8, "attention": False}

@@ -167,6 +167,20 @@ def read_token_meta(tokens_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def check_tokenizer(meta: dict[str, Any], tokenizer_dir: str | Path) -> None:
+    """Tokens (their `meta`) must come from the tokenizer a stage will decode with (else: re-run encode)."""
+    import hashlib
+
+    path = Path(tokenizer_dir) / "model.safetensors"
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    recorded = meta.get("tokenizer", {}).get("model_sha256")
+    if recorded != sha:
+        raise DataError(
+            f"the tokens were encoded by tokenizer {str(recorded)[:12]}, but {path.parent} is {sha[:12]}: "
+            "run `dvc repro encode`"
+        )
+
+
 def read_tokens(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     """One split as arrays: tokens (N, h, w) int64, latent (N, D, h, w) float32, label (N,), id (N,)."""
     if split not in SPLITS:

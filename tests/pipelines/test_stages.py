@@ -303,13 +303,13 @@ def test_train_prior(workspace: Path, kind: str):
 
 def test_train_prior_refuses_stale_tokens(workspace: Path):
     """Tokens encoded by another tokenizer than the one the prior would carry: one line, before training."""
-    import pipelines.train_prior as stage
+    from components.data.tokens import check_tokenizer
 
     meta = json.loads((workspace / "data/tokens/meta.json").read_text())
-    stage.check_tokenizer(meta, workspace / "models/tokenizer")  # the real pair passes
+    check_tokenizer(meta, workspace / "models/tokenizer")  # the real pair passes
     meta["tokenizer"]["model_sha256"] = "0" * 64
     with pytest.raises(ValueError, match="run `dvc repro encode`"):
-        stage.check_tokenizer(meta, workspace / "models/tokenizer")
+        check_tokenizer(meta, workspace / "models/tokenizer")
 
 
 ZOO_TAGS = {  # the registered version's family-specific tags under TINY

@@ -120,12 +120,25 @@ class StageServer:
 
 def start_server(env: dict[str, str], *, log: Path) -> StageServer | None:
     """The stage server, listening (it imports in the background); None, with a note, if it fails."""
-    folder = tempfile.mkdtemp(prefix="genpipe-stages-")
-    path = os.path.join(folder, "stages.sock")
+    from pipelines.stage_server import FOLDER_PREFIX, SOCKET_NAME, remove_stale
+
+    for stale in remove_stale(tempfile.gettempdir()):
+        print(f"genpipe repro: removed {stale}, left by a stage server that was killed", flush=True)
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
+    path = os.path.join(folder, SOCKET_NAME)
     log.mkdir(parents=True, exist_ok=True)
     with open(log / "stage_server.log", "w") as err:
         process = subprocess.Popen(  # -P: not the working directory's copy, the code `genpipe` runs
-            [sys.executable, "-P", "-m", "pipelines.stage_server", "--socket", path],
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "pipelines.stage_server",
+                "--socket",
+                path,
+                "--parent",
+                str(os.getpid()),
+            ],
             env={k: v for k, v in env.items() if k != SERVER_ENV},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

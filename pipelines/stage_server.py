@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -55,6 +56,9 @@ PRELOAD = (
     "pipelines.promote",
 )
 GRACE_S = 10.0  # a stage whose client died gets SIGTERM, then SIGKILL after this long
+FOLDER_PREFIX, SOCKET_NAME = "genpipe-stages-", "stages.sock"  # the server removes a folder so named
+STALE_S = 3600.0  # a socket folder with no socket in it this long is a server that never bound
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def log(message: str) -> None:
@@ -64,14 +68,18 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.stage_server", description=__doc__)
     parser.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
-    path = parser.parse_args(argv).socket
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    parser.add_argument("--parent", type=int, help="pid whose death stops this server (Linux)")
+    args = parser.parse_args(argv)
+    path = args.socket
+    signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the stage through its client
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(16)  # clients that connect during the imports below wait in the backlog
-    print("listening", flush=True)
+    listener.bind(path)  # outside the try: a path already taken is another server's to remove
     try:
+        if args.parent is not None:
+            die_with(args.parent)
+        listener.listen(16)  # clients that connect during the imports below wait in the backlog
+        print("listening", flush=True)
         started = time.perf_counter()
         for name in PRELOAD:
             importlib.import_module(name)
@@ -86,6 +94,54 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         listener.close()
         Path(path).unlink(missing_ok=True)
+        if Path(path).parent.name.startswith(FOLDER_PREFIX):
+            with contextlib.suppress(OSError):
+                Path(path).parent.rmdir()
+
+
+def _terminate(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the cleanup short
+    sys.exit(0)
+
+
+def die_with(parent: int) -> None:
+    """SIGTERM this server when `parent` dies, however it dies (even SIGKILL): prctl(PR_SET_PDEATHSIG).
+
+    The signal comes when the thread that started this process ends: genpipe repro's main thread.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died before the prctl: no signal will come
+        log(f"pid {parent}, which started this server, is gone: stopping")
+        sys.exit(0)
+
+
+def remove_stale(root: str) -> list[Path]:
+    """This user's socket folders under `root` that no server listens on (one was SIGKILLed): removed."""
+    removed = []
+    for folder in Path(root).glob(f"{FOLDER_PREFIX}*"):
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.setblocking(False)  # a live server with a full backlog: EAGAIN, not a wait
+                try:
+                    probe.connect(str(folder / SOCKET_NAME))
+                except FileNotFoundError:  # a server still binding, or one that never did
+                    if time.time() - folder.stat().st_mtime < STALE_S:
+                        continue
+                except ConnectionRefusedError:  # the socket file, nobody listening: its server died
+                    pass
+                else:
+                    continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def serve_one(conn: socket.socket, listener: socket.socket) -> None:
@@ -93,6 +149,8 @@ def serve_one(conn: socket.socket, listener: socket.socket) -> None:
     fds: list[int] = []
     try:
         head, fds, _, _ = socket.recv_fds(conn, 8, 3)
+        if not head and not fds:  # a connect-and-close: remove_stale probing whether this one lives
+            return
         request = json.loads(_read(conn, int.from_bytes(head, "big")))
         argv, cwd, env, start = request["argv"], request["cwd"], request["env"], float(request["start"])
         strings = (

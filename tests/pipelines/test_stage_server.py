@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from pipelines.runtime import CLOCK, reset_clock
+from pipelines.stage_server import FOLDER_PREFIX, SOCKET_NAME, remove_stale
 from tests.conftest import REPO, project_env, run
 
 
@@ -194,3 +195,68 @@ def test_waiting_without_a_pidfd(client_stays: bool):
     ours.close()
     if client_stays:
         theirs.close()
+
+
+PARENT = """
+import os, sys, time
+from pathlib import Path
+from pipelines.repro import start_server
+server = start_server(dict(os.environ), log=Path(sys.argv[1]))
+print(server.socket, server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_server_dies_with_the_command_that_started_it(tmp_path: Path):
+    """`genpipe repro` SIGKILLed with its group: its server stops and removes its socket folder."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path)],
+        cwd=REPO,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        path, pid = parent.stdout.readline().split()
+        assert Path(path).exists() and _alive(int(pid))
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 60  # it may be in its imports: a handler runs at the next bytecode
+    while (_alive(int(pid)) or Path(path).parent.exists()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(int(pid)), "the stage server outlived the command that started it"
+    assert not Path(path).parent.exists(), "its socket folder was left behind"
+
+
+def test_a_server_whose_parent_is_already_gone_stops_at_once(tmp_path: Path):
+    folder = tmp_path / f"{FOLDER_PREFIX}x"
+    folder.mkdir()
+    out = subprocess.run(  # its parent is this test, not pid 1: as if the real one died before prctl
+        [sys.executable, "-P", "-m", "pipelines.stage_server", "--socket", str(folder / SOCKET_NAME)]
+        + ["--parent", "1"],
+        cwd=REPO,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "listening" not in out.stdout and "is gone" in out.stderr
+    assert not folder.exists()
+
+
+def test_stale_socket_folders_are_removed_live_ones_kept(server, tmp_path: Path):
+    live_path, _ = server
+    dead, fresh, other = (tmp_path / f"{FOLDER_PREFIX}{name}" for name in ("dead", "fresh", "x"))
+    for folder in (dead, fresh):
+        folder.mkdir()
+    with socket.socket(socket.AF_UNIX) as gone:  # a SIGKILLed server: its socket file, nobody listening
+        gone.bind(str(dead / SOCKET_NAME))
+    live = tmp_path / f"{FOLDER_PREFIX}live"
+    live.mkdir()
+    (live / SOCKET_NAME).symlink_to(live_path)  # the module's running server
+    other.mkdir()
+    (other / "note").write_text("no socket, but recent: a server still binding")
+    assert remove_stale(str(tmp_path)) == [dead]
+    assert fresh.exists() and live.exists() and other.exists()

@@ -18,20 +18,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from components.catalog import GENERATORS
 from components.io import atomic_dir, write_json
 
-#: Exported folder name (models/<name>) -> registered model name; one registered model per family.
-MODELS: dict[str, str] = {
-    "diffusion_pixel": "genpipe-diffusion",
-    "diffusion_latent": "genpipe-latent-diffusion",
-    "prior_gpt": "genpipe-prior-gpt",
-    "prior_maskgit": "genpipe-prior-maskgit",
-    "vae": "genpipe-vae",
-    "gan": "genpipe-gan",
-    "wgan": "genpipe-wgan",
-    "flow": "genpipe-flow",
-    "pixelcnn": "genpipe-pixelcnn",
-}
+#: Exported folder name (models/<name>) -> registered model name, for every generator of the catalog.
+MODELS: dict[str, str] = {m.name: m.registered for m in GENERATORS}
 
 #: `family` in config.json -> module with `load(model_dir: Path, *, device) -> Generator`.
 FAMILIES: dict[str, str] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from components.catalog import GENERATORS
 from components.generators import MODELS
 from components.io import atomic_file, write_json
 from pipelines.runtime import repo_root
@@ -31,17 +32,7 @@ COLUMNS = (
 
 
 #: registered name -> what the table calls its family
-FAMILIES = {
-    "genpipe-diffusion": "diffusion, pixel",
-    "genpipe-latent-diffusion": "diffusion, latent",
-    "genpipe-prior-gpt": "GPT prior",
-    "genpipe-prior-maskgit": "MaskGIT prior",
-    "genpipe-vae": "VAE",
-    "genpipe-gan": "GAN (DCGAN)",
-    "genpipe-wgan": "WGAN-GP",
-    "genpipe-flow": "flow (Glow)",
-    "genpipe-pixelcnn": "PixelCNN",
-}
+FAMILIES = {m.registered: m.label for m in GENERATORS}
 
 
 def gather(root: Path) -> dict[str, dict[str, float]]:

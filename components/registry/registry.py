@@ -24,19 +24,9 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-FAMILIES = (
-    "evaluator",
-    "tokenizer",
-    "prior-gpt",
-    "prior-maskgit",
-    "diffusion",
-    "latent-diffusion",
-    "vae",
-    "gan",
-    "wgan",
-    "flow",
-    "pixelcnn",
-)
+from components import catalog
+
+FAMILIES = tuple(m.family for m in catalog.MODELS)  # registered as genpipe-<family>
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 

@@ -33,6 +33,7 @@ import getpass
 import json
 import math
 import os
+import random
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -250,8 +251,8 @@ def _acquire(client, lock: str, *, uri: str, timeout: float, break_after: float,
                         f"or `MLFLOW_TRACKING_URI={uri} mlflow experiments delete "
                         f"--experiment-id {top.experiment_id}`"
                     )
-                time.sleep(wait)
-                wait = min(wait * 1.5, 0.5)
+                time.sleep(wait * random.uniform(0.5, 1.0))  # jitter: waiters do not poll in step
+                wait = min(wait * 1.5, 0.25)
                 continue
             broken = top
         generation = _generation(top) + 1 if top is not None else 1

@@ -23,16 +23,18 @@ from components.training.task import Task
 from pipelines.runtime import CLOCK, StageRun, absolute, dvc_data_hash, init_ray, joins_local
 
 
-def code_hash() -> str:
-    """sha256 over genpipe's own sources (components/ and pipelines/, *.py) as this process runs them."""
-    import components
-    import pipelines
+def code_hash(roots: tuple[Path, ...] | None = None) -> str:
+    """sha256 over genpipe's own sources (*.py under `roots`: components/ and pipelines/ as this process
+    runs them), names and contents both."""
+    if roots is None:
+        import components
+        import pipelines
 
+        roots = tuple(Path(package.__file__).parent for package in (components, pipelines))
     digest = hashlib.sha256()
-    for package in (components, pipelines):
-        root = Path(package.__file__).parent
+    for root in roots:
         for path in sorted(root.rglob("*.py")):
-            digest.update(f"{package.__name__}/{path.relative_to(root)}\0".encode())
+            digest.update(f"{root.name}/{path.relative_to(root)}\0".encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from components.stages import TrainEvaluatorConfig
 from components.training.config import LoopConfig, TrainConfig
 from pipelines import training
 from pipelines.training import check_resources, code_hash, ray_run_name, train_on_ray
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_unknown_reader_names_the_valid_ones():
@@ -79,6 +82,20 @@ def test_the_ray_run_name_follows_params_and_code(monkeypatch):
         "train_evaluator", sections(10), data_deps=[]
     )
     assert ray_run_name("train_evaluator", sections(11), data_deps=[]) != name
-    assert len(code_hash()) == 64 and code_hash() == code_hash()
     monkeypatch.setattr(training, "code_hash", lambda: "0" * 64)
     assert ray_run_name("train_evaluator", sections(10), data_deps=[]) != name
+
+
+def test_the_code_hash_follows_every_source_file_and_only_sources(tmp_path):
+    packages = tuple(shutil.copytree(REPO / name, tmp_path / name) for name in ("components", "pipelines"))
+    first = code_hash(packages)
+    assert code_hash() == first  # the copy hashes as the running packages do
+    (packages[1] / "notes.txt").write_text("not code")
+    shutil.rmtree(packages[0] / "__pycache__", ignore_errors=True)
+    assert code_hash(packages) == first
+    loop = packages[0] / "training" / "loop.py"
+    loop.write_text(loop.read_text() + "\n# a comment is a change\n")
+    edited = code_hash(packages)
+    assert edited != first
+    loop.rename(loop.with_name("loop2.py"))  # same bytes, another name
+    assert code_hash(packages) not in (first, edited)

@@ -1,10 +1,14 @@
-"""A worker group's failure as the driver reports it: one line, the first failing rank's error."""
+"""A worker group's failure as the driver reports it: one line, the first failing rank's error.
+
+That line reaching the console as the stage's one error line, with exit 1 and no model, is
+tests/pipelines/test_failing_worker.py's subject (a real failing worker through `genpipe`).
+"""
 
 from __future__ import annotations
 
 import ray.train
 
-from components.training.ray_adapter import WorkerFailedError, _failure_line
+from components.training.ray_adapter import _failure_line
 
 
 def test_the_first_failing_rank_and_the_first_line_of_its_error():
@@ -15,4 +19,3 @@ def test_the_first_failing_rank_and_the_first_line_of_its_error():
     one = ray.train.WorkerGroupError("...", {0: KeyError("image")})
     assert _failure_line(one) == "worker rank 0 failed: KeyError: 'image'"
     assert _failure_line(ray.train.WorkerGroupError("lost\nworker 2 died", {})) == "worker 2 died"
-    assert issubclass(WorkerFailedError, RuntimeError)  # the CLI's one-line user errors

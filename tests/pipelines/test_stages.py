@@ -186,7 +186,8 @@ def test_train_evaluator(workspace: Path):
     assert len(versions) == 1 and versions[0]["tags"]["params_hash"] == runs[0].data.tags["params_hash"]
     lineage = versions[0]["tags"]  # the Ray run that trained it, as for every generator
     assert lineage["ray_run_name"].startswith("train_evaluator-")
-    assert Path(lineage["ray_storage_path"]).is_absolute()
+    run_dir = Path(lineage["ray_storage_path"]) / lineage["ray_run_name"]  # the driver's own tags lead
+    assert run_dir.is_absolute() and list(run_dir.glob("checkpoint_*")), run_dir  # to its checkpoints
     curves = (workspace / "reports/plots/train_evaluator.csv").read_text().splitlines()
     assert curves[0].startswith("step,") and len(curves) > 3
     assert "final/" not in curves[0] and curves[1].startswith("10,")  # per-step rows only

@@ -207,12 +207,15 @@ QUIET = {
     # one INFO line per executed dataset, and the notice that progress bars are off (we turn them off)
     "ray.data._internal.execution.streaming_executor": (logging.WARNING, ()),
     "ray.data._internal.progress": (None, ("Progress bars disabled",)),
-    # the notice that a new local instance uses token auth (it does, and stays so)
+    # the notice that a new local instance uses token auth (it does, and stays so), and on a machine's
+    # first run the note that it wrote ~/.ray/auth_token (docs/troubleshooting.md says so)
     "ray._private.authentication.authentication_token_setup": (
         None,
-        ("Token authentication is enabled",),
+        ("Token authentication is enabled", "Generated new authentication token"),
     ),
 }
+#: MLflow's notes while it creates a fresh store's tables (a first run): {logger: level raised to}
+QUIET_MLFLOW = {"mlflow.store.db.utils": logging.WARNING, "alembic.runtime.migration": logging.WARNING}
 
 
 def quiet_ray_logs() -> None:
@@ -389,6 +392,8 @@ def stage_run(
 
     # MLflow's tqdm bar per artefact copy ("Downloading artifacts" x5 when a model is logged)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name, level in QUIET_MLFLOW.items():
+        logging.getLogger(name).setLevel(level)
     cfg: MlflowConfig = sections["mlflow"]
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)

@@ -383,16 +383,20 @@ def _after_step(run: _Run, *, done: int) -> None:
 
 
 def _print_progress(metrics: dict[str, float], *, done: int, steps: int) -> None:
+    print(progress_line(metrics, done=done, steps=steps), flush=True)
+
+
+def progress_line(metrics: dict[str, float], *, done: int, steps: int) -> str:
+    """`step 40/200 | 3.10 it/s | 99 samples/s | ETA 52s | train/loss 0.41`; no rate where none was timed."""
+    parts = [f"step {done}/{steps}"]
     rate = metrics.get("perf/steps_per_s", 0.0)
-    eta = (steps - done) / rate if rate > 0 else float("nan")
+    if rate > 0:  # a validation-only line has no training window behind it
+        parts += [f"{rate:.2f} it/s", f"{metrics.get('perf/samples_per_s', 0.0):.0f} samples/s"]
+        parts.append(f"ETA {(steps - done) / rate:.0f}s")
     losses = " ".join(
         f"{k} {v:.4g}" for k, v in metrics.items() if k.endswith("/loss") or k.startswith("val/")
     )
-    print(
-        f"step {done}/{steps} | {rate:.2f} it/s | "
-        f"{metrics.get('perf/samples_per_s', 0.0):.0f} samples/s | ETA {eta:.0f}s | {losses}",
-        flush=True,
-    )
+    return " | ".join(parts + ([losses] if losses else []))
 
 
 def _capture(run: _Run, *, done: int) -> State:

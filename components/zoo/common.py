@@ -16,12 +16,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from components.generators import read_generator, sample_labels, save_generator
+from components.generators import merge_options, read_generator, sample_labels, save_generator
 from components.sampling_limits import check_option
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 
 C = TypeVar("C", bound=StrictConfig)
+G = TypeVar("G", bound="ZooGenerator")
 
 
 def embedding_rows(num_classes: int) -> int:
@@ -110,11 +111,6 @@ def check_image_shape(
     return c, h, w
 
 
-def check_temperature(value: Any, *, family: str) -> float:
-    """A sampling temperature within the shared limit (components/sampling_limits.py), else one line."""
-    return check_sampling_option("temperature", value, family=family)
-
-
 def check_sampling_option(name: str, value: Any, *, family: str) -> Any:
     """Option `name` checked against the shared limits; the one-line error names the family."""
     try:
@@ -123,7 +119,45 @@ def check_sampling_option(name: str, value: Any, *, family: str) -> Any:
         raise ValueError(f"{family}: {err}") from None
 
 
-def export_generator(
+class ZooGenerator:
+    """A loaded classic-family generator: its network in eval mode, one sampling knob, `draw`.
+
+    A family subclasses it with `option` (the knob's name, checked against the shared limits) and
+    `draw(y, *, n, generator, <option>)`; likelihood families add `bits_per_dim`.
+    """
+
+    option: str  # "temperature" or "truncation"
+
+    def __init__(self, net: torch.nn.Module, *, family: str, default_options: dict[str, Any]) -> None:
+        self.net, self.family = net, family
+        self.num_classes, self.image_shape = net.num_classes, net.image_shape
+        self.default_options = dict(default_options)
+        self.device = next(net.parameters()).device
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The knob over its default, within the shared limit (one-line errors naming the family)."""
+        opts = merge_options(self.family, self.default_options, options)
+        return {
+            **opts,
+            self.option: check_sampling_option(self.option, opts[self.option], family=self.family),
+        }
+
+    @torch.no_grad()
+    def sample(
+        self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
+    ) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] for `labels` (or `n` draws over the classes)."""
+        value = self.check_options(options)[self.option]
+        n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
+        return self.draw(y, n=n, generator=generator, **{self.option: value})
+
+    def draw(
+        self, y: torch.Tensor | None, *, n: int, generator: torch.Generator, **option: Any
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def export_zoo(
     path: str | Path,
     *,
     family: str,
@@ -133,7 +167,10 @@ def export_generator(
     num_classes: int,
     sampling: dict[str, Any],
 ) -> None:
-    """Write the folder `load` reads back (see the module docstring for the layout)."""
+    """Write the folder `load_zoo` reads back (see the module docstring for the layout); the default
+    sampling options are checked against the shared limits first."""
+    for name, value in sampling.items():
+        check_sampling_option(name, value, family=family)
     save_generator(
         path,
         family=family,
@@ -147,15 +184,25 @@ def export_generator(
     )
 
 
-def read_export(
-    model_dir: str | Path, *, config_cls: type[C]
-) -> tuple[dict[str, torch.Tensor], C, tuple[int, int, int], int, dict[str, Any]]:
-    """(state, config, image_shape, num_classes, sampling defaults) of an exported folder."""
+def load_zoo(
+    model_dir: str | Path,
+    *,
+    device: torch.device,
+    config_cls: type[C],
+    network: Callable[..., torch.nn.Module],
+    generator_cls: type[G],
+) -> G:
+    """Rebuild an exported family: `network(cfg, image_shape=, num_classes=)` with the saved weights,
+    in eval mode on `device`, wrapped in `generator_cls`."""
     state, raw = read_generator(model_dir)
     missing = [k for k in ("model", "image_shape", "num_classes", "sampling") if k not in raw]
     if missing:
         raise ValueError(
             f"{Path(model_dir) / 'config.json'}: missing {', '.join(missing)}; re-export the model"
         )
-    shape = tuple(int(s) for s in raw["image_shape"])
-    return state, config_cls(**raw["model"]), shape, int(raw["num_classes"]), dict(raw["sampling"])
+    cfg = config_cls(**raw["model"])
+    net = network(
+        cfg, image_shape=tuple(int(s) for s in raw["image_shape"]), num_classes=int(raw["num_classes"])
+    )
+    net.load_state_dict(state)
+    return generator_cls(net.to(device).eval(), family=raw["family"], default_options=dict(raw["sampling"]))

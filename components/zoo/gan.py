@@ -43,19 +43,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
-from components.generators import merge_options
 from components.nn.blocks import group_norm
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
-from components.zoo.common import (
-    check_sampling_option,
-    export_generator,
-    progress_labels,
-    read_export,
-    request,
-)
-from components.zoo.gan_layers import CondBatchNorm, gradient_penalty, minibatch_std, r1_penalty
+from components.zoo import adversarial
+from components.zoo.common import ZooGenerator, export_zoo, load_zoo, progress_labels
+from components.zoo.gan_layers import CondBatchNorm, minibatch_std
 
 MIN_START = 4  # the generator starts from a map of at least 4x4, as DCGAN does
 
@@ -280,11 +274,10 @@ class GANTask(Task):
         if h and y is not None:  # sample i + h asks for sample i's class
             y = torch.cat([y[:h], y[:h], y[2 * h :]])
         fake = self.wrapped["generator"](z, y)
-        scores = self._frozen_disc(fake, y)
-        loss = -scores.mean() if self.cfg.loss == "wgan_gp" else F.softplus(-scores).mean()
+        loss = adversarial.generator_loss(self.cfg.loss, self._frozen_disc(fake, y))
         metrics = {"g_loss": loss.detach()}
         if h:  # Mao et al. 2019, eq. 3: a generator that ignores z within a class pays 1 / ratio
-            ratio = (fake[:h] - fake[h : 2 * h]).abs().mean() / (z[:h] - z[h : 2 * h]).abs().mean()
+            ratio = adversarial.mode_seeking(fake, z, pairs=h)
             loss = loss + self.cfg.mode_seeking / (ratio + 1e-5)
             metrics["ms_ratio"] = ratio.detach()
         return loss, metrics
@@ -306,26 +299,14 @@ class GANTask(Task):
             x = x.detach().requires_grad_(True) if r1 else x
             y = None if y_real is None else torch.cat([y_real, y_fake])
             real_s, fake_s = self.wrapped["discriminator"](torch.cat([x, fake]), y, parts=2).split(b)
-            d_loss = F.softplus(-real_s).mean() + F.softplus(fake_s).mean()
-            metrics = {
-                "d_loss": d_loss.detach(),
-                "d_real": torch.sigmoid(real_s.detach()).mean(),
-                "d_fake": torch.sigmoid(fake_s.detach()).mean(),
-            }
-            if not r1:
-                return d_loss, metrics
-            penalty = r1_penalty(real_s, x).mean()
-            return d_loss + 0.5 * self.cfg.r1_weight * penalty, metrics | {"r1": penalty.detach()}
+            return adversarial.ns_discriminator(real_s, fake_s, x=x, r1_weight=self.cfg.r1_weight)
         eps = torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype)
         x_hat = (eps * x + (1 - eps) * fake).requires_grad_(True)
         y = None if y_real is None else torch.cat([y_real, y_fake, y_fake])  # x_hat: the fake's class
         real_s, fake_s, hat_s = self.wrapped["discriminator"](torch.cat([x, fake, x_hat]), y, parts=3).split(
             b
         )
-        gp = gradient_penalty(hat_s, x_hat).mean()
-        wasserstein = real_s.mean() - fake_s.mean()
-        loss = -wasserstein + self.cfg.gp_weight * gp
-        return loss, {"wasserstein": wasserstein.detach(), "gp": gp.detach()}
+        return adversarial.wgan_critic(real_s, fake_s, hat_s, x_hat, gp_weight=self.cfg.gp_weight)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
@@ -359,58 +340,30 @@ class GANTask(Task):
         return self.modules["generator"](self._noise(n, generator=generator), y)
 
 
-class GANGenerator:
-    """A loaded DCGAN / WGAN-GP generator (eval mode: BatchNorm uses its running statistics)."""
+class GANGenerator(ZooGenerator):
+    """A loaded DCGAN / WGAN-GP generator (eval mode: BatchNorm uses its running statistics).
 
-    def __init__(self, net: Generator, *, family: str, default_options: dict[str, Any]) -> None:
-        self.net, self.family = net, family
-        self.num_classes, self.image_shape = net.num_classes, net.image_shape
-        self.default_options = dict(default_options)
-        self.device = net.project.weight.device
+    G(z, y); option truncation: null (plain N(0, I)) or t > 0 (z restricted to [-t, t]).
+    """
 
-    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The truncation over the default, within the shared limit."""
-        opts = merge_options(self.family, self.default_options, options)
-        return {
-            **opts,
-            "truncation": check_sampling_option("truncation", opts["truncation"], family=self.family),
-        }
+    option = "truncation"
 
-    @torch.no_grad()
-    def sample(
-        self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
+    def draw(
+        self, y: torch.Tensor | None, *, n: int, generator: torch.Generator, truncation: float | None
     ) -> torch.Tensor:
-        """G(z, y); option truncation: null (plain N(0, I)) or t > 0 (z restricted to [-t, t])."""
-        t = self.check_options(options)["truncation"]
-        n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
-        z = _truncated_normal((n, self.net.latent_dim), truncation=t, generator=generator, device=self.device)
+        z = _truncated_normal(
+            (n, self.net.latent_dim), truncation=truncation, generator=generator, device=self.device
+        )
         return self.net(z, y).clamp(-1, 1)
 
 
-def export(
-    path: str | Path,
-    *,
-    state: dict[str, torch.Tensor],
-    config: GANConfig,
-    image_shape: tuple[int, int, int],
-    num_classes: int,
-    truncation: float | None = None,
-) -> None:
+def export(path: str | Path, *, config: GANConfig, truncation: float | None = None, **model: Any) -> None:
     """Write the generator (`state`: the `generator` module's) as family "gan" or "wgan" (config.loss)."""
-    export_generator(
-        path,
-        family=config.family,
-        state=state,
-        config=config,
-        image_shape=image_shape,
-        num_classes=num_classes,
-        sampling={"truncation": truncation},
-    )
+    export_zoo(path, family=config.family, config=config, sampling={"truncation": truncation}, **model)
 
 
 def load(model_dir: str | Path, *, device: torch.device) -> GANGenerator:
     """Rebuild an exported generator in eval mode on `device`."""
-    state, cfg, shape, num_classes, sampling = read_export(model_dir, config_cls=GANConfig)
-    net = Generator(cfg, image_shape=shape, num_classes=num_classes)
-    net.load_state_dict(state)
-    return GANGenerator(net.to(device).eval(), family=cfg.family, default_options=sampling)
+    return load_zoo(
+        model_dir, device=device, config_cls=GANConfig, network=Generator, generator_cls=GANGenerator
+    )

@@ -1,4 +1,4 @@
-"""The GAN's small parts: conditional BatchNorm, minibatch std, and the discriminator's penalties."""
+"""The GAN's small parts: conditional BatchNorm and minibatch std (the losses: adversarial.py)."""
 
 from __future__ import annotations
 
@@ -40,19 +40,3 @@ def minibatch_std(phi: torch.Tensor, *, group: int, parts: int = 1) -> torch.Ten
     grouped = phi.view(b // g, g, *phi.shape[1:])  # (B/g, g, C, H, W)
     std = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B/g,)
     return std.repeat_interleave(g).view(b, 1, 1, 1).expand(b, 1, *phi.shape[2:])
-
-
-def r1_penalty(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """||grad_x D(x)||^2 per sample (B,) on real images (Mescheder et al. 2018, eq. 9); graph kept."""
-    (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
-    return grad.flatten(1).pow(2).sum(dim=1)
-
-
-def gradient_penalty(scores: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(||grad_x_hat C(x_hat)||_2 - 1)^2 per sample, (B,) (Gulrajani et al. 2017, eq. 3).
-
-    `scores` (B,) must come from `x_hat` (B, ...) with requires_grad; the graph is kept so that the
-    penalty's own gradient reaches the critic's weights.
-    """
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).pow(2)

@@ -43,21 +43,19 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from components.evaluation.likelihood import LEVELS, bits_per_dim, to_levels
-from components.generators import merge_options
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
 from components.zoo.common import (
+    ZooGenerator,
     adamw,
     check_image_shape,
-    check_temperature,
     embedding_rows,
-    export_generator,
+    export_zoo,
     label_rows,
+    load_zoo,
     marginal_nll,
     progress_labels,
-    read_export,
-    request,
 )
 
 FAMILY = "pixelcnn"
@@ -357,27 +355,14 @@ class PixelCNNTask(Task):
         return sample_images(self.modules["pixelcnn"], y, n=n, temperature=1.0, generator=generator)
 
 
-class PixelCNNGenerator:
-    """A loaded PixelCNN: cached ancestral sampling and exact bits/dim."""
+class PixelCNNGenerator(ZooGenerator):
+    """A loaded PixelCNN: cached ancestral sampling at temperature T (logits / T), exact bits/dim."""
 
-    def __init__(self, net: PixelCNN, *, default_options: dict[str, Any]) -> None:
-        self.net = net
-        self.num_classes, self.image_shape = net.num_classes, net.image_shape
-        self.default_options = dict(default_options)
-        self.device = net.head[-1].weight.device
+    option = "temperature"
 
-    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The temperature over the default, within the shared limit."""
-        opts = merge_options(FAMILY, self.default_options, options)
-        return {**opts, "temperature": check_temperature(opts["temperature"], family=FAMILY)}
-
-    @torch.no_grad()
-    def sample(
-        self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
+    def draw(
+        self, y: torch.Tensor | None, *, n: int, generator: torch.Generator, temperature: float
     ) -> torch.Tensor:
-        """Ancestral samples at temperature T (option `temperature`: logits / T)."""
-        temperature = self.check_options(options)["temperature"]
-        n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
         return sample_images(self.net, y, n=n, temperature=temperature, generator=generator)
 
     @torch.no_grad()
@@ -390,31 +375,13 @@ class PixelCNNGenerator:
         return bits_per_dim(nats, num_dims=math.prod(self.image_shape))
 
 
-def export(
-    path: str | Path,
-    *,
-    state: dict[str, torch.Tensor],
-    config: PixelCNNConfig,
-    image_shape: tuple[int, int, int],
-    num_classes: int,
-    temperature: float = 1.0,
-) -> None:
+def export(path: str | Path, *, temperature: float = 1.0, **model: Any) -> None:
     """Write the PixelCNN (`state`: the `pixelcnn` module's, EMA-averaged where kept)."""
-    check_temperature(temperature, family=FAMILY)
-    export_generator(
-        path,
-        family=FAMILY,
-        state=state,
-        config=config,
-        image_shape=image_shape,
-        num_classes=num_classes,
-        sampling={"temperature": temperature},
-    )
+    export_zoo(path, family=FAMILY, sampling={"temperature": temperature}, **model)
 
 
 def load(model_dir: str | Path, *, device: torch.device) -> PixelCNNGenerator:
     """Rebuild an exported PixelCNN in eval mode on `device`."""
-    state, cfg, shape, num_classes, sampling = read_export(model_dir, config_cls=PixelCNNConfig)
-    net = PixelCNN(cfg, image_shape=shape, num_classes=num_classes)
-    net.load_state_dict(state)
-    return PixelCNNGenerator(net.to(device).eval(), default_options=sampling)
+    return load_zoo(
+        model_dir, device=device, config_cls=PixelCNNConfig, network=PixelCNN, generator_cls=PixelCNNGenerator
+    )

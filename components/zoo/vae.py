@@ -29,23 +29,21 @@ from pydantic import Field
 from torch import nn
 
 from components.evaluation.likelihood import LEVELS, discretized_gaussian_log_likelihood, to_levels
-from components.generators import merge_options
 from components.nn.blocks import Downsample, ResBlock, Upsample, group_norm
 from components.schema import StrictConfig
 from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
 from components.zoo.common import (
+    ZooGenerator,
     adamw,
     check_image_shape,
-    check_temperature,
     embedding_rows,
-    export_generator,
+    export_zoo,
     label_rows,
+    load_zoo,
     marginal_nll,
     progress_labels,
     randn,
-    read_export,
-    request,
 )
 
 FAMILY = "vae"
@@ -220,69 +218,36 @@ def _sample(
     return vae.decode(z, y).clamp(-1, 1)
 
 
-class VAEGenerator:
-    """A loaded VAE: prior samples and the negative-ELBO bits/dim."""
+class VAEGenerator(ZooGenerator):
+    """A loaded VAE: decoder means at z ~ N(0, T^2 I) (option `temperature` T), the negative-ELBO bits/dim."""
 
-    def __init__(self, vae: VAE, *, default_options: dict[str, Any]) -> None:
-        self.vae = vae
-        self.num_classes = vae.num_classes
-        self.image_shape = vae.image_shape
-        self.default_options = dict(default_options)
-        self.device = vae.log_scale.device
+    option = "temperature"
 
-    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The temperature over the default, within the shared limit."""
-        opts = merge_options(FAMILY, self.default_options, options)
-        return {**opts, "temperature": check_temperature(opts["temperature"], family=FAMILY)}
-
-    @torch.no_grad()
-    def sample(
-        self, labels: torch.Tensor | int, *, generator: torch.Generator, **options: Any
+    def draw(
+        self, y: torch.Tensor | None, *, n: int, generator: torch.Generator, temperature: float
     ) -> torch.Tensor:
-        """Decoder means at z ~ N(0, T^2 I); option: temperature T."""
-        temperature = self.check_options(options)["temperature"]
-        n, y = request(labels, num_classes=self.num_classes, generator=generator, device=self.device)
-        return _sample(self.vae, y, n=n, generator=generator, temperature=temperature)
+        return _sample(self.net, y, n=n, generator=generator, temperature=temperature)
 
     @torch.no_grad()
     def bits_per_dim(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         """Negative ELBO in bits/dim, (n,), of images in [-1, 1] under the uniform class mixture."""
         x = images.to(self.device).float()
-        eps = randn((x.shape[0], self.vae.cfg.latent_dim), generator=generator, device=self.device)
+        eps = randn((x.shape[0], self.net.cfg.latent_dim), generator=generator, device=self.device)
 
         def nll(y: torch.Tensor | None) -> torch.Tensor:
-            rec, kl = self.vae.terms(x, y, eps)
+            rec, kl = self.net.terms(x, y, eps)
             return rec + kl
 
         nats = marginal_nll(nll, n=x.shape[0], num_classes=self.num_classes, device=self.device)
-        return _to_bpd(nats, self.vae.num_dims)
+        return _to_bpd(nats, self.net.num_dims)
 
 
-def export(
-    path: str | Path,
-    *,
-    state: dict[str, torch.Tensor],
-    config: VAEConfig,
-    image_shape: tuple[int, int, int],
-    num_classes: int,
-    temperature: float = 1.0,
-) -> None:
-    """Write the VAE (`state`: the `vae` module's, EMA-averaged where kept) as a generator folder."""
-    check_temperature(temperature, family=FAMILY)
-    export_generator(
-        path,
-        family=FAMILY,
-        state=state,
-        config=config,
-        image_shape=image_shape,
-        num_classes=num_classes,
-        sampling={"temperature": temperature},
-    )
+def export(path: str | Path, *, temperature: float = 1.0, **model: Any) -> None:
+    """Write the VAE (`state`: the `vae` module's, EMA-averaged where kept; `config`, `image_shape`,
+    `num_classes`) as a generator folder."""
+    export_zoo(path, family=FAMILY, sampling={"temperature": temperature}, **model)
 
 
 def load(model_dir: str | Path, *, device: torch.device) -> VAEGenerator:
     """Rebuild an exported VAE in eval mode on `device`."""
-    state, cfg, shape, num_classes, sampling = read_export(model_dir, config_cls=VAEConfig)
-    vae = VAE(cfg, image_shape=shape, num_classes=num_classes)
-    vae.load_state_dict(state)
-    return VAEGenerator(vae.to(device).eval(), default_options=sampling)
+    return load_zoo(model_dir, device=device, config_cls=VAEConfig, network=VAE, generator_cls=VAEGenerator)

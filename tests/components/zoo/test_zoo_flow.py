@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from components.generators import load_generator
 from components.training.config import LoopConfig
-from components.zoo.flow import ActNorm, ClassAffine, FlowConfig, FlowTask, Glow, export, squeeze, unsqueeze
+from components.zoo.flow import FlowConfig, FlowTask, Glow, export
+from components.zoo.flow_layers import ActNorm, ClassAffine, squeeze, unsqueeze
 from tests.components.zoo.zoo_util import batch, run_task
 
 torch.set_num_threads(1)

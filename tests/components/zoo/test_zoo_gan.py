@@ -10,8 +10,9 @@ from pydantic import ValidationError
 
 from components.generators import load_generator
 from components.training.config import LoopConfig
+from components.zoo.adversarial import gradient_penalty, r1_penalty
 from components.zoo.gan import Discriminator, GANConfig, GANTask, Generator, export
-from components.zoo.gan_layers import gradient_penalty, minibatch_std, r1_penalty
+from components.zoo.gan_layers import minibatch_std
 from tests.components.zoo.zoo_util import batch, read_config, run_task
 
 torch.set_num_threads(1)

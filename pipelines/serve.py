@@ -154,13 +154,14 @@ def serve(*, params: Path, target: str, host: str, port: int, **limits: Any) -> 
     """Load `target` from the registry and answer HTTP requests until SIGTERM/SIGINT."""
     import uvicorn
 
-    from components.registry.deadline import TIMEOUT_ENV
+    from components.registry.deadline import TIMEOUT_ENV, request_timeout
     from components.registry.registry import load_pyfunc
     from pipelines.promote import store_uri
     from pipelines.runtime import repo_root
     from pipelines.sample import CACHE, parse_target
 
-    limits = {**DEFAULTS, **{k: v for k, v in limits.items() if v is not None}}
+    defaults = {**DEFAULTS, "timeout": request_timeout() or DEFAULTS["timeout"]}  # GENPIPE_REQUEST_TIMEOUT
+    limits = {**defaults, **{k: v for k, v in limits.items() if v is not None}}
     check_limits(**limits)
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port} must lie in [0, 65535]")
@@ -208,7 +209,10 @@ def command(
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p")] = 5001,
     timeout: Annotated[
-        float | None, typer.Option("--timeout", help="seconds of sampling per request (default 30)")
+        float | None,
+        typer.Option(
+            "--timeout", help="seconds of sampling per request (default: GENPIPE_REQUEST_TIMEOUT, else 30)"
+        ),
     ] = None,
     max_bytes: Annotated[
         int | None, typer.Option("--max-bytes", help="largest request body (default 1 MiB)")

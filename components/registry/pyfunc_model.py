@@ -97,6 +97,7 @@ class GeneratorModel(PythonModel):
             self.generator = load(context.artifacts[GENERATOR_ARTIFACT])
             self.deadline = deadline.Deadline(self.generator)
             self._predict, self._timeout = predict, deadline.request_timeout
+            self._timeout()  # a bad GENPIPE_REQUEST_TIMEOUT stops the load, not every request
             self._errors = (deadline.RequestError, deadline.bad_request)
 
     # A DataFrame hint: MLflow neither validates nor infers from it (the table is checked in

@@ -252,3 +252,29 @@ def test_mlflow_models_serve_answers_with_images(served: str):
     assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", body
     assert body["message"].startswith("unknown column 'stepz'; valid: label, seed,"), body
     assert "\n" not in body["message"] and "stack_trace" not in body, body
+
+
+def test_deadline_stops_a_predict_and_stays_with_its_call(store: dict, tmp_path: Path, monkeypatch):
+    """GENPIPE_REQUEST_TIMEOUT stops a long predict at a network forward (one line, DEADLINE_EXCEEDED);
+    the next call samples normally; `stop()` ends every call at once."""
+    from mlflow.exceptions import MlflowException
+
+    model, _ = load_pyfunc(tracking_uri=store["uri"], name=DIFFUSION, alias="champion", cache=tmp_path)
+    long = pd.DataFrame({"label": [0, 1], "seed": [0, 1], "steps": [1000, 1000]})
+    monkeypatch.setenv("GENPIPE_REQUEST_TIMEOUT", "0.2")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"^request stopped after 0.2 s \(GENPIPE_REQUEST_TIMEOUT\)") as err:
+        model.predict(long)
+    assert time.monotonic() - start < 20  # liveness: 2 x 1000 Heun steps would take far longer
+    assert isinstance(err.value, MlflowException) and err.value.get_http_status_code() == 504
+    monkeypatch.setenv("GENPIPE_REQUEST_TIMEOUT", "60")  # the past call's deadline does not linger
+    got = model.predict(pd.DataFrame({"label": [0], "seed": [0], "steps": [2]}))
+    assert len(got) == 1
+    monkeypatch.setenv("GENPIPE_REQUEST_TIMEOUT", "zero")
+    with pytest.raises(ValueError, match="GENPIPE_REQUEST_TIMEOUT='zero' must be a positive number"):
+        model.predict(long)
+    monkeypatch.delenv("GENPIPE_REQUEST_TIMEOUT")
+    model.unwrap_python_model().stop()
+    with pytest.raises(MlflowException, match="the server is shutting down") as err:
+        model.predict(long)
+    assert err.value.get_http_status_code() == 503

@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,29 +30,11 @@ from components.training import distributed as dist
 from components.training.checkpoint import CheckpointIO, State, rng_state, set_rng_state
 from components.training.config import LoopConfig
 from components.training.ema import EMA
+from components.training.reporting import MetricSink, MetricWindow, SampleSink, print_progress
 from components.training.schedule import build_schedulers
 from components.training.task import Batch, Phase, Task, Wrap
 
 PRECISIONS = ("fp32", "bf16")
-
-
-class MetricSink(Protocol):
-    """Where rank 0 sends metrics (MLflow in the pipelines, a JSON-lines file in tests)."""
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """Record `metrics` at `step` (one call per step)."""
-
-    def last_step(self) -> int:
-        """Highest step already recorded, -1 when none; the loop never logs a step at or below it."""
-
-    def close(self) -> None:
-        """Flush and release."""
-
-
-class SampleSink(Protocol):
-    """Receives progress samples on rank 0: images (n, C, H, W) in [-1, 1] on the CPU."""
-
-    def __call__(self, images: torch.Tensor, *, step: int) -> None: ...
 
 
 class NonFiniteError(FloatingPointError):
@@ -89,38 +71,6 @@ class _Stream:
 
 
 @dataclass
-class _Window:
-    """Sums of per-update metrics since the last log, kept on the device (no sync per step)."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    samples: int = 0
-    steps: int = 0
-    started: float = field(default_factory=time.perf_counter)  # wall clock: data, logs, checkpoints
-    lrs: dict[str, float] = field(default_factory=dict)  # what the last step used
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def averages(self, *, device: torch.device) -> dict[str, float]:
-        """Means over the window and over ranks (a collective: every rank calls it)."""
-        keys = sorted(self.sums)
-        out: dict[str, float] = {}
-        if keys:
-            means = torch.stack([self.sums[k].float() / self.counts[k] for k in keys]).to(device)
-            out = dict(zip(keys, dist.all_reduce_mean(means).tolist(), strict=True))
-        seconds = time.perf_counter() - self.started
-        if self.steps > 0 and seconds > 0:
-            out["perf/steps_per_s"] = self.steps / seconds
-            out["perf/samples_per_s"] = self.samples * dist.world_size() / seconds
-        if device.type == "cuda":  # this rank's peak since the run began (rank 0's is what gets logged)
-            out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        return out
-
-
-@dataclass
 class _Run:
     """Everything one `train` call works with."""
 
@@ -141,7 +91,7 @@ class _Run:
     progress: bool = True
     logged_up_to: int = -1
     latest: dict[str, float] = field(default_factory=dict)
-    window: _Window = field(default_factory=_Window)
+    window: MetricWindow = field(default_factory=MetricWindow)
 
 
 def train(
@@ -179,7 +129,7 @@ def train(
         return dict(state["metrics"])  # finished before: nothing to redo
     if sink is not None and dist.is_main():
         run.logged_up_to = sink.last_step()
-    run.window = _Window()  # the rate counts from here: not the task build or the restore
+    run.window = MetricWindow()  # the rate counts from here: not the task build or the restore
     if clock is not None:
         clock["first_step"] = time.time()
     for step in range(start, loop.steps):
@@ -366,7 +316,7 @@ def _after_step(run: _Run, *, done: int) -> None:
     if _due(loop.log_every, done, last=last):
         metrics.update(run.window.averages(device=run.device))
         metrics.update(run.window.lrs)
-        run.window = _Window()
+        run.window = MetricWindow()
     if run.val_batches is not None and _due(loop.val_every, done, last=last):
         metrics.update(_validate(run))
     run.latest.update(metrics)
@@ -374,29 +324,12 @@ def _after_step(run: _Run, *, done: int) -> None:
         if run.sink is not None and done > run.logged_up_to:
             run.sink.log(metrics, done)
         if run.progress:
-            _print_progress(metrics, done=done, steps=loop.steps)
+            print_progress(metrics, done=done, steps=loop.steps)
     samples_on = run.sample_sink is not None and loop.sample_every > 0 and dist.is_main()
     if samples_on and _due(loop.sample_every, done, last=last):
         _sample(run, done=done)
     if run.checkpoint_io is not None and _due(loop.checkpoint_every, done, last=last):
         run.checkpoint_io.save(_capture(run, done=done), step=done, metrics=dict(run.latest))
-
-
-def _print_progress(metrics: dict[str, float], *, done: int, steps: int) -> None:
-    print(progress_line(metrics, done=done, steps=steps), flush=True)
-
-
-def progress_line(metrics: dict[str, float], *, done: int, steps: int) -> str:
-    """`step 40/200 | 3.10 it/s | 99 samples/s | ETA 52s | train/loss 0.41`; no rate where none was timed."""
-    parts = [f"step {done}/{steps}"]
-    rate = metrics.get("perf/steps_per_s", 0.0)
-    if rate > 0:  # a validation-only line has no training window behind it
-        parts += [f"{rate:.2f} it/s", f"{metrics.get('perf/samples_per_s', 0.0):.0f} samples/s"]
-        parts.append(f"ETA {(steps - done) / rate:.0f}s")
-    losses = " ".join(
-        f"{k} {v:.4g}" for k, v in metrics.items() if k.endswith("/loss") or k.startswith("val/")
-    )
-    return " | ".join(parts + ([losses] if losses else []))
 
 
 def _capture(run: _Run, *, done: int) -> State:

@@ -29,7 +29,8 @@ from components.training import distributed as dist
 from components.training import ray_trims
 from components.training.checkpoint import State, load_state, module_states, save_state
 from components.training.config import LoopConfig, TrainConfig
-from components.training.loop import MetricSink, NonFiniteError, SampleSink, train
+from components.training.loop import NonFiniteError, train
+from components.training.reporting import MetricSink, SampleSink
 from components.training.task import Batch, Task
 
 DATASET_KEYS = ("train", "val")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.training.loop import progress_line
+from components.training.reporting import progress_line
 from tests.conftest import REPO, project_env, run
 
 FIRST_RUN = """

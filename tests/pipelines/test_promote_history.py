@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,12 +17,15 @@ from components.registry.promote import history, registry_lock
 from components.registry.registry import CHAMPION, set_alias, version_by_alias
 from pipelines import promote
 from pipelines.runtime import ROOT_ENV, git_commit
-from tests.components.registry.test_promote import add_evaluated
+from tests.components.registry.test_promote import add_evaluated, empty_db  # noqa: F401 - the fixture
 from tests.conftest import REPO, run
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> tuple[Path, str]:
+def workspace(tmp_path: Path, request) -> tuple[Path, str]:
+    """A folder with a params file pointing at its own sqlite store (a copy of an empty one: creating
+    a store runs every schema migration, seconds each time)."""
+    shutil.copy(request.getfixturevalue("empty_db"), tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {uri}\n")
     return tmp_path, uri
@@ -34,7 +38,7 @@ def stage_command() -> list[str]:
     return cmd
 
 
-def test_rollback_holds_through_the_promote_stage(workspace):
+def test_rollback_holds_through_the_promote_stage(workspace, monkeypatch, capsys):
     root, uri = workspace
     cmd = stage_command()
     names = {model: promote.resolve(model) for model in cmd[2:]}
@@ -42,15 +46,20 @@ def test_rollback_holds_through_the_promote_stage(workspace):
         v1 = add_evaluated(uri, root, name=name, fid_over_floor=2.0)
         set_alias(tracking_uri=uri, name=name, alias=CHAMPION, version=v1)
     v2 = add_evaluated(uri, root, name="genpipe-diffusion", fid_over_floor=1.0)
-    out = run(cmd, root).stdout
+    monkeypatch.chdir(root)  # in-process here (the CLI's own code; each `genpipe` costs ~5 s of imports)
+    assert (
+        promote.main_many(params=root / "params.yaml", models=cmd[2:], metric="fid_over_floor", margin=0.0)
+        == []
+    )
+    out = capsys.readouterr().out
     assert f"genpipe-diffusion: champion is v{v2} -> reports/promote.json" in out
     assert out.count("(unchanged, nothing new to record)") == len(names) - 1
 
-    out = run(["genpipe", "rollback", "diffusion_pixel"], root).stdout
-    assert f"champion v{v2} -> v1; v{v2} is retired" in out
+    promote.rollback_main(params=root / "params.yaml", model="diffusion_pixel")
+    assert f"champion v{v2} -> v1; v{v2} is retired" in capsys.readouterr().out
     assert version_by_alias(tracking_uri=uri, name="genpipe-diffusion", alias=CHAMPION) == "1"
 
-    out = run(cmd, root).stdout  # the next `dvc repro`: promote runs again and exits 0
+    out = run(cmd, root).stdout  # the next `dvc repro`: the stage's own command runs again and exits 0
     assert f"v{v2} was rolled back" in out and "never promoted again" in out
     assert version_by_alias(tracking_uri=uri, name="genpipe-diffusion", alias=CHAMPION) == "1"
     decisions = history(uri, "genpipe-diffusion")

@@ -165,17 +165,22 @@ def serve(*, params: Path, target: str, host: str, port: int, **limits: Any) -> 
     check_limits(**limits)
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port} must lie in [0, 65535]")
-    os.environ[TIMEOUT_ENV] = f"{limits['timeout']:g}"  # the model's deadline (read per request)
-    # MLflow's own 504 only as a backstop: parsing and PNG encoding come on top of the sampling.
-    os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = f"{limits['timeout'] + 10:g}"
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import pandas as pd
     from mlflow.pyfunc import scoring_server
 
     uri = store_uri(params)
     name, alias, version = parse_target(target)
+    os.environ.pop(TIMEOUT_ENV, None)  # no deadline for the warm-up below
     model, mv = load_pyfunc(
         tracking_uri=uri, name=name, alias=alias, version=version, cache=repo_root() / CACHE
     )
+    # One image with the trained defaults before /ping answers: the first request then pays for
+    # neither the samplers' lazy imports nor torch's first calls, and a broken model never serves.
+    model.predict(pd.DataFrame({"seed": [0]}))
+    os.environ[TIMEOUT_ENV] = f"{limits['timeout']:g}"  # the model's deadline (read per request)
+    # MLflow's own 504 only as a backstop: parsing and PNG encoding come on top of the sampling.
+    os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = f"{limits['timeout'] + 10:g}"
     python_model = model.unwrap_python_model()
     app = Limits(
         scoring_server.init(model),

@@ -19,6 +19,7 @@ import asyncio
 import json
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -150,6 +151,17 @@ def check_limits(*, timeout: float, max_bytes: int, concurrency: int, queue_seco
         raise ValueError(f"--queue-seconds {queue_seconds} must lie in [0, 3600]")
 
 
+def check_port(host: str, port: int) -> None:
+    """One line when `host:port` cannot be listened on (uvicorn would say so only after the load)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} must lie in [0, 65535]")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def serve(*, params: Path, target: str, host: str, port: int, **limits: Any) -> None:
     """Load `target` from the registry and answer HTTP requests until SIGTERM/SIGINT."""
     import uvicorn
@@ -163,8 +175,7 @@ def serve(*, params: Path, target: str, host: str, port: int, **limits: Any) -> 
     defaults = {**DEFAULTS, "timeout": request_timeout() or DEFAULTS["timeout"]}  # GENPIPE_REQUEST_TIMEOUT
     limits = {**defaults, **{k: v for k, v in limits.items() if v is not None}}
     check_limits(**limits)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--port {port} must lie in [0, 65535]")
+    check_port(host, port)  # before the load: a port in use is one line at once
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import pandas as pd
     from mlflow.pyfunc import scoring_server

@@ -207,6 +207,26 @@ def test_a_storm_of_mixed_requests_leaves_the_server_answering(server: int, reco
     assert storm < 120  # liveness: every request ends (the deadline stops the slow ones)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "{port}"], "serve: cannot listen on 127.0.0.1:{port}: "),
+        (["--timeout", "0"], "serve: --timeout 0.0 must lie in (0, 3600] seconds"),
+        (["--max-bytes", "0"], "serve: --max-bytes 0 must lie in [1, 2**30]"),
+    ],
+)
+def test_bad_options_are_one_line_before_the_load(server: int, workspace: Path, args: list, message: str):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    args = [a.format(port=server) for a in args]
+    params = str(workspace / "params.yaml")
+    got = CliRunner().invoke(app, ["serve", MODEL, "--params", params, *args])
+    assert got.exit_code == 1 and got.output.strip().splitlines() == [got.output.strip()], got.output
+    assert message.format(port=server) in got.output, got.output
+
+
 def test_sigterm_stops_the_server_and_the_sampling_in_flight(workspace: Path, tmp_path: Path):
     """With a 60 s deadline, SIGTERM during a long request: it is stopped, the server exits in seconds."""
     port = _free_port()

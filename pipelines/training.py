@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +23,39 @@ from components.schema import StrictConfig
 from components.training.config import LoopConfig, TrainConfig
 from components.training.task import Task
 from pipelines.runtime import CLOCK, StageRun, absolute, dvc_data_hash, init_ray, joins_local
+
+ATTEMPT_KEY = "perf/attempt_start"  # a point per training attempt, when it began: the last step logged before
+
+
+class AttemptSink(MlflowSink):
+    """Rank 0's metric sink; it also marks when each training attempt starts (a restart after a worker
+    failure is a new attempt), so the driver can book a failed attempt's training as training."""
+
+    def last_step(self) -> int:
+        first = self._last is None  # the loop asks once, right before its first step
+        step = super().last_step()
+        if first:
+            now = int(time.time() * 1000)
+            self.client.log_metric(self.run_id, ATTEMPT_KEY, float(step), timestamp=now, step=max(step, 0))
+        return step
+
+
+def failed_attempts(
+    tracking_uri: str, run_id: str, *, since: float, until: float
+) -> list[tuple[float, float]]:
+    """(start, end) of each attempt that began in [since, until): its start mark to its last logged step.
+
+    `until` is when the attempt that finished began. The steps a failed attempt trained after its last
+    log (at most `loop.log_every`) stay in `workers`: nothing of a killed worker says when it died.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    history = client.get_metric_history(run_id, ATTEMPT_KEY)
+    starts = sorted(t for m in history if since <= (t := m.timestamp / 1000) < until)
+    if not starts:
+        return []
+    logged = [m.timestamp / 1000 for m in client.get_metric_history(run_id, STEP_KEY)]
+    ends = [*starts[1:], until]
+    return [(a, max((t for t in logged if a <= t < b), default=a)) for a, b in zip(starts, ends, strict=True)]
 
 
 def code_hash(roots: tuple[Path, ...] | None = None) -> str:
@@ -100,12 +135,19 @@ def train_on_ray(
         train=sections["train"].model_copy(update={"storage_path": absolute(sections["train"].storage_path)}),
         run_name=run_name,
         datasets=datasets,
-        sink_factory=partial(MlflowSink, run.tracking_uri, run.run_id),
+        sink_factory=partial(AttemptSink, run.tracking_uri, run.run_id),
         sample_sink_factory=partial(MlflowSampleSink, run.tracking_uri, run.run_id, stage),
         owned_instance=joins_local(sections["ray"]),
     )
     CLOCK.mark("fit")
     CLOCK.marks.update(result.clock)
+    if "worker" in result.clock:  # the attempt that finished began there; any before it failed
+        try:
+            CLOCK.retried = failed_attempts(
+                run.tracking_uri, run.run_id, since=CLOCK.marks["data"], until=result.clock["worker"]
+            )
+        except Exception as err:  # noqa: BLE001 - only the timing line depends on it
+            print(f"{stage}: note: failed attempts not timed ({err})", file=sys.stderr)
     if result.resumed_from:
         print(f"{stage}: resumed run {run_name} from step {result.resumed_from}")
     tag_worker_nodes(run, result.nodes)
@@ -168,9 +210,12 @@ def check_resources(train: TrainConfig, *, local: bool) -> None:
 def write_curves(run: StageRun, path: Path) -> dict[int, dict[str, float]]:
     """Every per-step metric of the run as one CSV (`step` + one column per metric) for dvc plots."""
     client = MlflowClient(tracking_uri=run.tracking_uri)
-    # final/* are logged once after training (no step); train/step only marks which steps were logged.
+    # final/* are logged once after training (no step); train/step only marks which steps were logged,
+    # perf/attempt_start when each training attempt began.
     keys = sorted(
-        k for k in client.get_run(run.run_id).data.metrics if not k.startswith("final/") and k != STEP_KEY
+        k
+        for k in client.get_run(run.run_id).data.metrics
+        if not k.startswith("final/") and k not in (STEP_KEY, ATTEMPT_KEY)
     )
     rows: dict[int, dict[str, float]] = {}
     for key in keys:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -55,3 +57,43 @@ def test_quiet_drops_only_the_named_noise(caplog):
             "Detected that the Ray Train controller actor (x) is dead. Cleaning up placement group"
         )
     assert [r.getMessage()[:8] for r in caplog.records] == ["Detected"]  # a real problem still shows
+
+
+def test_a_failed_attempts_training_is_booked_as_training_not_workers(tmp_path):
+    """Ray Train restarts the workers after a failure: rank 0's sink marks each attempt's start in the
+    stage's MLflow run, and the driver moves the failed one's training (start to its last logged
+    step) out of `workers`. The attempts here are real sinks over a real store, one after another."""
+    from pipelines.training import AttemptSink, failed_attempts
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    clock = StageClock()
+    clock.mark("data")
+    first = AttemptSink(uri, run_id)  # the attempt that fails after logging step 20
+    asked = time.time()
+    assert first.last_step() == -1
+    started = time.time()  # its first step
+    for step in (10, 20):
+        time.sleep(0.05)
+        last_log = time.time()
+        first.log({"train/loss": 1.0}, step)
+    ended = time.time()
+    time.sleep(0.05)  # the failure, the restart
+    clock.mark("worker")
+    second = AttemptSink(uri, run_id)  # the retried attempt resumes: steps up to 20 are logged
+    assert second.last_step() == 20
+    clock.mark("first_step")
+    second.log({"train/loss": 0.5}, 30)
+    clock.mark("last_step")
+    clock.mark("fit")
+    spans = failed_attempts(uri, run_id, since=clock.marks["data"], until=clock.marks["worker"])
+    assert len(spans) == 1
+    (start, end) = spans[0]
+    assert asked - 0.001 <= start <= started and last_log - 0.001 <= end <= ended  # ms timestamps
+    before = clock.phases()
+    clock.retried = spans
+    after = clock.phases()
+    assert after["training"] == pytest.approx(before["training"] + (end - start))
+    assert after["workers"] == pytest.approx(before["workers"] - (end - start))
+    assert clock.training_seconds() == pytest.approx(after["training"])

@@ -5,6 +5,7 @@ its request formats) runs in this process under uvicorn, so nothing is looked up
 models serve` execs `uvicorn` by name). One ASGI layer in front of /invocations
 - refuses a body over `max_bytes` with 413 as soon as it knows (Content-Length, or counting), and
   one that does not arrive within `read_seconds` with 408;
+- refuses Parquet bodies (415): a small one may decompress to a table of any size;
 - lets `concurrency` requests work at once; another waits up to `queue_seconds`, then gets 503;
 - trims every error to a one-line JSON `{"error_code", "message"}` (no stack trace, no echo of the
   request: MLflow quotes a bad JSON body back whole).
@@ -26,6 +27,7 @@ from typing import Annotated, Any
 import typer
 
 DEFAULTS = {"timeout": 30.0, "max_bytes": 1 << 20, "concurrency": 2, "queue_seconds": 5.0}
+PARQUET = b"application/vnd.apache.parquet"  # refused: a small body may decompress to a huge table
 READ_SECONDS = 10.0  # the whole body must arrive within this
 GRACE_SECONDS = 3.0  # on SIGTERM, how long answers in flight may take before their tasks are cancelled
 MESSAGE_CHARS = 500  # an error message is cut to one line of at most this many characters
@@ -60,7 +62,12 @@ class Limits:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != "/invocations":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"").lower().startswith(PARQUET):
+            return await self._refuse(
+                send, 415, "send application/json or text/csv (parquet may unpack to any size)"
+            )
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return await self._refuse(send, 413, self._too_large())
         try:

@@ -85,11 +85,14 @@ def _ping(port: int) -> bool:
         return False
 
 
-def _request(port: int, method: str, path: str, body: bytes | None = None, *, timeout: float = 60):
+def _request(
+    port: int, method: str, path: str, body: bytes | None = None, *, timeout: float = 60,
+    content_type: str = "application/json",
+):  # fmt: skip
     """(status, raw body) of one request on a fresh connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers={"Content-Type": content_type})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -155,6 +158,10 @@ def test_junk_and_oversize_bodies_get_small_errors(server: int):
     assert "65536 bytes" in _one_line_error(*_post(server, junk), 413)
     _one_line_error(*_post(server, junk[:60000]), 400)  # under the limit: MLflow would quote it back whole
     _one_line_error(*_post(server, b'{"dataframe_split": '), 400)
+    status, body = _post(server, b"[" * 50000)  # json.loads: RecursionError, a 500 inside MLflow
+    _one_line_error(status, body, status)
+    parquet = _request(server, "POST", "/invocations", b"PAR1", content_type="application/vnd.apache.parquet")
+    assert "parquet" in _one_line_error(*parquet, 415)
     chunks = _chunked_post(server, junk)  # no Content-Length: counted while it arrives
     assert chunks in (413, None), chunks
 

@@ -76,14 +76,14 @@ def cap(name: str) -> int:
     return int(text)
 
 
-def check_cap(name: str, value: int, *, what: str) -> int:
-    """`value` if it is within cap `name`, else a one-line error naming `what`, the cap and its variable."""
+def check_cap(name: str, value: int, *, what: str | None) -> int:
+    """`value` if it is within cap `name`, else a one-line error naming `what` (or the unit), the cap
+    and its variable."""
     limit = cap(name)
     if value > limit:
         spec = CAPS[name]
-        raise ValueError(
-            f"{what}={value} exceeds the cap of {limit} {spec.unit} (set {spec.env} to raise it)"
-        )
+        asked = f"{what}={value} exceeds" if what else f"{value} {spec.unit.split()[0]} exceed"
+        raise ValueError(f"{asked} the cap of {limit} {spec.unit} (set {spec.env} to raise it)")
     return value
 
 

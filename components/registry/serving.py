@@ -13,6 +13,11 @@ samples), several times smaller than the pixels as JSON numbers, and every HTTP 
 `data:image/png;base64,` URL included) decodes it; `decode_images` turns the column back into a
 uint8 array for Python callers.
 
+Limits (components/sampling_limits.py, shared with `genpipe sample` and params validation): at
+most GENPIPE_MAX_ROWS rows (default 512), checked before any row is read; seeds in [0, 2**63 - 1];
+every option finite and within its documented range. Every row is checked, the options of every
+sampling call included, before the first image is drawn.
+
 The input schema is not part of the MLflow signature on purpose: MLflow drops a column the schema
 does not name with only a warning, so a misspelt option would silently sample with the default.
 `predict` checks every column itself, with one-line errors naming the valid ones; the MLmodel
@@ -33,6 +38,7 @@ import torch
 
 from components.evaluation.grid import to_uint8
 from components.generators import Generator, load_generator
+from components.sampling_limits import check_cap, check_seed
 
 LABEL, SEED, IMAGE = "label", "seed", "image"
 UNCONDITIONAL = -1  # label value (as in data/processed) for an unconditional image
@@ -78,6 +84,14 @@ def _integer(value: Any, *, name: str, row: int) -> int:
     return int(value)
 
 
+def _seed(value: Any, *, row: int) -> int:
+    seed = _integer(value, name="seed", row=row)
+    try:
+        return check_seed(seed)
+    except ValueError as err:
+        raise ValueError(f"row {row}: {err}") from None
+
+
 def _option(value: Any, default: Any, *, name: str, row: int) -> Any:
     """A cell as the type of the option's default (ints may arrive as floats from a column with gaps)."""
     value = _native(value)
@@ -100,6 +114,11 @@ def sampling_calls(table: pd.DataFrame, generator: Generator) -> list[tuple[int,
     """Group the rows into sampling calls: (seed, labelled, options, row indices), in first-row order."""
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"expected a table (pandas DataFrame), got {type(table).__name__}")
+    twice = table.columns[table.columns.duplicated()]
+    if len(twice):
+        count = int((table.columns == twice[0]).sum())
+        raise ValueError(f"column {str(twice[0])!r} appears {count} times; give each column once")
+    check_cap("rows", len(table), what=None)
     defaults = generator.default_options
     valid = f"label, seed, and the sampling options {', '.join(sorted(defaults))}"
     unknown = [str(c) for c in table.columns if c not in (LABEL, SEED) and c not in defaults]
@@ -111,7 +130,7 @@ def sampling_calls(table: pd.DataFrame, generator: Generator) -> list[tuple[int,
         raise ValueError("the table is empty: give one row per image")
     groups: dict[tuple, tuple[int, bool, dict, list[int]]] = {}
     for row, record in enumerate(table.to_dict("records")):
-        seed = _integer(record[SEED], name="seed", row=row)
+        seed = _seed(record[SEED], row=row)
         label = record.get(LABEL)
         labelled = not _missing(label) and _integer(label, name="label", row=row) != UNCONDITIONAL
         options = {
@@ -120,6 +139,11 @@ def sampling_calls(table: pd.DataFrame, generator: Generator) -> list[tuple[int,
             if k in defaults and not _missing(v)
         }
         key = (seed, labelled, tuple(sorted(options.items())))
+        if key not in groups:
+            try:
+                generator.check_options(options)  # names, limits and the family's own rules
+            except ValueError as err:
+                raise ValueError(f"row {row}: {err}") from None
         groups.setdefault(key, (seed, labelled, options, []))[3].append(row)
     return list(groups.values())
 
@@ -169,5 +193,5 @@ def predict(generator: Generator, table: pd.DataFrame) -> pd.DataFrame:
             images[row] = encode_png(pixels[i])
             if labelled:
                 labels[row] = int(ask[i])
-    seeds = [_integer(s, name="seed", row=r) for r, s in enumerate(table[SEED])]
+    seeds = [_seed(s, row=r) for r, s in enumerate(table[SEED])]
     return pd.DataFrame({IMAGE: images, LABEL: labels, SEED: seeds})

@@ -38,6 +38,7 @@ from components.registry.registry import CHALLENGER, CHAMPION, FAMILIES, list_ve
 from pipelines.runtime import repo_root, tracking_uri
 
 REPORT = "reports/promote.json"
+HISTORY = "history"  # `genpipe models --lineage MODEL@history`: the decision history, not a version
 WAIT_ENV, BREAK_AFTER_ENV = "GENPIPE_LOCK_WAIT", "GENPIPE_LOCK_BREAK_AFTER"
 #: What makes one model's outcome a failure without stopping the others.
 FAILURES = (ValueError, OSError, ArithmeticError, KeyError, RuntimeError, MlflowException)
@@ -256,11 +257,14 @@ def models_table(*, params: Path) -> list[str]:
 
 
 def lineage(*, params: Path, target: str) -> list[str]:
-    """`MODEL@ALIAS` (or `MODEL@VERSION`) -> `key: value` lines of that version's lineage tags."""
+    """`MODEL@ALIAS` (or `MODEL@VERSION`) -> `key: value` lines of that version's lineage tags;
+    `MODEL@history` -> the model's decision history."""
     model, sep, alias = target.partition("@")
     if not sep or not alias:
         raise ValueError(f"--lineage wants MODEL@ALIAS (e.g. genpipe-diffusion@champion), got {target!r}")
     name = resolve(model)
+    if alias == HISTORY:
+        return history_lines(store_uri(params), name)
     rows = list_versions(tracking_uri=store_uri(params), name=name)
     row = (
         next((r for r in rows if r["version"] == alias), None) if alias.isdigit() else _by_alias(rows, alias)
@@ -269,7 +273,7 @@ def lineage(*, params: Path, target: str) -> list[str]:
         raise ValueError(f"no version of {name} with {'version' if alias.isdigit() else 'alias'} {alias}")
     lines = [f"{name} v{row['version']} aliases={','.join(row['aliases']) or '-'} run={row['run_id']}"]
     lines += [f"  {key}: {row['tags'].get(key, '-')}" for key in LINEAGE_TAGS]
-    return lines + history_lines(store_uri(params), name)
+    return lines
 
 
 def history_lines(uri: str, name: str) -> list[str]:

@@ -68,13 +68,16 @@ def _when(seconds: float) -> str:
 
 
 def process_start(pid: int) -> float | None:
-    """When process `pid` started (epoch seconds), None if there is no such process."""
+    """When process `pid` started (epoch seconds), None if there is no such process, NaN if unknown."""
     import psutil
 
     try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except (psutil.NoSuchProcess, ValueError):
         return None
+    except psutil.AccessDenied:  # it exists; its start time is hidden from us
+        return math.nan
 
 
 def me() -> dict[str, str]:
@@ -83,13 +86,18 @@ def me() -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry in some containers
         user = "unknown"
-    start = process_start(os.getpid()) or 0.0
+    start = process_start(os.getpid())
+    start = 0.0 if start is None or math.isnan(start) else start
     return {"host": socket.gethostname(), "pid": str(os.getpid()), "pid_start": f"{start:.2f}", "user": user}
 
 
 def describe(holder: dict[str, str], since: float) -> str:
-    started = holder.get("pid_start", "")
-    began = f", process started {_when(float(started))}" if started not in ("", "0.00") else ""
+    """`user@host pid N, process started T, holding since T (age)`: who holds a lock, for a message."""
+    try:
+        started = float(holder.get("pid_start") or 0)
+    except ValueError:
+        started = 0.0
+    began = f", process started {_when(started)}" if started > 0 else ""
     return (
         f"{holder.get('user', '?')}@{holder.get('host', '?')} pid {holder.get('pid', '?')}{began}, "
         f"holding since {_when(since)} ({time.time() - since:.0f} s)"
@@ -102,8 +110,9 @@ def stale_reason(holder: dict[str, str], since: float, *, break_after: float) ->
         alive = process_start(int(holder["pid"]))
         if alive is None:
             return f"its process (pid {holder['pid']}) is gone from this host"
-        with suppress(ValueError):
-            if abs(alive - float(holder.get("pid_start", "nan"))) > 1.0:
+        with suppress(ValueError):  # an unknown start (NaN, 0) never differs: a live holder stays
+            claimed = float(holder.get("pid_start") or "nan")
+            if claimed > 0 and abs(alive - claimed) > 1.0:
                 return f"pid {holder['pid']} on this host is now another process"
     age = time.time() - since
     if age > break_after:

@@ -69,11 +69,11 @@ def test_rollback_holds_through_the_promote_stage(workspace, monkeypatch, capsys
     assert (entry["decision"], entry["from"], entry["to"]) == ("rolled_back", v2, "1")
 
     lines = promote.lineage(
-        params=root / "params.yaml", target="diffusion_pixel@champion"
-    )  # `genpipe models --lineage`
+        params=root / "params.yaml", target="diffusion_pixel@history"
+    )  # `genpipe models --lineage diffusion_pixel@history`
     at = lines.index("decisions of genpipe-diffusion (tags decision.<n>):")
     assert "1: " in lines[at + 1] and f"promoted challenger v{v2} against v1" in lines[at + 1]
-    assert f"rolled back v{v2} -> v1" in lines[at + 2]
+    assert f"rolled back v{v2} -> v1" in lines[at + 2] and len(lines) == at + 3
 
 
 def test_every_named_model_is_decided_and_failures_are_named(workspace):

@@ -316,3 +316,23 @@ def test_racing_promotions_leave_one_consistent_champion(store: str, tmp_path: P
     )
     winner = f"racer{results.index('applied')}"
     assert tags["promote.user"] == winner
+
+
+def test_stale_reason_on_this_host():
+    import subprocess
+    import sys
+
+    from components.registry.locks import me, stale_reason
+
+    alive, now = me(), time.time()
+    assert stale_reason(alive, now, break_after=600) is None
+    assert stale_reason({**alive, "pid_start": "0.00"}, now, break_after=600) is None  # start unknown
+    assert "now another process" in stale_reason({**alive, "pid_start": "12.00"}, now, break_after=600)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    reason = stale_reason({**alive, "pid": gone.stdout.strip()}, now, break_after=600)
+    assert reason == f"its process (pid {gone.stdout.strip()}) is gone from this host"
+    elsewhere = {**alive, "host": "elsewhere"}
+    assert stale_reason(elsewhere, now - 30, break_after=600) is None
+    assert "over the break age of 10 s" in stale_reason(elsewhere, now - 30, break_after=10)

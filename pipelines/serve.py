@@ -41,10 +41,12 @@ def one_line(status: int, body: bytes) -> bytes:
         parsed = json.loads(body)
     except ValueError:
         parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-        code, text = str(parsed.get("error_code") or CODES.get(status, "INTERNAL_ERROR")), parsed["message"]
-    else:
-        code, text = CODES.get(status, "INTERNAL_ERROR"), body.decode("utf-8", "replace")
+    code = CODES.get(status, "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR")
+    text = body.decode("utf-8", "replace")
+    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):  # MLflow's errors
+        code, text = str(parsed.get("error_code") or code), parsed["message"]
+    elif isinstance(parsed, dict) and isinstance(parsed.get("detail"), str):  # FastAPI's (405, ...)
+        text = parsed["detail"]
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     message = lines[0] if lines else f"HTTP {status}"
     if len(message) > MESSAGE_CHARS:

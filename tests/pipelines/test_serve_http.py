@@ -162,6 +162,7 @@ def test_junk_and_oversize_bodies_get_small_errors(server: int):
     _one_line_error(status, body, status)
     parquet = _request(server, "POST", "/invocations", b"PAR1", content_type="application/vnd.apache.parquet")
     assert "parquet" in _one_line_error(*parquet, 415)
+    assert _one_line_error(*_request(server, "GET", "/invocations"), 405) == "Method Not Allowed"
     chunks = _chunked_post(server, junk)  # no Content-Length: counted while it arrives
     assert chunks in (413, None), chunks
 

@@ -212,6 +212,8 @@ def _quiet_ray_data() -> None:
 # --- MLflow -----------------------------------------------------------------------------------
 def tracking_uri(cfg: MlflowConfig) -> str:
     """MLFLOW_TRACKING_URI, else `mlflow.tracking_uri`, else the repo's sqlite file."""
+    for name, level in QUIET_MLFLOW.items():  # every command finds its store here: quiet from here on
+        logging.getLogger(name).setLevel(level)
     return (
         os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
     )
@@ -327,8 +329,6 @@ def stage_run(
 
     # MLflow's tqdm bar per artefact copy ("Downloading artifacts" x5 when a model is logged)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name, level in QUIET_MLFLOW.items():
-        logging.getLogger(name).setLevel(level)
     cfg: MlflowConfig = sections["mlflow"]
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)

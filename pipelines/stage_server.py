@@ -58,6 +58,7 @@ PRELOAD = (
 GRACE_S = 10.0  # a stage whose client died gets SIGTERM, then SIGKILL after this long
 FOLDER_PREFIX, SOCKET_NAME = "genpipe-stages-", "stages.sock"  # the server removes a folder so named
 STALE_S = 3600.0  # a socket folder with no socket in it this long is a server that never bound
+BIND_S = 60.0  # a socket nobody listens on is stale once it is this old (bind to listen takes less)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -76,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # outside the try: a path already taken is another server's to remove
     try:
+        listener.listen(16)  # clients that connect during the imports below wait in the backlog
         if args.parent is not None:
             die_with(args.parent)
-        listener.listen(16)  # clients that connect during the imports below wait in the backlog
         print("listening", flush=True)
         started = time.perf_counter()
         for name in PRELOAD:
@@ -134,7 +135,8 @@ def remove_stale(root: str) -> list[Path]:
                     if time.time() - folder.stat().st_mtime < STALE_S:
                         continue
                 except ConnectionRefusedError:  # the socket file, nobody listening: its server died
-                    pass
+                    if time.time() - (folder / SOCKET_NAME).lstat().st_mtime < BIND_S:
+                        continue  # or it is between bind() and listen(): a server starting now
                 else:
                     continue
         except OSError:

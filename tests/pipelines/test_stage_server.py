@@ -251,12 +251,14 @@ def test_stale_socket_folders_are_removed_live_ones_kept(server, tmp_path: Path)
     dead, fresh, other = (tmp_path / f"{FOLDER_PREFIX}{name}" for name in ("dead", "fresh", "x"))
     for folder in (dead, fresh):
         folder.mkdir()
-    with socket.socket(socket.AF_UNIX) as gone:  # a SIGKILLed server: its socket file, nobody listening
-        gone.bind(str(dead / SOCKET_NAME))
+    for folder in (dead, fresh):  # a SIGKILLed server: its socket file, nobody listening
+        with socket.socket(socket.AF_UNIX) as gone:
+            gone.bind(str(folder / SOCKET_NAME))
+    os.utime(dead / SOCKET_NAME, (time.time() - 120,) * 2, follow_symlinks=False)  # fresh: now binding
     live = tmp_path / f"{FOLDER_PREFIX}live"
     live.mkdir()
     (live / SOCKET_NAME).symlink_to(live_path)  # the module's running server
     other.mkdir()
-    (other / "note").write_text("no socket, but recent: a server still binding")
+    (other / "note").write_text("no socket, but recent: a server before its bind()")
     assert remove_stale(str(tmp_path)) == [dead]
     assert fresh.exists() and live.exists() and other.exists()

@@ -4,14 +4,53 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+
+
+class OneLineUsage(TyperGroup):
+    """Every usage error (missing argument, bad value, unknown option or command) of every command as
+    the project's one line, `genpipe: error: COMMAND: what (see 'genpipe COMMAND --help')`, exit 2,
+    instead of typer's boxed usage; help, `typer.Exit` and the commands' own errors are unchanged."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            print("genpipe: error: aborted", file=sys.stderr)
+            sys.exit(1)
+        except typer.TyperException as err:  # click's exceptions (typer vendors click as typer._click)
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `genpipe`: the help, as before
+                err.show()
+                sys.exit(err.exit_code)
+            print(f"genpipe: error: {_usage_line(err)}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(code) comes back as its code
+
+
+def _usage_line(err: typer.TyperException) -> str:
+    """`COMMAND: message (see 'genpipe COMMAND --help')` for a usage error (it has a context)."""
+    ctx, names = getattr(err, "ctx", None), []
+    if ctx is None:
+        return err.format_message()
+    while ctx.parent is not None:  # the sub-command path, without the root's name
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    where = " ".join(names)
+    prefix, see = (f"{where}: ", f"genpipe {where} --help") if where else ("", "genpipe --help")
+    return f"{prefix}{err.format_message()} (see '{see}')"
+
 
 app = typer.Typer(
     name="genpipe",
     help="Train generative image models as a DVC pipeline on Ray Train, tracked in MLflow.",
+    cls=OneLineUsage,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

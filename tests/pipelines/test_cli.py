@@ -43,3 +43,46 @@ def test_missing_source_path_fails_before_work(repo_copy: Path):
     assert proc.returncode == 1
     assert "nowhere" in proc.stderr and "does not exist" in proc.stderr
     assert not (repo_copy / "data").exists()
+
+
+USAGE_ERRORS = {
+    "promote without a model": (["promote"], "promote: Missing argument 'MODEL...'."),
+    "label not an integer": (
+        ["sample", "genpipe-diffusion@champion", "--label", "abc"],
+        "sample: Invalid value for '--label': Input should be a valid integer, unable to parse string as an integer",
+    ),
+    "count not an integer": (
+        ["sample", "genpipe-diffusion@champion", "-n", "many"],
+        "sample: Invalid value for '-n': Input should be a valid integer, unable to parse string as an integer",
+    ),
+    "unknown option": (
+        ["sample", "genpipe-diffusion@champion", "--bogus"],
+        "sample: No such option: --bogus (Possible options: --out)",
+    ),
+    "extra argument": (["rollback", "a", "b"], "rollback: Got unexpected extra argument(s) (b)"),
+    "unknown command": (["sampel"], "No such command 'sampel'. Did you mean 'sample'?"),
+    "stage without its variant": (["train_zoo"], "train_zoo: Missing argument 'VARIANT'."),
+}
+
+
+def test_usage_errors_are_one_line_and_exit_2():
+    """Every click/typer usage error is the project's one line (no 5-line box), exit status 2."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    for case, (args, message) in USAGE_ERRORS.items():
+        result = CliRunner().invoke(app, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2, (case, result.output)
+        command = args[0] + " " if message.startswith(args[0]) else ""
+        assert lines == [f"genpipe: error: {message} (see 'genpipe {command}--help')"], (case, lines)
+
+
+def test_a_usage_error_from_the_installed_command_is_one_line(tmp_path: Path):
+    proc = run(["genpipe", "promote"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "genpipe: error: promote: Missing argument 'MODEL...'. (see 'genpipe promote --help')"
+    ]
+    assert proc.stdout == ""

@@ -56,6 +56,10 @@ def main(*, params: Path, model: str, dry_run: bool = False) -> None:
             f"{(meta['channels'], meta['image_size'], meta['image_size'])}: retrain it on this data"
         )
     options = cfg.options.get(model, {})
+    try:  # params validation checked names and ranges; the model checks them against its defaults
+        generator.check_options(options)
+    except ValueError as err:
+        raise ValueError(f"evaluate.options.{model}: {err}") from None
     n = cfg.num_samples or meta["counts"]["train"]
     if dry_run:
         print_config(sections)

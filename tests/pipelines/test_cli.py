@@ -86,3 +86,40 @@ def test_a_usage_error_from_the_installed_command_is_one_line(tmp_path: Path):
         "genpipe: error: promote: Missing argument 'MODEL...'. (see 'genpipe promote --help')"
     ]
     assert proc.stdout == ""
+
+
+def test_evaluate_dry_run_checks_each_familys_options(tmp_path: Path):
+    """`evaluate.options` against each family's options and the shared limits, before any data is read."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    cases = {
+        "diffusion_pixel": (
+            {"steps": 0},
+            "evaluate.options.diffusion_pixel.steps=0: must be an integer in [1, 1000]",
+        ),
+        "prior_maskgit": (
+            {"steps": 0},
+            "evaluate.options.prior_maskgit.steps=0: must be an integer in [1, 1000]",
+        ),
+        "diffusion_latent": (
+            {"temperature": 0.5},
+            "evaluate.options.diffusion_latent.temperature: unknown sampling option for diffusion_latent",
+        ),
+        "gan": (
+            {"truncation": -1},
+            "evaluate.options.gan.truncation=-1: must be null or a finite number in (0, 10]",
+        ),
+        "vae": (
+            {"temperature": float("inf")},
+            "evaluate.options.vae.temperature=inf: must be a finite number",
+        ),
+    }
+    params = tmp_path / "params.yaml"
+    for model, (options, message) in cases.items():
+        params.write_text(yaml.safe_dump({"evaluate": {"options": {model: options}}}))
+        result = CliRunner().invoke(app, ["evaluate", model, "--dry-run", "--params", str(params)])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, (model, result.output)
+        assert lines[0].startswith(f"genpipe: error: evaluate: {message}"), lines

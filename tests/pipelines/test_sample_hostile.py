@@ -244,3 +244,32 @@ def test_an_empty_cell_still_means_the_trained_default(workspace):
     images = decode_images(predict(generator, table)["image"])
     default = decode_images(predict(generator, _rows(1).assign(seed=[7], label=[1]))["image"])
     assert images.shape == (2, 8, 8, 1) and (images[:1] == default).all()
+
+
+def test_check_options_validates_without_sampling_on_every_family(workspace):
+    """What `evaluate --dry-run` and `predict` call: the merged options, or the family's one line."""
+    cases = {
+        "diffusion_pixel": (
+            {"steps": 2},
+            {"sampler": "ddpm"},
+            "objective=edm cannot sample with sampler=ddpm",
+        ),
+        "prior_maskgit": (
+            {"steps": 2},
+            {"use_cache": True},
+            "prior/maskgit: unknown sampling option 'use_cache'",
+        ),
+        "vae": (
+            {"temperature": 0.5},
+            {"temperature": 0},
+            "vae: temperature=0: must be a finite number in (0, 10]",
+        ),
+        "gan": ({"truncation": 1}, {"truncation": -1}, "gan: truncation=-1: must be null or a finite number"),
+    }
+    for model, (good, bad, message) in cases.items():
+        generator = load_generator(workspace / "models" / model)
+        merged = generator.check_options(good)
+        assert set(merged) == set(generator.default_options) and all(merged[k] == v for k, v in good.items())
+        with pytest.raises(ValueError) as info:
+            generator.check_options(bad)
+        assert message in str(info.value), (model, str(info.value))

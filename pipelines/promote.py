@@ -194,6 +194,7 @@ def main_many(
     *, params: Path, models: list[str], metric: str, margin: float, dry_run: bool = False
 ) -> list[str]:
     """Decide every named model, each alone; the failures as `model: reason` lines ([] when all went well)."""
+    lock_settings()  # a bad setting is one error for the command, not one per model
     failures = []
     for model in models:
         try:

@@ -121,9 +121,9 @@ def stale_reason(holder: dict[str, str], since: float, *, break_after: float) ->
 
 
 def check_break_after(value: float, *, source: str = "break_after") -> float:
-    """A break age in seconds: finite and >= 0; else a one-line error naming `source`."""
+    """A break age (or a wait) in seconds: finite and >= 0; else a one-line error naming `source`."""
     if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{source} must be a number of seconds >= 0 (0 breaks any holder), got {value!r}")
+        raise ValueError(f"{source} must be a number of seconds >= 0, got {value!r}")
     return float(value)
 
 

@@ -100,7 +100,16 @@ def test_lock_settings_and_a_held_lock(workspace, monkeypatch):
             ValueError, match=rf"GENPIPE_LOCK_BREAK_AFTER must be a number of seconds >= 0.*{value}"
         ):
             promote.lock_settings()
+    with pytest.raises(
+        ValueError, match="GENPIPE_LOCK_BREAK_AFTER"
+    ):  # once for the command, before any model
+        promote.main_many(
+            params=root / "params.yaml", models=["vae", "gan"], metric="fid_over_floor", margin=0.0
+        )
+    monkeypatch.setenv(promote.WAIT_ENV, "soon")
     monkeypatch.setenv(promote.BREAK_AFTER_ENV, "30")
+    with pytest.raises(ValueError, match="GENPIPE_LOCK_WAIT must be a number of seconds >= 0, got 'soon'"):
+        promote.lock_settings()
     monkeypatch.setenv(promote.WAIT_ENV, "2.5")
     assert promote.lock_settings() == {"timeout": 2.5, "break_after": 30.0}
     add_evaluated(uri, root, fid_over_floor=2.0)

@@ -271,8 +271,9 @@ def _acquire(client, lock: str, *, uri: str, timeout: float, break_after: float,
         try:
             experiment_id = client.create_experiment(f"{_prefix(lock)}{generation:0{DIGITS}d}", tags=tags)
         except MlflowException as err:
-            if err.error_code in LOST_RACE:
-                continue  # another racer took this generation (or released what we collided with)
+            if err.error_code in LOST_RACE:  # another racer took this generation (or released what we hit)
+                time.sleep(random.uniform(0.005, 0.02))
+                continue
             raise
         lease = Lease(lock=lock, generation=generation, experiment_id=experiment_id, client=client)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,13 +11,15 @@ import pytest
 
 from components.registry.promote import PREVIOUS_TAG
 from components.registry.registry import CHAMPION, set_alias, version_by_alias
-from tests.components.registry.test_promote import add_evaluated, rows
+from tests.components.registry.test_promote import add_evaluated, empty_db, rows  # noqa: F401 - a fixture
 from tests.conftest import project_env, run
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> tuple[Path, str]:
-    """A folder with a params file pointing at its own sqlite store, as the working directory."""
+def workspace(tmp_path: Path, request) -> tuple[Path, str]:
+    """A folder with a params file pointing at its own sqlite store (a copy of an empty one: a new
+    store runs every schema migration, seconds each time), as the working directory."""
+    shutil.copy(request.getfixturevalue("empty_db"), tmp_path / "mlflow.db")
     (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n")
     return tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"
 

@@ -35,6 +35,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -257,7 +258,7 @@ def _acquire(client, lock: str, *, uri: str, timeout: float, break_after: float,
                     raise LockHeld(
                         f"{lock} is still held after waiting {timeout:g} s, by {describe(_holder(top), since)}; "
                         f"if that process is gone, break it with GENPIPE_LOCK_BREAK_AFTER=0 (now {break_after:g} s) "
-                        f"or `MLFLOW_TRACKING_URI={uri} mlflow experiments delete "
+                        f"or `MLFLOW_TRACKING_URI={uri} {sys.executable} -m mlflow experiments delete "
                         f"--experiment-id {top.experiment_id}`"
                     )
                 time.sleep(wait * random.uniform(0.5, 1.0))  # jitter: waiters do not poll in step

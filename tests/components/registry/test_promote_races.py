@@ -175,6 +175,17 @@ def test_old_lock_of_another_host_is_broken_after_the_break_age(postgres_registr
     assert len(breaks) == 1 and "ci@elsewhere pid 1" in breaks[0] and "over the break age of 1 s" in breaks[0]
     broke = client.get_experiment(taken.experiment_id).tags["genpipe.lock.broke"]
     assert broke.startswith(f"generation {lease.generation + 1}: held for")
+    # The command the timeout line gives clears a lock, exactly as written.
+    stuck = client.create_experiment(
+        f"{_prefix(lock_model_name(NAME))}{taken.generation + 1:012d}", tags=tags
+    )
+    with pytest.raises(LockHeld) as waited, server_lock(uri, NAME, timeout=0.2):
+        pass
+    command = str(waited.value).split("`")[1]
+    assert command.endswith(f"experiments delete --experiment-id {stuck}")
+    subprocess.run(["bash", "-c", command], check=True, capture_output=True, env=project_env())
+    with server_lock(uri, NAME, timeout=0.5) as free:  # no waiting, no breaking
+        assert free.generation == taken.generation + 2
 
 
 def test_ten_promote_processes_over_five_rounds(postgres_registry: str, tmp_path: Path):

@@ -54,6 +54,7 @@ HOLDER_TAGS = ("host", "pid", "pid_start", "user")
 #: A create that lost a race: someone else holds that generation, or the row it hit went away.
 LOST_RACE = ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")
 DEFAULT_TIMEOUT, DEFAULT_BREAK_AFTER = 60.0, 600.0
+LEGACY_OWNER_TAG = "genpipe.lock_owner"  # on the registered model that older genpipe used as the lock
 
 
 class LockHeld(RuntimeError):
@@ -238,6 +239,7 @@ def server_lock(
     lease = _acquire(
         client, lock, uri=tracking_uri, timeout=timeout, break_after=break_after, on_break=on_break
     )
+    _remove_legacy_lock(client, lock)
     try:
         yield lease
     finally:
@@ -292,6 +294,20 @@ def _acquire(client, lock: str, *, uri: str, timeout: float, break_after: float,
                     f"{describe(_holder(broken), broken.creation_time / 1000)}: {why}"
                 )
         return lease
+
+
+def _remove_legacy_lock(client: MlflowClient, lock: str) -> None:
+    """Delete the registered model that older genpipe used as this lock, left by a killed holder.
+
+    It showed in the UI as a model; it is recognised by its owner tag and its lack of versions.
+    """
+    try:
+        legacy = client.get_registered_model(lock)
+    except MlflowException:
+        return  # the usual case: none
+    if LEGACY_OWNER_TAG in legacy.tags and not legacy.latest_versions:
+        with suppress(MlflowException):
+            client.delete_registered_model(lock)
 
 
 @contextmanager

@@ -226,6 +226,8 @@ def test_file_lock_excludes_a_second_holder(tmp_path: Path):
 def test_server_lock_and_promotion_over_http(http_store: str, tmp_path: Path):
     uri = http_store
     client = MlflowClient(tracking_uri=uri)
+    # What older genpipe left when its holder was killed: a registered model listed as a model.
+    client.create_registered_model(lock_model_name(NAME), tags={"genpipe.lock_owner": "old:1:x"})
     with registry_lock(uri, NAME, timeout=5) as lease:
         held = client.get_experiment(lease.experiment_id)
         assert held.name.startswith("genpipe-lock.diffusion.") and held.lifecycle_stage == "active"

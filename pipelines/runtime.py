@@ -120,47 +120,15 @@ LOCAL_RAY_ENV = {
 }
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *starts: str) -> None:
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
-
-
-#: Ray 2.60's noise on a default run, silenced logger by logger (never a blanket redirect):
-#: {logger: (level it is raised to, or None; messages dropped)}.
-QUIET = {
-    # The Train PlacementGroupCleaner asks the State API every ~1 s whether the controller lives; a
-    # `ray` install without `ray[default]` runs the dashboard in minimal mode, which refuses, so each
-    # poll logs this. Its other warnings (a dead controller's placement group removed) stay.
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": (
-        None,
-        ("Failed to query Ray Train Controller actor state",),
-    ),
-    # one INFO line per executed dataset, and the notice that progress bars are off (we turn them off)
-    "ray.data._internal.execution.streaming_executor": (logging.WARNING, ()),
-    "ray.data._internal.progress": (None, ("Progress bars disabled",)),
-    # the notice that a new local instance uses token auth (it does, and stays so), and on a machine's
-    # first run the note that it wrote ~/.ray/auth_token (docs/troubleshooting.md says so)
-    "ray._private.authentication.authentication_token_setup": (
-        None,
-        ("Token authentication is enabled", "Generated new authentication token"),
-    ),
-}
 #: MLflow's notes while it creates a fresh store's tables (a first run): {logger: level raised to}
 QUIET_MLFLOW = {"mlflow.store.db.utils": logging.WARNING, "alembic.runtime.migration": logging.WARNING}
 
 
 def quiet_ray_logs() -> None:
-    """Apply QUIET in this process; also each Ray worker's setup hook (`worker_process_setup_hook`)."""
-    for name, (level, messages) in QUIET.items():
-        logger = logging.getLogger(name)
-        if level is not None:
-            logger.setLevel(level)
-        if messages and not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages(*messages))
+    """Ray's noise off in this process; also each Ray worker's setup hook (`worker_process_setup_hook`)."""
+    from components.training import ray_trims
+
+    ray_trims.quiet_logs()  # Ray-internal loggers: named in the one module that may name them
     # Ray Data's DatasetManager (a split dataset) passes an option Ray Data itself deprecated
     warnings.filterwarnings("ignore", message=r".*ExecutionOptions.exclude_resources. is deprecated")
 

@@ -20,6 +20,8 @@ The trims:
   Ray Data job to inform; the first fit() waited ~3 s for that actor).
 - `report_log`: Ray's INFO line per `ray.train.report` (all metrics of a checkpoint in one line)
   is logged under a logger named by its source file, outside the `ray.train` logger.
+- `quiet_logs`: Ray's noise on a default run, silenced logger by logger (`QUIET_LOGS`; never a
+  blanket redirect), in the driver and, through a worker setup hook, in every Ray worker.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ import os
 from typing import Any
 
 import ray
-import ray.train.torch
 
 TESTED_RAY = "2.60."  # the Ray release line every trim below was written and tested for
 OFF_ENV = "GENPIPE_RAY_TRIMS_OFF"  # comma-separated trim names, or `all`
-TRIMS = ("datasets_callback", "placement_group_cleaner", "autoscaling_coordinator", "report_log")
+TRIMS = (
+    "datasets_callback",
+    "placement_group_cleaner",
+    "autoscaling_coordinator",
+    "report_log",
+    "quiet_logs",
+)
 
 log = logging.getLogger("genpipe")
 _noticed: list[str] = []
@@ -66,6 +73,48 @@ def enabled(name: str) -> bool:
     return True
 
 
+#: {Ray-internal logger: (level it is raised to, or None; message starts dropped)}
+QUIET_LOGS = {
+    # The Train PlacementGroupCleaner asks the State API every ~1 s whether the controller lives; a
+    # `ray` install without `ray[default]` runs the dashboard in minimal mode, which refuses, so each
+    # poll logs this. Its other warnings (a dead controller's placement group removed) stay.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": (
+        None,
+        ("Failed to query Ray Train Controller actor state",),
+    ),
+    # one INFO line per executed dataset, and the notice that progress bars are off (we turn them off)
+    "ray.data._internal.execution.streaming_executor": (logging.WARNING, ()),
+    "ray.data._internal.progress": (None, ("Progress bars disabled",)),
+    # the notice that a new local instance uses token auth (it does, and stays so), and on a machine's
+    # first run the note that it wrote ~/.ray/auth_token (docs/troubleshooting.md says so)
+    "ray._private.authentication.authentication_token_setup": (
+        None,
+        ("Token authentication is enabled", "Generated new authentication token"),
+    ),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_logs() -> None:
+    """Apply QUIET_LOGS in this process (idempotent: one filter per logger)."""
+    if not enabled("quiet_logs"):
+        return
+    for name, (level, messages) in QUIET_LOGS.items():
+        logger = logging.getLogger(name)
+        if level is not None:
+            logger.setLevel(level)
+        if messages and not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(*messages))
+
+
 def has_state_api() -> bool:
     """Whether the connected cluster serves the State API (its head runs `ray[default]`'s dashboard)."""
     if not enabled("placement_group_cleaner"):
@@ -90,6 +139,8 @@ def quiet_report_log() -> None:
 
 def trainer(train_fn, *, owned_instance: bool, **kwargs: Any) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer with every applicable trim; stock `TorchTrainer` when none applies."""
+    import ray.train.torch
+
     datasets = bool(kwargs.get("datasets"))
     drop = set()
     if not datasets and enabled("datasets_callback"):
@@ -105,6 +156,7 @@ def trainer(train_fn, *, owned_instance: bool, **kwargs: Any) -> ray.train.torch
 @functools.cache
 def _trimmed_class() -> type:
     """The TorchTrainer subclass, built once on first use (it imports Train internals)."""
+    import ray.train.torch
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.runtime import QUIET
+from components.training.ray_trims import QUIET_LOGS
 from tests.conftest import run
 from tests.pipelines.test_stages import TINY
 
@@ -51,7 +51,7 @@ def test_a_failing_worker_is_one_line_naming_the_culprit_and_leaves_no_model(rep
     console = proc.stdout + proc.stderr
     # No driver traceback (GENPIPE_DEBUG=1 shows it); a worker's own, forwarded by Ray, may come first.
     assert not [line for line in console.splitlines() if re.match(r"Traceback|\s+File ", line)]
-    for _, dropped in QUIET.values():
+    for _, dropped in QUIET_LOGS.values():
         for message in dropped:
             assert message not in console
     # Nothing half-written: no model folder (nor a temporary one beside it), the run marked failed.

@@ -48,8 +48,10 @@ def test_the_timing_line_splits_wall_time_into_training_and_overhead():
 def test_quiet_drops_only_the_named_noise(caplog):
     quiet_ray_logs()
     quiet_ray_logs()  # idempotent: one filter per logger
-    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    logger = logging.getLogger(name)
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner  # Ray's own logger
+
+    logger = placement_group_cleaner.logger
+    name = logger.name
     assert len(logger.filters) == 1
     with caplog.at_level(logging.WARNING, logger=name):
         logger.warning("Failed to query Ray Train Controller actor state. State API may be unavailable.")
@@ -97,3 +99,14 @@ def test_a_failed_attempts_training_is_booked_as_training_not_workers(tmp_path):
     assert after["training"] == pytest.approx(before["training"] + (end - start))
     assert after["workers"] == pytest.approx(before["workers"] - (end - start))
     assert clock.training_seconds() == pytest.approx(after["training"])
+
+
+def test_every_quieted_logger_is_the_one_its_ray_module_logs_with():
+    """A Ray upgrade that moves a module or renames its logger fails here, not silently."""
+    import importlib
+
+    from components.training.ray_trims import QUIET_LOGS
+
+    for name in QUIET_LOGS:
+        module = importlib.import_module(name)
+        assert module.logger.name == name, name

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-SERVER_ENV = "GENPIPE_STAGE_SERVER"  # the Unix socket `genpipe repro` hands to the stages it runs
+from pipelines.stage_socket import SERVER_ENV
+
 FORK_TIMEOUT_S = 120.0  # a free server forks within its imports' time (~5 s); else run here
 STAGES = frozenset(
     {

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.launch import SERVER_ENV
+from pipelines.stage_socket import FOLDER_PREFIX, SERVER_ENV, SOCKET_NAME, remove_stale
 
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 TIMING_LINE = re.compile(r"^(\S+): [\d.]+ s = training ([\d.]+) \+ overhead ([\d.]+) s")
@@ -120,7 +120,6 @@ class StageServer:
 
 def start_server(env: dict[str, str], *, log: Path) -> StageServer | None:
     """The stage server, listening (it imports in the background); None, with a note, if it fails."""
-    from pipelines.stage_server import FOLDER_PREFIX, SOCKET_NAME, remove_stale
 
     for stale in remove_stale(tempfile.gettempdir()):
         print(f"genpipe repro: removed {stale}, left by a stage server that was killed", flush=True)

@@ -21,7 +21,6 @@ import importlib
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import sys
@@ -29,6 +28,8 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+from pipelines.stage_socket import FOLDER_PREFIX
 
 PRELOAD = (
     "torch",
@@ -56,9 +57,6 @@ PRELOAD = (
     "pipelines.promote",
 )
 GRACE_S = 10.0  # a stage whose client died gets SIGTERM, then SIGKILL after this long
-FOLDER_PREFIX, SOCKET_NAME = "genpipe-stages-", "stages.sock"  # the server removes a folder so named
-STALE_S = 3600.0  # a socket folder with no socket in it this long is a server that never bound
-BIND_S = 60.0  # a socket nobody listens on is stale once it is this old (bind to listen takes less)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -118,32 +116,6 @@ def die_with(parent: int) -> None:
     if os.getppid() != parent:  # it died before the prctl: no signal will come
         log(f"pid {parent}, which started this server, is gone: stopping")
         sys.exit(0)
-
-
-def remove_stale(root: str) -> list[Path]:
-    """This user's socket folders under `root` that no server listens on (one was SIGKILLed): removed."""
-    removed = []
-    for folder in Path(root).glob(f"{FOLDER_PREFIX}*"):
-        try:
-            if folder.stat().st_uid != os.getuid():
-                continue
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.setblocking(False)  # a live server with a full backlog: EAGAIN, not a wait
-                try:
-                    probe.connect(str(folder / SOCKET_NAME))
-                except FileNotFoundError:  # a server still binding, or one that never did
-                    if time.time() - folder.stat().st_mtime < STALE_S:
-                        continue
-                except ConnectionRefusedError:  # the socket file, nobody listening: its server died
-                    if time.time() - (folder / SOCKET_NAME).lstat().st_mtime < BIND_S:
-                        continue  # or it is between bind() and listen(): a server starting now
-                else:
-                    continue
-        except OSError:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
 
 
 def serve_one(conn: socket.socket, listener: socket.socket) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,58 @@ def test_no_params_yaml_in_components():
     for path in COMPONENT_FILES:
         assert "params.yaml" not in path.read_text() or path.name == "config.py", path
 
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def _project_imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules `path` imports, at any depth of its code (function-level imports count)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+        for node in ast.walk(block)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names} & modules
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= ({node.module} | {f"{node.module}.{a.name}" for a in node.names}) & modules
+    return found
+
+
+def test_no_import_cycles():
+    """Neither package has an import cycle, counting imports inside functions (TYPE_CHECKING aside)."""
+    modules = {_module(p): p for p in PACKAGE_FILES}
+    graph = {name: _project_imports(path, set(modules)) - {name} for name, path in modules.items()}
+    cycles, state = [], {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = "open"
+        for dep in sorted(graph[name]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join([*stack[stack.index(dep) :], dep]))
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_ray_internals_only_in_the_trims_module():
+    """Ray's private API (`_internal`, `_private`) is used in one gated module (ray_trims) alone."""
+    users = [
+        p.relative_to(REPO).as_posix()
+        for p in PACKAGE_FILES
+        if re.search(r"\b_(internal|private)\b", p.read_text()) and p.name != "ray_trims.py"
+    ]
+    assert not users, f"Ray internals outside components/training/ray_trims.py: {users}"

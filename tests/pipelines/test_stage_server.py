@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipelines.runtime import CLOCK, reset_clock
-from pipelines.stage_server import FOLDER_PREFIX, SOCKET_NAME, remove_stale
+from pipelines.stage_socket import FOLDER_PREFIX, SOCKET_NAME, remove_stale
 from tests.conftest import REPO, project_env, run
 
 

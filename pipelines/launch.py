@@ -16,23 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from components import catalog
 from pipelines.stage_socket import SERVER_ENV
 
 FORK_TIMEOUT_S = 120.0  # a free server forks within its imports' time (~5 s); else run here
-STAGES = frozenset(
-    {
-        "prepare",
-        "train_evaluator",
-        "train_tokenizer",
-        "encode",
-        "train_diffusion",
-        "train_prior",
-        "train_zoo",
-        "evaluate",
-        "report",
-        "promote",
-    }
-)
+STAGES = frozenset(stage.name for stage in catalog.STAGES)  # what a stage server may run
 
 
 def main() -> None:

@@ -207,20 +207,20 @@ HEADLINES = {
 
 
 def headline(stage: str, root: Path) -> str:
-    base, _, item = stage.partition("@")
-    if base in ("train_diffusion", "train_prior", "train_zoo"):
-        from components.generators import MODELS
+    """The stage's figures worth a glance (its report's), '' when it has none yet."""
+    from components import catalog
 
-        model = {"train_diffusion": f"diffusion_{item}", "train_prior": f"prior_{item}"}.get(base, item)
-        path, keys = (
-            root / "reports" / f"train_{model}.json",
-            {"val/loss": "val loss {:.4g}", "val/bpd": "val {:.3f} bits/dim"},
-        )
-        if model not in MODELS:
-            return ""
-    elif base in HEADLINES:
+    base, _, item = stage.partition("@")
+    if base in HEADLINES:
         name, keys = HEADLINES[base]
         path = root / "reports" / name.format(item=item)
+    elif item:  # a generator's training stage: its validation figures
+        try:
+            model = catalog.trained_by(base, item)
+        except ValueError:
+            return ""
+        path = root / "reports" / f"train_{model.name}.json"
+        keys = {"val/loss": "val loss {:.4g}", "val/bpd": "val {:.3f} bits/dim"}
     else:
         return ""
     try:

@@ -29,6 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
+from components import catalog
 from pipelines.stage_socket import FOLDER_PREFIX
 
 PRELOAD = (
@@ -45,16 +46,7 @@ PRELOAD = (
     "ray.train.torch",
     "pipelines.cli",
     "pipelines.training",
-    "pipelines.prepare",
-    "pipelines.train_evaluator",
-    "pipelines.train_tokenizer",
-    "pipelines.encode",
-    "pipelines.train_diffusion",
-    "pipelines.train_prior",
-    "pipelines.train_zoo",
-    "pipelines.evaluate",
-    "pipelines.report",
-    "pipelines.promote",
+    *(stage.module for stage in catalog.STAGES),
 )
 GRACE_S = 10.0  # a stage whose client died gets SIGTERM, then SIGKILL after this long
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

@@ -91,3 +91,16 @@ def test_lookups_name_the_valid_choices():
         catalog.trained_by("train_zoo", "gann")
     with pytest.raises(ValueError, match=r"unknown stage 'trian'; valid: prepare, "):
         catalog.stage("trian")
+
+
+def test_repro_headlines_find_each_models_report_through_the_catalog(tmp_path):
+    from pipelines.repro import headline
+
+    reports = tmp_path / "reports"
+    (reports / "evaluate").mkdir(parents=True)
+    for model in GENERATORS:
+        (reports / f"train_{model.name}.json").write_text(f'{{"val/loss": {len(model.name)}}}')
+        assert headline(model.command, tmp_path) == f"val loss {len(model.name)}", model.command
+    (reports / "evaluate" / "gan.json").write_text('{"fid_over_floor": 4.5, "cond_accuracy": 0.9}')
+    assert headline("evaluate@gan", tmp_path) == "FD 4.50x floor, cond. acc 90.0%"
+    assert headline("train_zoo@gann", tmp_path) == "" and headline("nothing", tmp_path) == ""

@@ -51,7 +51,7 @@ class ModelSpec:
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("evaluator", "evaluator", "evaluator", stage="train_evaluator"),
-    ModelSpec("tokenizer", "tokenizer", "VQGAN tokenizer", stage="train_tokenizer"),
+    ModelSpec("tokenizer", "tokenizer", "VQGAN tokenizer", stage="train_tokenizer", inputs=("models/evaluator",)),
     ModelSpec("diffusion_pixel", "diffusion", "diffusion, pixel", stage="train_diffusion", variant="pixel",
               code="components/diffusion"),
     ModelSpec("diffusion_latent", "latent-diffusion", "diffusion, latent", stage="train_diffusion",

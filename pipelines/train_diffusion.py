@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from components import catalog
 from components.config import load_stage
 from components.data.shards import read_meta
 from components.data.tokens import check_tokenizer, read_token_meta, read_tokens
@@ -21,14 +22,10 @@ from components.diffusion.generator import export as export_diffusion
 from components.diffusion.task import DiffusionTask
 from components.stages import DiffusionVariantConfig
 from pipelines.runtime import print_config, repo_root
-from pipelines.training import GeneratorStage, train_generator, variant_sections
+from pipelines.training import train_model, variant_sections
 
 STAGE = "train_diffusion"
-TOKENIZER = "models/tokenizer"
-SPECS = {
-    "pixel": GeneratorStage(STAGE, "pixel", "diffusion_pixel", "data/processed", "images"),
-    "latent": GeneratorStage(STAGE, "latent", "diffusion_latent", "data/tokens", "tokens", deps=(TOKENIZER,)),
-}
+TOKENIZER = catalog.TOKENIZER
 
 
 def resolve_backbone(
@@ -59,9 +56,7 @@ def latent_stats(tokens_dir: Path) -> tuple[list[float], list[float]]:
 
 
 def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
-    if variant not in SPECS:
-        raise ValueError(f"unknown {STAGE} variant {variant!r}; valid: {', '.join(SPECS)}")
-    spec = SPECS[variant]
+    spec = catalog.trained_by(STAGE, variant)
     cfg, sections = variant_sections(load_stage(params, STAGE), spec)
     root = repo_root()
     # data/tokens/meta.json repeats the image facts, so latent diffusion needs no data/processed
@@ -121,10 +116,8 @@ def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
         "steps": str(s.steps),
         "guidance": str(s.guidance),
     }
-    metrics = train_generator(
-        spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags
-    )
+    metrics = train_model(spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(
-        f"{spec.label}: {model.objective} ({s.sampler}, {s.steps} steps, guidance {s.guidance}): {shown} -> models/{spec.model}"
+        f"{spec.command}: {model.objective} ({s.sampler}, {s.steps} steps, guidance {s.guidance}): {shown} -> {spec.folder}"
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from components import catalog
 from components.config import load_stage
 from components.data.readers import ShardDataset
 from components.data.shards import read_meta
@@ -18,14 +19,12 @@ from components.evaluation.evaluator import Evaluator, EvaluatorTask, predict, s
 from components.evaluation.reference import compute_reference, save_reference
 from components.io import atomic_dir
 from components.stages import TrainEvaluatorConfig
-from pipelines.runtime import CLOCK, print_config, repo_root, stage_run
-from pipelines.training import finish, ray_lineage, ray_run_name, train_on_ray
+from pipelines.runtime import print_config, repo_root
+from pipelines.training import train_model
 
 STAGE = "train_evaluator"
-DATA = "data/processed"
-OUT = "models/evaluator"
-METRICS = "reports/train_evaluator.json"
-CURVES = "reports/plots/train_evaluator.csv"
+SPEC = catalog.model("evaluator")
+DATA = SPEC.data
 
 
 def main(*, params: Path, dry_run: bool = False) -> None:
@@ -38,36 +37,24 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         print_config(sections)
         return
     shape = {"in_channels": meta["channels"], "num_classes": meta["num_classes"]}
-    run_name = ray_run_name(STAGE, sections, data_deps=[DATA])
-    with stage_run(STAGE, sections, data_deps=[DATA], resume_key=run_name) as run:
-        result = train_on_ray(
-            stage=STAGE,
-            sections=sections,
-            run=run,
-            task_factory=partial(EvaluatorTask, cfg.model, cfg.loop, **shape),
-            loop=cfg.loop,
-            data_dir=root / DATA,
-            run_name=run_name,
-        )
+
+    def export_evaluator(result, out: Path) -> dict[str, float]:
         evaluator = result.load_module(
             "evaluator", Evaluator.from_config(cfg.model, **shape), ema_module=EvaluatorTask.ema_module
         )
-        metrics = export(evaluator, data_dir=root / DATA, out=root / OUT)
-        finish(
-            run,
-            family="evaluator",
-            model_dir=root / OUT,
-            metrics=metrics,
-            metrics_path=root / METRICS,
-            curves_path=root / CURVES,
-            register_model=sections["mlflow"].register_models,
-            tags=ray_lineage(run_name, sections),
-        )
+        return export(evaluator, data_dir=root / DATA, out=out)
+
+    metrics = train_model(
+        SPEC,
+        sections,
+        task_factory=partial(EvaluatorTask, cfg.model, cfg.loop, **shape),
+        loop=cfg.loop,
+        export=export_evaluator,
+    )
     print(
         f"{STAGE}: test accuracy {metrics['test_accuracy']:.4f}, real-vs-real FD floor "
-        f"{metrics['fid_floor']:.4f} -> {OUT}"
+        f"{metrics['fid_floor']:.4f} -> {SPEC.folder}"
     )
-    print(CLOCK.line(STAGE))
 
 
 @torch.no_grad()

@@ -12,25 +12,20 @@ import json
 from functools import partial
 from pathlib import Path
 
+from components import catalog
 from components.config import load_stage
 from components.data.tokens import check_tokenizer, read_token_meta
 from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
 from pipelines.runtime import print_config, repo_root
-from pipelines.training import GeneratorStage, train_generator, variant_sections
+from pipelines.training import train_model, variant_sections
 
 STAGE = "train_prior"
-DATA, TOKENIZER = "data/tokens", "models/tokenizer"
-SPECS = {
-    kind: GeneratorStage(STAGE, kind, f"prior_{kind}", DATA, "tokens", deps=(TOKENIZER,))
-    for kind in ("gpt", "maskgit")
-}
+DATA, TOKENIZER = catalog.TOKENS, catalog.TOKENIZER
 
 
 def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
-    if variant not in SPECS:
-        raise ValueError(f"unknown {STAGE} variant {variant!r}; valid: {', '.join(SPECS)}")
-    spec = SPECS[variant]
+    spec = catalog.trained_by(STAGE, variant)
     cfg, sections = variant_sections(load_stage(params, STAGE), spec)
     root = repo_root()
     meta = read_token_meta(root / DATA)
@@ -65,10 +60,8 @@ def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
         **{k: str(v) for k, v in options.items()},
         "tokenizer_version": str(meta["tokenizer"]["version"]),
     }
-    metrics = train_generator(
-        spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags
-    )
+    metrics = train_model(spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(
-        f"{spec.label}: {grid[0]}x{grid[1]} tokens of {codebook_size} codes, sampling {json.dumps(options)}: {shown} -> models/{spec.model}"
+        f"{spec.command}: {grid[0]}x{grid[1]} tokens of {codebook_size} codes, sampling {json.dumps(options)}: {shown} -> {spec.folder}"
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from components import catalog
 from components.config import load_stage
 from components.data.readers import ShardDataset
 from components.data.shards import read_meta
@@ -24,14 +25,12 @@ from components.io import save_model
 from components.stages import TrainTokenizerConfig
 from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN, reconstruct
-from pipelines.runtime import CLOCK, print_config, repo_root, stage_run
-from pipelines.training import finish, ray_lineage, ray_run_name, train_on_ray
+from pipelines.runtime import print_config, repo_root
+from pipelines.training import train_model
 
 STAGE = "train_tokenizer"
-DATA, EVALUATOR = "data/processed", "models/evaluator"
-OUT = "models/tokenizer"
-METRICS = "reports/train_tokenizer.json"
-CURVES = "reports/plots/train_tokenizer.csv"
+SPEC = catalog.model("tokenizer")
+DATA, (EVALUATOR,) = SPEC.data, SPEC.inputs
 GRID = "reports/train_tokenizer_recon.png"
 
 
@@ -79,43 +78,32 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         print_config(sections)
         return
     needs_features = cfg.model.loss.perceptual_weight > 0
-    run_name = ray_run_name(STAGE, sections, data_deps=[DATA, EVALUATOR])
-    with stage_run(STAGE, sections, data_deps=[DATA, EVALUATOR], resume_key=run_name) as run:
-        result = train_on_ray(
-            stage=STAGE,
-            sections=sections,
-            run=run,
-            task_factory=partial(
-                TokenizerTask,
-                cfg.model,
-                cfg.loop,
-                feature_fn=EvaluatorFeatureMaps(str(evaluator_dir)) if needs_features else None,
-            ),
-            loop=cfg.loop,
-            data_dir=root / DATA,
-            run_name=run_name,
-        )
+
+    def export(result, out: Path) -> dict[str, float]:
         vqgan = result.load_module("vqgan", VQGAN(cfg.model), ema_module=TokenizerTask.ema_module)
         metrics, grid = judge(vqgan, data_dir=root / DATA, evaluator_dir=evaluator_dir, num_grid=cfg.num_grid)
-        save_model(root / OUT, vqgan.state_dict(), vqgan.config_dict())
+        save_model(out, vqgan.state_dict(), vqgan.config_dict())
         save_png(grid, root / GRID)
-        run.log_artifact(root / GRID)
-        finish(
-            run,
-            family="tokenizer",
-            model_dir=root / OUT,
-            metrics=metrics,
-            metrics_path=root / METRICS,
-            curves_path=root / CURVES,
-            register_model=sections["mlflow"].register_models,
-            tags=ray_lineage(run_name, sections),
-        )
+        return metrics
+
+    metrics = train_model(
+        SPEC,
+        sections,
+        task_factory=partial(
+            TokenizerTask,
+            cfg.model,
+            cfg.loop,
+            feature_fn=EvaluatorFeatureMaps(str(evaluator_dir)) if needs_features else None,
+        ),
+        loop=cfg.loop,
+        export=export,
+        artifacts=(root / GRID,),
+    )
     print(
         f"{STAGE}: psnr {metrics['psnr']:.2f} dB, rFID {metrics['rfid']:.4f} "
         f"({metrics['rfid_over_floor']:.2f}x the real-vs-real floor), codebook usage "
-        f"{metrics['codebook_usage']:.1%}, perplexity {metrics['perplexity']:.1f} -> {OUT}"
+        f"{metrics['codebook_usage']:.1%}, perplexity {metrics['perplexity']:.1f} -> {SPEC.folder}"
     )
-    print(CLOCK.line(STAGE))
 
 
 @torch.no_grad()

@@ -15,13 +15,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from components import catalog
 from components.config import load_stage
 from components.data.shards import read_meta
 from components.schema import StrictConfig
 from components.training.task import Task
 from components.zoo import flow, gan, pixelcnn, vae
 from pipelines.runtime import print_config, repo_root
-from pipelines.training import GeneratorStage, train_generator, variant_sections
+from pipelines.training import train_model, variant_sections
 
 STAGE, DATA = "train_zoo", "data/processed"
 
@@ -56,8 +57,6 @@ FAMILIES = {
         pixelcnn.PixelCNNTask, pixelcnn.export, lambda m: {"layers": m.layers, "channels": m.channels}
     ),
 }
-# models/<variant>, registered as components.generators.MODELS[variant] (genpipe-vae, ...)
-SPECS = {v: GeneratorStage(STAGE, v, v, DATA, "images") for v in FAMILIES}
 
 
 def tags(variant: str, cfg: StrictConfig) -> dict[str, str]:
@@ -67,9 +66,7 @@ def tags(variant: str, cfg: StrictConfig) -> dict[str, str]:
 
 
 def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
-    if variant not in SPECS:
-        raise ValueError(f"unknown {STAGE} variant {variant!r}; valid: {', '.join(SPECS)}")
-    spec, family = SPECS[variant], FAMILIES[variant]
+    spec, family = catalog.trained_by(STAGE, variant), FAMILIES[variant]
     cfg, sections = variant_sections(load_stage(params, STAGE), spec)
     meta = read_meta(repo_root() / DATA)
     num_classes = meta["num_classes"]
@@ -94,8 +91,8 @@ def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
         keep = ("val/", *(f"{p}/" for p in phases))
         return {k: float(v) for k, v in result.metrics.items() if k.startswith(keep)}
 
-    metrics = train_generator(
+    metrics = train_model(
         spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags(variant, cfg)
     )
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.endswith("grad_norm"))
-    print(f"{spec.label}: {tags(variant, cfg)}: {shown} -> models/{spec.model}")
+    print(f"{spec.command}: {tags(variant, cfg)}: {shown} -> {spec.folder}")

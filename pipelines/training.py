@@ -8,13 +8,14 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
+from components import catalog
+from components.catalog import ModelSpec
 from components.evaluation.curves import plot_curves
 from components.io import atomic_file, write_json
 from components.registry.registry import log_generator, register_version, registered_name
@@ -281,24 +282,8 @@ def finish(
     return version
 
 
-@dataclass(frozen=True)
-class GeneratorStage:
-    """A generator's training stage, a DVC `foreach` item: `genpipe <stage> <variant>`."""
-
-    stage: str  # params section and command, e.g. "train_diffusion"
-    variant: str  # key inside the section, e.g. "pixel"
-    model: str  # models/<model>, registered as components.generators.MODELS[model]
-    data: str  # what it trains on: "data/processed" or "data/tokens"
-    reader: str  # "images" or "tokens" (see train_on_ray)
-    deps: tuple[str, ...] = ()  # further inputs whose content defines the run (e.g. models/tokenizer)
-
-    @property
-    def label(self) -> str:
-        return f"{self.stage}@{self.variant}"
-
-
 def variant_sections(
-    sections: dict[str, StrictConfig], spec: GeneratorStage
+    sections: dict[str, StrictConfig], spec: ModelSpec
 ) -> tuple[StrictConfig, dict[str, StrictConfig]]:
     """The variant's own config, and the sections with the stage's entry narrowed to it.
 
@@ -312,50 +297,55 @@ def variant_sections(
     return cfg, {**sections, spec.stage: cfg}
 
 
-def train_generator(
-    spec: GeneratorStage,
+def train_model(
+    spec: ModelSpec,
     sections: dict[str, StrictConfig],
     *,
     task_factory: Callable[[], Task],
     loop: LoopConfig,
     export: Callable[[object, Path], dict[str, float]],
-    tags: dict[str, str],
+    tags: dict[str, str] | None = None,
+    artifacts: tuple[Path, ...] = (),
 ) -> dict[str, float]:
-    """Train through Ray, export `models/<model>` with `export(fit_result, folder)`, log, register.
+    """Train through Ray, export `models/<name>` with `export(fit_result, folder)`, log, register.
 
-    The skeleton every generator stage shares: its module adds only its config, task and export.
-    Training metrics go to `reports/train_<model>.json`; the evaluate stage judges the samples.
+    The skeleton all 11 training stages share (catalog.MODELS): a stage module adds only its
+    config, task and export. Training metrics go to `reports/train_<name>.json`, with `artifacts`
+    (files `export` wrote, e.g. a reconstruction grid) logged into the run; the evaluate stage
+    judges a generator's samples.
     """
-    from components.generators import MODELS
     from pipelines.runtime import repo_root, stage_run
 
     root = repo_root()
-    data_deps = [spec.data, *spec.deps]
-    run_name = ray_run_name(spec.stage, sections, data_deps=data_deps, label=f"{spec.stage}-{spec.variant}")
-    with stage_run(spec.label, sections, data_deps=data_deps, resume_key=run_name) as run:
+    data_deps = [spec.data, *spec.inputs]
+    label = spec.command  # `train_zoo@vae`, or the stage itself
+    run_name = ray_run_name(spec.stage, sections, data_deps=data_deps, label=label.replace("@", "-"))
+    with stage_run(label, sections, data_deps=data_deps, resume_key=run_name) as run:
         result = train_on_ray(
-            stage=spec.label,
+            stage=label,
             sections=sections,
             run=run,
             task_factory=task_factory,
             loop=loop,
             data_dir=root / spec.data,
             run_name=run_name,
-            reader=spec.reader,
+            reader="tokens" if spec.data == catalog.TOKENS else "images",
         )
-        metrics = export(result, root / "models" / spec.model)
+        metrics = export(result, root / spec.folder)
+        for path in artifacts:
+            run.log_artifact(path)
         if (seconds := CLOCK.training_seconds()) is not None:  # first step to last: no start-up
             metrics["train_seconds"] = seconds
         finish(
             run,
-            family=spec.model,
-            model_dir=root / "models" / spec.model,
+            family=spec.name,
+            model_dir=root / spec.folder,
             metrics=metrics,
-            metrics_path=root / "reports" / f"train_{spec.model}.json",
-            curves_path=root / "reports" / "plots" / f"train_{spec.model}.csv",
+            metrics_path=root / "reports" / f"train_{spec.name}.json",
+            curves_path=root / "reports" / "plots" / f"train_{spec.name}.csv",
             register_model=sections["mlflow"].register_models,
-            tags={**tags, **ray_lineage(run_name, sections)},
-            registered=MODELS[spec.model],
+            tags={**(tags or {}), **ray_lineage(run_name, sections)},
+            registered=spec.registered,
         )
-    print(CLOCK.line(spec.label))
+    print(CLOCK.line(label))
     return metrics

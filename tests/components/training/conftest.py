@@ -249,3 +249,20 @@ def fast_controller():
         os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     else:
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
+
+
+@pytest.fixture(scope="module")
+def fresh_ray(toy, fast_controller):
+    """A Ray instance of the module's own (not test_ray_train's shared one), stopped after it.
+
+    For tests of what one fit() starts: detached actors (the AutoscalingCoordinator, the
+    PlacementGroupCleaner) outlive a fit(), so another module's fits would hide them.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(toy)
+    yield
+    ray.shutdown()

@@ -8,8 +8,6 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-import pytest
-import ray
 import torch
 
 from components.training.config import LoopConfig, TrainConfig
@@ -18,16 +16,6 @@ from components.training.ray_adapter import fit
 
 N = 8
 LOOP = dict(batch_size=N, lr=0.1, schedule="cosine", warmup_steps=1, grad_clip=None, log_every=1)
-
-
-@pytest.fixture(scope="module")
-def fresh_ray(toy, fast_controller):
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(toy)
-    yield
-    ray.shutdown()
 
 
 def test_columns_train_like_the_plain_loop_without_ray_data_actors(fresh_ray, toy, tmp_path):

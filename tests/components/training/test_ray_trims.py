@@ -27,16 +27,6 @@ SAVED = {
 }
 
 
-@pytest.fixture(scope="module")
-def fresh_ray(toy, fast_controller):
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(toy)
-    yield
-    ray.shutdown()
-
-
 def _actor_classes() -> set[str]:
     """The class names of every actor this instance ever created (dead ones included)."""
     return {a["ActorClassName"] for a in state.actors().values()}

@@ -104,7 +104,8 @@ def _option(value: Any, default: Any, *, name: str, row: int) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"row {row}: option {name}={value!r} must be a number")
-        return float(value)
+        # a huge int stays an int (float() would overflow): the shared limits refuse it in one line
+        return value if isinstance(value, float) or abs(value) > 2**53 else float(value)
     if isinstance(default, str) and not isinstance(value, str):
         raise ValueError(f"row {row}: option {name}={value!r} must be a string")
     return value  # None or tuple defaults: the family's own validation judges the value

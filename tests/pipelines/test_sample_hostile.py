@@ -273,3 +273,9 @@ def test_check_options_validates_without_sampling_on_every_family(workspace):
         with pytest.raises(ValueError) as info:
             generator.check_options(bad)
         assert message in str(info.value), (model, str(info.value))
+
+
+def test_an_integer_too_large_for_a_float_is_one_line(workspace):
+    generator = load_generator(workspace / "models/diffusion_pixel")
+    table = pd.DataFrame({"seed": [0], "guidance": pd.Series([10**400], dtype=object)})
+    assert _refused(generator, table).startswith(f"row 0: diffusion: guidance={10**400!r}"[:40])

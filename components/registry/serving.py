@@ -38,7 +38,7 @@ import torch
 
 from components.evaluation.grid import to_uint8
 from components.generators import Generator, load_generator
-from components.sampling_limits import check_cap, check_seed
+from components.sampling_limits import LIMITS, MAX_SEED, check_cap, check_seed
 
 LABEL, SEED, IMAGE = "label", "seed", "image"
 UNCONDITIONAL = -1  # label value (as in data/processed) for an unconditional image
@@ -57,6 +57,8 @@ def describe(generator: Generator) -> dict[str, Any]:
         "image_shape": [int(s) for s in generator.image_shape],
         "columns": [LABEL, SEED],
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in generator.default_options.items()},
+        "limits": {k: LIMITS[k].rule() for k in generator.default_options if k in LIMITS},
+        "seed": f"an integer in [0, {MAX_SEED}]",
         "input": "one row per image: label (int; empty or -1: unconditional), seed (int), sampling options",
         "output": "one row per input row: image (base64 PNG), label, seed",
     }

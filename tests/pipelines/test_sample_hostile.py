@@ -279,3 +279,13 @@ def test_an_integer_too_large_for_a_float_is_one_line(workspace):
     generator = load_generator(workspace / "models/diffusion_pixel")
     table = pd.DataFrame({"seed": [0], "guidance": pd.Series([10**400], dtype=object)})
     assert _refused(generator, table).startswith(f"row 0: diffusion: guidance={10**400!r}"[:40])
+
+
+def test_the_mlmodel_metadata_states_the_limits(workspace):
+    """A client reads each option's range from `metadata["genpipe"]`, the table's own words."""
+    from components.registry.serving import describe
+
+    about = describe(load_generator(workspace / "models/diffusion_pixel"))
+    assert about["limits"]["guidance"] == "must be a finite number in [0, 50]"
+    assert about["limits"]["steps"].startswith("must be an integer in [1, 1000]")
+    assert "sampler" not in about["limits"] and about["seed"] == f"an integer in [0, {MAX_SEED}]"

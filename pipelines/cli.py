@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from components import catalog
+
 
 class OneLineUsage(TyperGroup):
     """Every usage error (missing argument, bad value, unknown option or command) of every command as
@@ -88,16 +90,6 @@ def _stage(name: str, summary: str) -> None:
     app.command(name, help=summary)(command)
 
 
-STAGES = {
-    "prepare": "Turn the configured image source into validated Parquet shards in data/processed/.",
-    "train_evaluator": "Train the classifier whose features every Fréchet distance, perceptual loss and accuracy uses.",
-    "train_tokenizer": "Train the VQGAN image tokenizer (codebook, perceptual and adversarial losses).",
-    "encode": "Encode every split into token grids and latents in data/tokens/ with the tokenizer.",
-}
-for _name, _summary in STAGES.items():
-    _stage(_name, _summary)
-
-
 def _variant_stage(name: str, summary: str, arg: str, choices: str) -> None:
     """A DVC `foreach` stage: `genpipe <name> <variant>`."""
 
@@ -110,30 +102,13 @@ def _variant_stage(name: str, summary: str, arg: str, choices: str) -> None:
     app.command(name, help=f"{summary} {arg.upper()}: {choices}.")(command)
 
 
-_variant_stage(
-    "train_diffusion",
-    "Train a diffusion model (DDPM, DDIM, VE, EDM or flow matching) in pixel or latent space.",
-    "variant",
-    "pixel | latent",
-)
-_variant_stage(
-    "train_prior", "Train a transformer prior over the tokenizer's codes.", "variant", "gpt | maskgit"
-)
-_variant_stage(
-    "train_zoo",
-    "Train a classic family: VAE, GAN, WGAN-GP, normalizing flow or PixelCNN.",
-    "variant",
-    "vae | gan | wgan | flow | pixelcnn",
-)
-_variant_stage(
-    "evaluate",
-    "Judge one generator: N samples on fixed seeds, FD, conditional accuracy, precision/recall, grid.",
-    "model",
-    "a folder name under models/ (diffusion_pixel, diffusion_latent, prior_gpt, ...)",
-)
-_stage(
-    "report", "Gather every evaluation into reports/evaluate.json and the results table reports/results.md."
-)
+for _spec in catalog.STAGES:  # every DVC stage but promote, whose command decides several models
+    if _spec.name == "promote":
+        continue
+    if _spec.arg:
+        _variant_stage(_spec.name, _spec.summary, _spec.arg, " | ".join(_spec.variants))
+    else:
+        _stage(_spec.name, _spec.summary)
 
 
 @app.command("results")

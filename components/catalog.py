@@ -68,6 +68,18 @@ MODELS: tuple[ModelSpec, ...] = (
 )  # fmt: skip
 GENERATORS: tuple[ModelSpec, ...] = tuple(m for m in MODELS if m.generator)
 
+#: `family` in an exported generator's config.json -> the module whose `load(model_dir, *, device)`
+#: rebuilds it (components.generators.load_generator finds it here).
+LOADERS: dict[str, str] = {
+    "diffusion": "components.diffusion.generator",
+    "prior": "components.prior.generator",
+    "vae": "components.zoo.vae",
+    "gan": "components.zoo.gan",
+    "wgan": "components.zoo.gan",
+    "flow": "components.zoo.flow",
+    "pixelcnn": "components.zoo.pixelcnn",
+}
+
 
 @dataclass(frozen=True)
 class StageSpec:

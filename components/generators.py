@@ -18,22 +18,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from components.catalog import GENERATORS
+from components.catalog import GENERATORS, LOADERS
 from components.io import atomic_dir, write_json
 
 #: Exported folder name (models/<name>) -> registered model name, for every generator of the catalog.
 MODELS: dict[str, str] = {m.name: m.registered for m in GENERATORS}
 
 #: `family` in config.json -> module with `load(model_dir: Path, *, device) -> Generator`.
-FAMILIES: dict[str, str] = {
-    "diffusion": "components.diffusion.generator",
-    "prior": "components.prior.generator",
-    "vae": "components.zoo.vae",
-    "gan": "components.zoo.gan",
-    "wgan": "components.zoo.gan",
-    "flow": "components.zoo.flow",
-    "pixelcnn": "components.zoo.pixelcnn",
-}
+FAMILIES: dict[str, str] = dict(LOADERS)
 
 TOKENIZER_DIR = "tokenizer"  # sub-folder of a two-stage model holding the tokenizer it decodes with
 

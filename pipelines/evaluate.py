@@ -9,7 +9,6 @@ and tags, and the version becomes the `challenger`. Training stages never sample
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -31,10 +30,6 @@ from pipelines.runtime import print_config, repo_root, tracking_uri
 STAGE = "evaluate"
 DATA, EVALUATOR = "data/processed", "models/evaluator"
 REPORTS = "reports/evaluate"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(*, params: Path, model: str, dry_run: bool = False) -> None:
@@ -88,7 +83,7 @@ def main(*, params: Path, model: str, dry_run: bool = False) -> None:
     )
     save_png(grid, root / REPORTS / f"{model}.png")
     write_json(root / REPORTS / f"{model}.json", metrics)
-    _register(sections, root=root, model=model, metrics=metrics, options=options)
+    register_judgement(sections, root=root, model=model, metrics=metrics, options=options)
     shown = ", ".join(
         f"{k} {metrics[k]:.4g}"
         for k in (
@@ -123,32 +118,23 @@ def _progress(model: str):
     return report
 
 
-def _register(sections, *, root: Path, model: str, metrics: dict[str, float], options: dict) -> None:
+def register_judgement(sections, *, root: Path, model: str, metrics: dict[str, float], options: dict) -> None:
     """Figures into the registered version's run and tags (found by the weights' sha256); it becomes challenger."""
     if not sections["mlflow"].register_models:
         return
-    from components.registry.registry import record_evaluation, version_by_tag
+    from components.registry.registry import record_judgement
 
     uri, name = tracking_uri(sections["mlflow"]), MODELS[model]
-    found = version_by_tag(
+    version = record_judgement(
         tracking_uri=uri,
         name=name,
-        key="model_sha256",
-        value=sha256(root / "models" / model / "model.safetensors"),
-    )
-    if found is None:
-        print(f"{STAGE}: note: models/{model} is not registered in {uri}; figures only in {REPORTS}/")
-        return
-    tags = {
-        "eval.evaluator_sha256": sha256(root / EVALUATOR / "model.safetensors"),
-        "eval.options": str(options or "defaults"),
-    }
-    record_evaluation(
-        tracking_uri=uri,
-        name=name,
-        version=found["version"],
+        model_dir=root / "models" / model,
+        evaluator_dir=root / EVALUATOR,
         metrics=metrics,
-        tags=tags,
+        options=options,
         artifact=root / REPORTS / f"{model}.png",
     )
-    print(f"{STAGE}: {name} version {found['version']} is the challenger")
+    if version is None:
+        print(f"{STAGE}: note: models/{model} is not registered in {uri}; figures only in {REPORTS}/")
+    else:
+        print(f"{STAGE}: {name} version {version} is the challenger")

@@ -37,6 +37,8 @@ from components.registry.promote import (
 from components.registry.registry import CHALLENGER, CHAMPION, FAMILIES, list_versions, registered_name
 from pipelines.runtime import repo_root, tracking_uri
 
+EVALUATIONS = "reports/evaluate"  # the evaluate stage's reports, one per model
+
 REPORT = "reports/promote.json"
 HISTORY = "history"  # `genpipe models --lineage MODEL@history`: the decision history, not a version
 WAIT_ENV, BREAK_AFTER_ENV = "GENPIPE_LOCK_WAIT", "GENPIPE_LOCK_BREAK_AFTER"
@@ -92,17 +94,28 @@ def _challenger_from_report(params: Path, model: str) -> bool:
     the training stage just registered there has no figures and no `challenger` alias yet. When
     `dvc status` finds the stage up to date, the report judged exactly these weights.
     """
-    from pipelines.evaluate import REPORTS, STAGE, _register
+    from components.registry.registry import record_judgement
 
     root = repo_root()
-    report = root / REPORTS / f"{model}.json"
-    if not report.is_file() or not _dvc_up_to_date(root, f"{STAGE}@{model}"):
+    report = root / EVALUATIONS / f"{model}.json"
+    if not report.is_file() or not _dvc_up_to_date(root, f"evaluate@{model}"):
         return False
-    sections = load_stage(params, STAGE)
-    metrics = json.loads(report.read_text())
-    _register(
-        sections, root=root, model=model, metrics=metrics, options=sections[STAGE].options.get(model, {})
+    sections = load_stage(params, "evaluate")
+    if not sections["mlflow"].register_models:
+        return True
+    version = record_judgement(
+        tracking_uri=tracking_uri(sections["mlflow"]),
+        name=MODELS[model],
+        model_dir=root / "models" / model,
+        evaluator_dir=root / "models" / "evaluator",
+        metrics=json.loads(report.read_text()),
+        options=sections["evaluate"].options.get(model, {}),
+        artifact=root / EVALUATIONS / f"{model}.png",
     )
+    if version is not None:
+        print(
+            f"promote: {MODELS[model]} version {version} is the challenger (from {report.relative_to(root)})"
+        )
     return True
 
 

@@ -98,3 +98,13 @@ def test_ray_internals_only_in_the_trims_module():
         if re.search(r"\b_(internal|private)\b", p.read_text()) and p.name != "ray_trims.py"
     ]
     assert not users, f"Ray internals outside components/training/ray_trims.py: {users}"
+
+
+def test_no_stage_module_imports_another():
+    """A stage's code is its DVC deps: one stage module importing another would hide a dependency."""
+    from components.catalog import STAGES
+
+    stages = {spec.module for spec in STAGES}
+    modules = {_module(p): p for p in PACKAGE_FILES}
+    crossing = {name: sorted(_project_imports(modules[name], stages) - {name}) for name in sorted(stages)}
+    assert not {k: v for k, v in crossing.items() if v}, crossing

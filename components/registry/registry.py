@@ -355,3 +355,39 @@ def record_evaluation(
     for k, v in {**{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}, **tags}.items():
         client.set_model_version_tag(name, version, k, str(v))
     client.set_registered_model_alias(name, CHALLENGER, version)
+
+
+def record_judgement(
+    *,
+    tracking_uri: str,
+    name: str,
+    model_dir: Path,
+    evaluator_dir: Path,
+    metrics: dict[str, float],
+    options: dict,
+    artifact: Path,
+) -> str | None:
+    """The judge's figures onto the version of `name` whose weights are `model_dir`'s (by sha256),
+    which becomes the challenger; its version, or None when no version holds these weights."""
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    found = version_by_tag(
+        tracking_uri=tracking_uri, name=name, key="model_sha256", value=sha(model_dir / "model.safetensors")
+    )
+    if found is None:
+        return None
+    tags = {
+        "eval.evaluator_sha256": sha(evaluator_dir / "model.safetensors"),
+        "eval.options": str(options or "defaults"),
+    }
+    record_evaluation(
+        tracking_uri=tracking_uri,
+        name=name,
+        version=found["version"],
+        metrics=metrics,
+        tags=tags,
+        artifact=artifact,
+    )
+    return found["version"]

@@ -68,7 +68,8 @@ USER_ERRORS = (ValueError, OSError, ArithmeticError, KeyError, RuntimeError)
 
 
 def _run_stage(module: str, params: Path, dry_run: bool, **args: str) -> None:
-    from pipelines.runtime import CLOCK, fail
+    from pipelines.runtime import fail
+    from pipelines.timing import CLOCK
 
     try:
         CLOCK.mark("cli")

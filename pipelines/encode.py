@@ -16,7 +16,9 @@ from components.data.tokens import TOKENS_SCHEMA_VERSION, encode_split, write_to
 from components.io import atomic_dir, write_json
 from components.stages import EncodeConfig
 from components.tokenizer.export import load_vqgan
-from pipelines.runtime import init_ray, print_config, repo_root, stage_run, tracking_uri
+from pipelines.lineage import repo_root
+from pipelines.ray_start import init_ray
+from pipelines.runtime import print_config, stage_run, tracking_uri
 
 STAGE = "encode"
 DATA, TOKENIZER, OUT = "data/processed", "models/tokenizer", "data/tokens"

@@ -25,7 +25,8 @@ from components.evaluation.reference import load_reference
 from components.generators import MODELS, load_generator
 from components.io import write_json
 from components.stages import EvaluateConfig
-from pipelines.runtime import print_config, repo_root, tracking_uri
+from pipelines.lineage import repo_root
+from pipelines.runtime import print_config, tracking_uri
 
 STAGE = "evaluate"
 DATA, EVALUATOR = "data/processed", "models/evaluator"

@@ -8,7 +8,8 @@ from components.config import load_stage
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.io import write_json
-from pipelines.runtime import print_config, repo_root, stage_run
+from pipelines.lineage import repo_root
+from pipelines.runtime import print_config, stage_run
 
 OUT_DIR = "data/processed"
 METRICS = "reports/prepare.json"

@@ -35,7 +35,8 @@ from components.registry.promote import (
     rollback,
 )
 from components.registry.registry import CHALLENGER, CHAMPION, FAMILIES, list_versions, registered_name
-from pipelines.runtime import repo_root, tracking_uri
+from pipelines.lineage import repo_root
+from pipelines.runtime import tracking_uri
 
 EVALUATIONS = "reports/evaluate"  # the evaluate stage's reports, one per model
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from components.catalog import GENERATORS
 from components.generators import MODELS
 from components.io import atomic_file, write_json
-from pipelines.runtime import repo_root
+from pipelines.lineage import repo_root
 
 STAGE = "report"
 EVALUATIONS, SUMMARY, TABLE = "reports/evaluate", "reports/evaluate.json", "reports/results.md"

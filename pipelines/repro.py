@@ -64,7 +64,8 @@ def main(*, params: Path, args: list[str], command: tuple[str, ...] = ("repro",)
     import ray
 
     from components.config import load_stage
-    from pipelines.runtime import SHARED_LOCAL_ENV, init_ray, joins_cluster, repo_root
+    from pipelines.lineage import repo_root
+    from pipelines.ray_start import SHARED_LOCAL_ENV, init_ray, joins_cluster
 
     ray_cfg = load_stage(params, "prepare")["ray"]
     shared = None

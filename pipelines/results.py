@@ -15,8 +15,8 @@ from pathlib import Path
 
 from components.generators import MODELS
 from components.io import atomic_file
+from pipelines.lineage import repo_root
 from pipelines.report import FAMILIES, SUMMARY, table
-from pipelines.runtime import repo_root
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 DOCUMENTS = ("README.md", "BENCHMARKS.md")

@@ -1,18 +1,14 @@
-"""What every stage driver shares: Ray start-up, the MLflow run, lineage tags, error exits.
+"""What every stage driver shares: the MLflow run, the resolved config, error exits.
 
-Side effects live here and in the stage modules, never in components/.
+Side effects live here and in the stage modules, never in components/. Paths and lineage tags are
+pipelines/lineage.py, Ray start-up pipelines/ray_start.py, the timing line pipelines/timing.py.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
 import os
-import subprocess
 import sys
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,160 +17,12 @@ from typing import Any
 
 import yaml
 
-from components.config import MlflowConfig, RayConfig
+from components.config import MlflowConfig
 from components.schema import StrictConfig
-from pipelines.timing import CLOCK, StageClock, reset_clock  # noqa: F401 - the stages import them from here
-
-ROOT_ENV = "GENPIPE_ROOT"
-
-
-def repo_root() -> Path:
-    """Stages run from the repo root (as DVC runs them); GENPIPE_ROOT overrides."""
-    return Path(os.environ.get(ROOT_ENV, os.getcwd())).resolve()
-
-
-def absolute(path: str | Path) -> str:
-    """An absolute path (workers change directory); URIs such as s3:// pass through."""
-    s = str(path)
-    if "://" in s:
-        return s
-    p = Path(s).expanduser()
-    return str(p if p.is_absolute() else repo_root() / p)
-
-
-def params_hash(sections: dict[str, StrictConfig]) -> str:
-    """sha256 over the resolved sections, stable across key order."""
-    blob = json.dumps({k: v.model_dump(mode="json") for k, v in sorted(sections.items())}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-#: What a stage's result depends on besides its data: the code and the stage definitions and params.
-#: The stages' own tracked outputs (dvc.lock, reports/, data/ and models/ pointers) are not in it.
-CODE_PATHS = ("components", "pipelines", "params.yaml", "dvc.yaml", "pyproject.toml")
-
-
-def git_commit(paths: tuple[str, ...] = CODE_PATHS) -> str:
-    """HEAD's sha, with `-dirty` when a file under `paths` differs from it (untracked .py files too)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=10
-        )
-        sha = out.stdout.strip()
-        return f"{sha}{'-dirty' if sha and code_dirty(paths) else ''}" if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def code_dirty(paths: tuple[str, ...] = CODE_PATHS) -> bool:
-    """Whether a tracked file under `paths` is modified, or an unignored file there is untracked."""
-    status = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=all", "--", *paths],
-        cwd=repo_root(),
-        capture_output=True,
-        text=True,
-        timeout=10,
-    ).stdout
-    return any(line.strip() for line in status.splitlines())
-
-
-def dvc_data_hash(deps: list[str]) -> str:
-    """DVC's recorded md5 of each data dep (from dvc.lock outs of the stages that made them)."""
-    if not deps:
-        return ""
-    lock = repo_root() / "dvc.lock"
-    found = _dvc_outs(lock, lock.stat().st_mtime_ns) if lock.is_file() else {}
-    return ",".join(f"{d}:{found.get(d, 'untracked')}" for d in deps)
-
-
-@functools.lru_cache(maxsize=4)
-def _dvc_outs(lock: Path, mtime_ns: int) -> dict[str, str]:
-    """{out path: md5} of every stage in dvc.lock; parsed once per version of the file (a stage asks thrice)."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 5x faster on a 50 kB lock file
-    stages = (yaml.load(lock.read_text(), Loader=loader) or {}).get("stages", {})
-    outs = (out for stage in stages.values() for out in stage.get("outs", []))
-    return {out["path"]: out.get("md5", "") for out in outs if "path" in out}
-
-
-# --- Ray --------------------------------------------------------------------------------------
-def joins_cluster(cfg: RayConfig) -> str | None:
-    """The address of the Ray cluster to join (RAY_ADDRESS, else `ray.address`); None: a local instance."""
-    return os.environ.get("RAY_ADDRESS") or cfg.address
-
-
-SHARED_LOCAL_ENV = "GENPIPE_LOCAL_RAY"  # `genpipe repro` sets it to the address of its own local instance
-
-
-def joins_local(cfg: RayConfig) -> bool:
-    """True when the instance is this machine's own: a new one, or the one `genpipe repro` shares."""
-    address = joins_cluster(cfg)
-    return address is None or address == os.environ.get(SHARED_LOCAL_ENV)
-
-
-# A local instance: the Train controller polls its workers every 0.25 s instead of 2 s (fit() returns
-# ~2 polls after the last step), and skips the cloud-only preemption watcher and metrics exporter:
-# each is a process importing ray for 1-3 s on a small machine. A joined cluster keeps its settings.
-LOCAL_RAY_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-}
-
+from pipelines.lineage import absolute, dvc_data_hash, git_commit, params_hash, repo_root
 
 #: MLflow's notes while it creates a fresh store's tables (a first run): {logger: level raised to}
 QUIET_MLFLOW = {"mlflow.store.db.utils": logging.WARNING, "alembic.runtime.migration": logging.WARNING}
-
-
-def quiet_ray_logs() -> None:
-    """Ray's noise off in this process; also each Ray worker's setup hook (`worker_process_setup_hook`)."""
-    from components.training import ray_trims
-
-    ray_trims.quiet_logs()  # Ray-internal loggers: named in the one module that may name them
-    # Ray Data's DatasetManager (a split dataset) passes an option Ray Data itself deprecated
-    warnings.filterwarnings("ignore", message=r".*ExecutionOptions.exclude_resources. is deprecated")
-
-
-QUIET_RUNTIME_ENV = {"worker_process_setup_hook": "pipelines.runtime.quiet_ray_logs"}
-
-
-def init_ray(cfg: RayConfig) -> None:
-    """Join RAY_ADDRESS (or `ray.address`), else start a local instance with explicit resources."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each worker line prints twice
-    _quiet_ray_data()
-    quiet_ray_logs()
-    address = joins_cluster(cfg)
-    if address:
-        shared = address == os.environ.get(SHARED_LOCAL_ENV)  # `genpipe repro`'s: no "Connecting to" lines
-        ray.init(
-            address=address,
-            log_to_driver=True,
-            runtime_env=QUIET_RUNTIME_ENV,
-            **({"logging_level": logging.WARNING} if shared else {}),
-        )
-        return
-    for key, value in LOCAL_RAY_ENV.items():  # inherited by every process of the instance started here
-        os.environ.setdefault(key, value)
-    ray.init(
-        address="local",  # a new instance: never the one a user's `ray start` left on this machine
-        num_cpus=cfg.num_cpus or os.cpu_count(),
-        num_gpus=cfg.num_gpus,
-        include_dashboard=cfg.include_dashboard,
-        log_to_driver=True,
-        runtime_env=QUIET_RUNTIME_ENV,
-    )
-
-
-def _quiet_ray_data() -> None:
-    """Ray Data's per-dataset progress bars drown the training progress lines; keep the latter."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 # --- MLflow -----------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from components.evaluation.judge import batch_seed
 from components.registry.registry import load_pyfunc
 from components.registry.serving import IMAGE, LABEL, SEED, UNCONDITIONAL, decode_images
 from components.sampling_limits import check_cap, check_option, check_seed
+from pipelines.lineage import repo_root
 from pipelines.promote import resolve, store_uri
-from pipelines.runtime import repo_root
 
 CACHE = ".genpipe/models"  # under the repo root: one folder per logged model id
 

@@ -177,8 +177,8 @@ def serve(*, params: Path, target: str, host: str, port: int, **limits: Any) -> 
 
     from components.registry.deadline import TIMEOUT_ENV, request_timeout
     from components.registry.registry import load_pyfunc
+    from pipelines.lineage import repo_root
     from pipelines.promote import store_uri
-    from pipelines.runtime import repo_root
     from pipelines.sample import CACHE, parse_target
 
     defaults = {**DEFAULTS, "timeout": request_timeout() or DEFAULTS["timeout"]}  # GENPIPE_REQUEST_TIMEOUT

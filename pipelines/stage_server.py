@@ -252,7 +252,7 @@ def run_stage(
         sys.argv = list(argv)
         _reseed()
         from pipelines.cli import app
-        from pipelines.runtime import reset_clock
+        from pipelines.timing import reset_clock
 
         reset_clock(start)
         app(args=argv[1:], prog_name="genpipe")

@@ -21,7 +21,8 @@ from components.data.tokens import check_tokenizer, read_token_meta, read_tokens
 from components.diffusion.generator import export as export_diffusion
 from components.diffusion.task import DiffusionTask
 from components.stages import DiffusionVariantConfig
-from pipelines.runtime import print_config, repo_root
+from pipelines.lineage import repo_root
+from pipelines.runtime import print_config
 from pipelines.training import train_model, variant_sections
 
 STAGE = "train_diffusion"

@@ -19,7 +19,8 @@ from components.evaluation.evaluator import Evaluator, EvaluatorTask, predict, s
 from components.evaluation.reference import compute_reference, save_reference
 from components.io import atomic_dir
 from components.stages import TrainEvaluatorConfig
-from pipelines.runtime import print_config, repo_root
+from pipelines.lineage import repo_root
+from pipelines.runtime import print_config
 from pipelines.training import train_model
 
 STAGE = "train_evaluator"

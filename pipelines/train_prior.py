@@ -17,7 +17,8 @@ from components.config import load_stage
 from components.data.tokens import check_tokenizer, read_token_meta
 from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
-from pipelines.runtime import print_config, repo_root
+from pipelines.lineage import repo_root
+from pipelines.runtime import print_config
 from pipelines.training import train_model, variant_sections
 
 STAGE = "train_prior"

@@ -25,7 +25,8 @@ from components.io import save_model
 from components.stages import TrainTokenizerConfig
 from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN, reconstruct
-from pipelines.runtime import print_config, repo_root
+from pipelines.lineage import repo_root
+from pipelines.runtime import print_config
 from pipelines.training import train_model
 
 STAGE = "train_tokenizer"

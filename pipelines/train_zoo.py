@@ -21,7 +21,8 @@ from components.data.shards import read_meta
 from components.schema import StrictConfig
 from components.training.task import Task
 from components.zoo import flow, gan, pixelcnn, vae
-from pipelines.runtime import print_config, repo_root
+from pipelines.lineage import repo_root
+from pipelines.runtime import print_config
 from pipelines.training import train_model, variant_sections
 
 STAGE, DATA = "train_zoo", "data/processed"

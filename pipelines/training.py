@@ -23,7 +23,10 @@ from components.registry.tracking import STEP_KEY, MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
 from components.training.config import LoopConfig, TrainConfig
 from components.training.task import Task
-from pipelines.runtime import CLOCK, StageRun, absolute, dvc_data_hash, init_ray, joins_local
+from pipelines.lineage import absolute, dvc_data_hash
+from pipelines.ray_start import init_ray, joins_local
+from pipelines.runtime import StageRun
+from pipelines.timing import CLOCK
 
 ATTEMPT_KEY = "perf/attempt_start"  # a point per training attempt, when it began: the last step logged before
 
@@ -314,7 +317,8 @@ def train_model(
     (files `export` wrote, e.g. a reconstruction grid) logged into the run; the evaluate stage
     judges a generator's samples.
     """
-    from pipelines.runtime import repo_root, stage_run
+    from pipelines.lineage import repo_root
+    from pipelines.runtime import stage_run
 
     root = repo_root()
     data_deps = [spec.data, *spec.inputs]

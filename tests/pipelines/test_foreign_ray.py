@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 PROBE = """
 import ray
 from components.config import RayConfig
-from pipelines.runtime import init_ray
+from pipelines.ray_start import init_ray
 init_ray(RayConfig(num_cpus=1))
 print("JOINED", ray.get_runtime_context().gcs_address, ray.cluster_resources().get("CPU"))
 ray.shutdown()

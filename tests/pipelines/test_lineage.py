@@ -14,8 +14,9 @@ import yaml
 from components.config import load_stage
 from components.io import save_model
 from components.registry.registry import record_evaluation
+from pipelines.lineage import ROOT_ENV, git_commit, params_hash
 from pipelines.promote import LINEAGE_TAGS, lineage
-from pipelines.runtime import ROOT_ENV, git_commit, params_hash, stage_run
+from pipelines.runtime import stage_run
 from pipelines.training import finish
 from tests.conftest import REPO
 

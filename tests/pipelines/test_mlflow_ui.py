@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from components.registry.registry import set_alias
-from pipelines.runtime import ROOT_ENV
+from pipelines.lineage import ROOT_ENV
 from tests.pipelines.test_lineage import stage_root, train_stage
 from tests.services import browse, chromium, mlflow_server
 

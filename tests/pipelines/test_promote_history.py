@@ -16,7 +16,7 @@ import yaml
 from components.registry.promote import history, registry_lock
 from components.registry.registry import CHAMPION, set_alias, version_by_alias
 from pipelines import promote
-from pipelines.runtime import ROOT_ENV, git_commit
+from pipelines.lineage import ROOT_ENV, git_commit
 from tests.components.registry.test_promote import add_evaluated, empty_db  # noqa: F401 - the fixture
 from tests.conftest import REPO, run
 

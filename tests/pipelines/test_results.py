@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import results
-from pipelines.runtime import ROOT_ENV
+from pipelines.lineage import ROOT_ENV
 from tests.conftest import REPO, run
 
 

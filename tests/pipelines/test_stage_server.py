@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.runtime import CLOCK, reset_clock
 from pipelines.stage_socket import FOLDER_PREFIX, SOCKET_NAME, remove_stale
+from pipelines.timing import CLOCK, reset_clock
 from tests.conftest import REPO, project_env, run
 
 

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from components.catalog import GENERATORS
 from components.registry.registry import list_versions
-from pipelines.runtime import LOCAL_RAY_ENV
+from pipelines.ray_start import LOCAL_RAY_ENV
 
 TINY = {
     "train": {"storage_path": ".genpipe/ray_results"},
@@ -133,7 +133,7 @@ def workspace(tmp_path_factory) -> Path:
     os.environ["GENPIPE_ROOT"] = str(root)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ.update(LOCAL_RAY_ENV)  # as a stage's own local instance runs (pipelines/runtime.py)
+    os.environ.update(LOCAL_RAY_ENV)  # as a stage's own local instance runs (pipelines/ray_start.py)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield root
     ray.shutdown()

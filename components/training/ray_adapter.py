@@ -103,10 +103,8 @@ class _Spec:
     shuffle_buffer: int | None
     has_val: bool
     cache: bool  # hold this worker's train shard in memory after one pass (small data)
-    # Small materialized splits, pulled into the object store by the driver: {split: ObjectRef of
-    # {column: array}}. Then Train gets no `datasets` (and ray_trims drops the DatasetsCallback):
-    # no DatasetManager, no Ray Data autoscaling actor (~2 s each on 2 cores); each rank takes its
-    # equal share of the rows.
+    # Small splits, put in the object store by the driver ({split: ObjectRef of {column: array}}):
+    # Train gets no `datasets` (ray_trims saves the actors that serve them); each rank takes its share.
     in_memory: dict[str, Any] | None = None
 
 

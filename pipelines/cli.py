@@ -69,13 +69,15 @@ USER_ERRORS = (ValueError, OSError, ArithmeticError, KeyError, RuntimeError)
 
 def _run_stage(module: str, params: Path, dry_run: bool, **args: str) -> None:
     from pipelines.runtime import fail
-    from pipelines.timing import CLOCK
+    from pipelines.timing import StageClock
 
     try:
-        CLOCK.mark("cli")
+        clock = StageClock()  # this stage's timing line, handed to the driver
+        clock.mark("cli")
         stage = importlib.import_module(f"pipelines.{module}")
-        CLOCK.mark("imported")
-        stage.main(params=params, dry_run=dry_run, **args)
+        clock.mark("imported")
+        timed = {"clock": clock} if catalog.stage(module).training else {}
+        stage.main(params=params, dry_run=dry_run, **timed, **args)
     except USER_ERRORS as err:
         if os.environ.get("GENPIPE_DEBUG"):
             raise

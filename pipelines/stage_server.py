@@ -252,9 +252,9 @@ def run_stage(
         sys.argv = list(argv)
         _reseed()
         from pipelines.cli import app
-        from pipelines.timing import reset_clock
+        from pipelines.timing import PROCESS_START_ENV
 
-        reset_clock(start)
+        os.environ[PROCESS_START_ENV] = repr(start)  # the stage's clock counts from its client's start
         app(args=argv[1:], prog_name="genpipe")
         code = 0
     except SystemExit as exit_:

@@ -28,8 +28,9 @@ class StageClock:
         ("finish", "fit", "end"),
     )
 
-    def __init__(self) -> None:
-        self.marks: dict[str, float] = {"process": _process_start()}
+    def __init__(self, process_start: float | None = None) -> None:
+        start = process_start if process_start is not None else _process_start()
+        self.marks: dict[str, float] = {"process": start}
         self.retried: list[tuple[float, float]] = []  # (start, end) of each failed attempt's training
 
     def mark(self, name: str) -> None:
@@ -59,20 +60,21 @@ class StageClock:
         )
 
 
+PROCESS_START_ENV = "GENPIPE_PROCESS_START"  # the stage server's fork: when its `genpipe` client began
+
+
 def _process_start() -> float:
-    """When this process started (psutil comes with Ray); import time if it cannot tell."""
+    """When this stage's process started: its `genpipe` client's start in a stage server's fork (which
+    hands it over in GENPIPE_PROCESS_START, consumed here), else this process's (psutil comes with Ray),
+    else now."""
+    import os
+
+    handed = os.environ.pop(PROCESS_START_ENV, None)
+    if handed is not None:
+        return float(handed)
     try:
         import psutil
 
         return psutil.Process().create_time()
     except Exception:  # noqa: BLE001 - only a timing line depends on it
         return time.time()
-
-
-CLOCK = StageClock()
-
-
-def reset_clock(process_start: float) -> None:
-    """A stage forked by the stage server: its clock starts when its `genpipe` process did."""
-    CLOCK.marks = {"process": process_start}
-    CLOCK.retried = []

@@ -23,6 +23,7 @@ from components.diffusion.task import DiffusionTask
 from components.stages import DiffusionVariantConfig
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config
+from pipelines.timing import StageClock
 from pipelines.training import train_model, variant_sections
 
 STAGE = "train_diffusion"
@@ -56,7 +57,7 @@ def latent_stats(tokens_dir: Path) -> tuple[list[float], list[float]]:
     return z.mean(dim=(0, 2, 3)).tolist(), z.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
 
 
-def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
+def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock | None = None) -> None:
     spec = catalog.trained_by(STAGE, variant)
     cfg, sections = variant_sections(load_stage(params, STAGE), spec)
     root = repo_root()
@@ -117,7 +118,9 @@ def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
         "steps": str(s.steps),
         "guidance": str(s.guidance),
     }
-    metrics = train_model(spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags)
+    metrics = train_model(
+        spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags, clock=clock
+    )
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(
         f"{spec.command}: {model.objective} ({s.sampler}, {s.steps} steps, guidance {s.guidance}): {shown} -> {spec.folder}"

@@ -21,6 +21,7 @@ from components.io import atomic_dir
 from components.stages import TrainEvaluatorConfig
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config
+from pipelines.timing import StageClock
 from pipelines.training import train_model
 
 STAGE = "train_evaluator"
@@ -28,7 +29,7 @@ SPEC = catalog.model("evaluator")
 DATA = SPEC.data
 
 
-def main(*, params: Path, dry_run: bool = False) -> None:
+def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None) -> None:
     sections = load_stage(params, STAGE)
     cfg: TrainEvaluatorConfig = sections[STAGE]
     root = repo_root()
@@ -51,6 +52,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         task_factory=partial(EvaluatorTask, cfg.model, cfg.loop, **shape),
         loop=cfg.loop,
         export=export_evaluator,
+        clock=clock,
     )
     print(
         f"{STAGE}: test accuracy {metrics['test_accuracy']:.4f}, real-vs-real FD floor "

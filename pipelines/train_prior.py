@@ -19,13 +19,14 @@ from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config
+from pipelines.timing import StageClock
 from pipelines.training import train_model, variant_sections
 
 STAGE = "train_prior"
 DATA, TOKENIZER = catalog.TOKENS, catalog.TOKENIZER
 
 
-def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
+def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock | None = None) -> None:
     spec = catalog.trained_by(STAGE, variant)
     cfg, sections = variant_sections(load_stage(params, STAGE), spec)
     root = repo_root()
@@ -61,7 +62,9 @@ def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
         **{k: str(v) for k, v in options.items()},
         "tokenizer_version": str(meta["tokenizer"]["version"]),
     }
-    metrics = train_model(spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags)
+    metrics = train_model(
+        spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags, clock=clock
+    )
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(
         f"{spec.command}: {grid[0]}x{grid[1]} tokens of {codebook_size} codes, sampling {json.dumps(options)}: {shown} -> {spec.folder}"

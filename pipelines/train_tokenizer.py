@@ -27,6 +27,7 @@ from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN, reconstruct
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config
+from pipelines.timing import StageClock
 from pipelines.training import train_model
 
 STAGE = "train_tokenizer"
@@ -66,7 +67,7 @@ def check_fits(cfg: TrainTokenizerConfig, meta: dict) -> None:
         )
 
 
-def main(*, params: Path, dry_run: bool = False) -> None:
+def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None) -> None:
     sections = load_stage(params, STAGE)
     cfg: TrainTokenizerConfig = sections[STAGE]
     root = repo_root()
@@ -99,6 +100,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         loop=cfg.loop,
         export=export,
         artifacts=(root / GRID,),
+        clock=clock,
     )
     print(
         f"{STAGE}: psnr {metrics['psnr']:.2f} dB, rFID {metrics['rfid']:.4f} "

@@ -23,6 +23,7 @@ from components.training.task import Task
 from components.zoo import flow, gan, pixelcnn, vae
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config
+from pipelines.timing import StageClock
 from pipelines.training import train_model, variant_sections
 
 STAGE, DATA = "train_zoo", "data/processed"
@@ -66,7 +67,7 @@ def tags(variant: str, cfg: StrictConfig) -> dict[str, str]:
     return {"family": variant} | {k: str(v) for k, v in knobs.items()}  # variant == family (validated)
 
 
-def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
+def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock | None = None) -> None:
     spec, family = catalog.trained_by(STAGE, variant), FAMILIES[variant]
     cfg, sections = variant_sections(load_stage(params, STAGE), spec)
     meta = read_meta(repo_root() / DATA)
@@ -93,7 +94,13 @@ def main(*, params: Path, variant: str, dry_run: bool = False) -> None:
         return {k: float(v) for k, v in result.metrics.items() if k.startswith(keep)}
 
     metrics = train_model(
-        spec, sections, task_factory=task_factory, loop=cfg.loop, export=export, tags=tags(variant, cfg)
+        spec,
+        sections,
+        task_factory=task_factory,
+        loop=cfg.loop,
+        export=export,
+        tags=tags(variant, cfg),
+        clock=clock,
     )
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.endswith("grad_norm"))
     print(f"{spec.command}: {tags(variant, cfg)}: {shown} -> {spec.folder}")

@@ -26,7 +26,7 @@ from components.training.task import Task
 from pipelines.lineage import absolute, dvc_data_hash
 from pipelines.ray_start import init_ray, joins_local
 from pipelines.runtime import StageRun
-from pipelines.timing import CLOCK
+from pipelines.timing import StageClock
 
 ATTEMPT_KEY = "perf/attempt_start"  # a point per training attempt, when it began: the last step logged before
 
@@ -114,11 +114,12 @@ def train_on_ray(
     data_dir: Path,
     run_name: str,
     reader: str = "images",
+    clock: StageClock,
 ):
     """Train `task_factory()` on the train and val splits of `data_dir` through Ray Train, logging into `run`.
 
     `reader` names the data format: "images" (data/processed: image, label) or "tokens" (data/tokens:
-    tokens, latent, label), the inputs of the priors and of latent diffusion.
+    tokens, latent, label), the inputs of the priors and of latent diffusion. `clock` gets the marks.
     """
     from components.data.raydata import training_split
     from components.data.tokens import token_training_split
@@ -127,12 +128,12 @@ def train_on_ray(
     readers = {"images": training_split, "tokens": token_training_split}
     if reader not in readers:
         raise ValueError(f"unknown reader {reader!r}; valid: {', '.join(readers)}")
-    CLOCK.mark("ray_start")
+    clock.mark("ray_start")
     init_ray(sections["ray"])
     check_resources(sections["train"], local=joins_local(sections["ray"]))
-    CLOCK.mark("ray")
+    clock.mark("ray")
     datasets = {split: readers[reader](data_dir, split) for split in ("train", "val")}
-    CLOCK.mark("data")
+    clock.mark("data")
     result = fit(
         task_factory=task_factory,
         loop=loop,
@@ -143,12 +144,12 @@ def train_on_ray(
         sample_sink_factory=partial(MlflowSampleSink, run.tracking_uri, run.run_id, stage),
         owned_instance=joins_local(sections["ray"]),
     )
-    CLOCK.mark("fit")
-    CLOCK.marks.update(result.clock)
+    clock.mark("fit")
+    clock.marks.update(result.clock)
     if "worker" in result.clock:  # the attempt that finished began there; any before it failed
         try:
-            CLOCK.retried = failed_attempts(
-                run.tracking_uri, run.run_id, since=CLOCK.marks["data"], until=result.clock["worker"]
+            clock.retried = failed_attempts(
+                run.tracking_uri, run.run_id, since=clock.marks["data"], until=result.clock["worker"]
             )
         except Exception as err:  # noqa: BLE001 - only the timing line depends on it
             print(f"{stage}: note: failed attempts not timed ({err})", file=sys.stderr)
@@ -309,6 +310,7 @@ def train_model(
     export: Callable[[object, Path], dict[str, float]],
     tags: dict[str, str] | None = None,
     artifacts: tuple[Path, ...] = (),
+    clock: StageClock | None = None,
 ) -> dict[str, float]:
     """Train through Ray, export `models/<name>` with `export(fit_result, folder)`, log, register.
 
@@ -334,11 +336,12 @@ def train_model(
             data_dir=root / spec.data,
             run_name=run_name,
             reader="tokens" if spec.data == catalog.TOKENS else "images",
+            clock=clock,
         )
         metrics = export(result, root / spec.folder)
         for path in artifacts:
             run.log_artifact(path)
-        if (seconds := CLOCK.training_seconds()) is not None:  # first step to last: no start-up
+        if (seconds := clock.training_seconds()) is not None:  # first step to last: no start-up
             metrics["train_seconds"] = seconds
         finish(
             run,
@@ -351,5 +354,5 @@ def train_model(
             tags={**(tags or {}), **ray_lineage(run_name, sections)},
             registered=spec.registered,
         )
-    print(CLOCK.line(label))
+    print(clock.line(label))
     return metrics

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipelines.stage_socket import FOLDER_PREFIX, SOCKET_NAME, remove_stale
-from pipelines.timing import CLOCK, reset_clock
+from pipelines.timing import PROCESS_START_ENV, StageClock
 from tests.conftest import REPO, project_env, run
 
 
@@ -129,14 +129,14 @@ def test_without_a_server_the_stage_runs_in_its_own_process(repo_copy: Path, tmp
     assert off.stdout == out.stdout
 
 
-def test_reset_clock_counts_from_the_clients_start():
-    saved = dict(CLOCK.marks)
-    try:
-        reset_clock(123.0)
-        CLOCK.mark("cli")
-        assert CLOCK.marks["process"] == 123.0 and CLOCK.phases()["python"] == CLOCK.marks["cli"] - 123.0
-    finally:
-        CLOCK.marks = saved
+def test_a_forked_stages_clock_counts_from_its_clients_start(monkeypatch):
+    """The server hands the client's start over in the fork's environment; the stage's clock takes it
+    once (a process the stage starts counts from its own start)."""
+    monkeypatch.setenv(PROCESS_START_ENV, repr(123.0))
+    clock = StageClock()
+    clock.mark("cli")
+    assert clock.marks["process"] == 123.0 and clock.phases()["python"] == clock.marks["cli"] - 123.0
+    assert PROCESS_START_ENV not in os.environ and StageClock().marks["process"] > 123.0
 
 
 def test_the_clients_start_time_is_its_own_to_the_tick():

@@ -21,6 +21,12 @@ from tests.pipelines.test_stages import TINY
 
 pytestmark = pytest.mark.slow
 
+FIRST_RUN = (
+    "Generated new authentication token",
+    "MLflow database tables",
+    "Updating database tables",
+    "alembic",
+)
 CULPRIT = "ValueError: evaluator needs labels in 0..9, got range 99..99 (unlabelled data is -1)"
 
 
@@ -32,7 +38,11 @@ def _corrupt_labels(data: Path) -> None:
         pq.write_table(table.set_column(i, table.schema.field(i), labels), shard)
 
 
-def test_a_failing_worker_is_one_line_naming_the_culprit_and_leaves_no_model(repo_copy: Path):
+def test_a_failing_worker_is_one_line_naming_the_culprit_and_leaves_no_model(repo_copy: Path, tmp_path: Path):
+    """On a machine's first run too (a fresh HOME: no ~/.ray/auth_token, no mlflow.db), whose set-up
+    lines (Ray's new token, MLflow's table creation) must not reach the console either."""
+    home = tmp_path / "home"
+    home.mkdir()
     params = {
         "train": {**TINY["train"], "max_failures": 0},  # a restart would fail the same way
         "ray": TINY["ray"],
@@ -40,10 +50,11 @@ def test_a_failing_worker_is_one_line_naming_the_culprit_and_leaves_no_model(rep
         "train_evaluator": TINY["train_evaluator"],
     }
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["genpipe", "prepare"], repo_copy)
+    prepared = run(["genpipe", "prepare"], repo_copy, HOME=str(home))
+    assert (repo_copy / "mlflow.db").exists(), "no store was created: the first-run check tests nothing"
     _corrupt_labels(repo_copy / "data" / "processed")
 
-    proc = run(["genpipe", "train_evaluator"], repo_copy, check=False)
+    proc = run(["genpipe", "train_evaluator"], repo_copy, check=False, HOME=str(home))
 
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
@@ -54,6 +65,13 @@ def test_a_failing_worker_is_one_line_naming_the_culprit_and_leaves_no_model(rep
     for _, dropped in QUIET_LOGS.values():
         for message in dropped:
             assert message not in console
+    assert (home / ".ray" / "auth_token").exists(), "Ray made no new token: the first-run check tests nothing"
+    first_run = [
+        x
+        for x in (prepared.stdout + prepared.stderr + console).splitlines()
+        if any(s in x for s in FIRST_RUN)
+    ]
+    assert not first_run, first_run
     # Nothing half-written: no model folder (nor a temporary one beside it), the run marked failed.
     models = repo_copy / "models"
     assert not models.exists() or not list(models.iterdir())

@@ -24,11 +24,32 @@ def workspace(tmp_path: Path, request) -> tuple[Path, str]:
     return tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+@pytest.fixture
+def genpipe(workspace, monkeypatch):
+    """`genpipe ARGS` in this process (click's runner over the real app) from the workspace: what a
+    subprocess would do but its ~4 s of imports; each test keeps real subprocesses where the exit
+    status and stderr line of a separate process are the point."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    monkeypatch.chdir(workspace[0])
+    for key in ("MLFLOW_TRACKING_URI", "GENPIPE_ROOT"):
+        monkeypatch.delenv(key, raising=False)
+
+    def invoke(*args: str) -> str:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 0, f"genpipe {' '.join(args)}: {result.exit_code}\n{result.output}"
+        return result.stdout
+
+    return invoke
+
+
 def _champion(uri: str, name: str = "genpipe-diffusion") -> str | None:
     return version_by_alias(tracking_uri=uri, name=name, alias=CHAMPION)
 
 
-def test_dry_run_promote_report_refusal_rollback(workspace):
+def test_dry_run_promote_report_refusal_rollback(workspace, genpipe):
     root, uri = workspace
     v1 = add_evaluated(uri, root, fid_over_floor=2.0, cond_accuracy=0.9)
     run(["genpipe", "promote", "diffusion_pixel"], root)  # no champion yet: the challenger becomes it
@@ -36,19 +57,19 @@ def test_dry_run_promote_report_refusal_rollback(workspace):
     v2 = add_evaluated(uri, root, fid_over_floor=1.5, cond_accuracy=0.95)
     report = (root / "reports" / "promote.json").read_text()
 
-    out = run(["genpipe", "promote", "genpipe-diffusion", "--dry-run"], root).stdout
+    out = genpipe("promote", "genpipe-diffusion", "--dry-run")
     assert "promote" in out and "nothing changed" in out
     assert _champion(uri) == v1 and (root / "reports" / "promote.json").read_text() == report
     assert not any(k.startswith("promote.") for k in rows(uri)[v2]["tags"])
 
-    out = run(["genpipe", "promote", "genpipe-diffusion", "--margin", "0.6"], root).stdout
+    out = genpipe("promote", "genpipe-diffusion", "--margin", "0.6")
     assert "keep the champion" in out and _champion(uri) == v1  # better by 0.5 only
-    run(["genpipe", "promote", "genpipe-diffusion", "--metric", "cond_accuracy"], root)
+    genpipe("promote", "genpipe-diffusion", "--metric", "cond_accuracy")
     assert _champion(uri) == v2 and rows(uri)[v2]["tags"][PREVIOUS_TAG] == v1
 
     # A second model accumulates beside the first; figures from another evaluator are refused.
     w1 = add_evaluated(uri, root, name="genpipe-vae", fid_over_floor=3.0)
-    run(["genpipe", "promote", "vae"], root)
+    genpipe("promote", "vae")
     add_evaluated(uri, root, name="genpipe-vae", fid_over_floor=1.0, evaluator="f" * 64)
     proc = run(["genpipe", "promote", "vae"], root, check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
@@ -66,7 +87,7 @@ def test_dry_run_promote_report_refusal_rollback(workspace):
     assert entry["rule"] and entry["user"] and entry["time"].endswith("+00:00")
     assert entry["evaluator_sha256"] == rows(uri)[v2]["tags"]["eval.evaluator_sha256"]
 
-    run(["genpipe", "rollback", "diffusion_pixel"], root)
+    genpipe("rollback", "diffusion_pixel")
     assert _champion(uri) == v1
     assert json.loads((root / "reports" / "promote.json").read_text())["genpipe-diffusion"]["to"] == v1
     proc = run(["genpipe", "rollback", "diffusion_pixel"], root, check=False)
@@ -74,14 +95,14 @@ def test_dry_run_promote_report_refusal_rollback(workspace):
     assert "nothing to roll back" in proc.stderr and _champion(uri) == v1
 
 
-def test_models_table_and_lineage(workspace):
+def test_models_table_and_lineage(workspace, genpipe):
     root, uri = workspace
     v1 = add_evaluated(uri, root, fid_over_floor=1.25, cond_accuracy=0.97)
     set_alias(tracking_uri=uri, name="genpipe-diffusion", alias=CHAMPION, version=v1)
-    out = run(["genpipe", "models"], root).stdout
+    out = genpipe("models")
     line = next(x for x in out.splitlines() if x.startswith("genpipe-diffusion"))
     assert "challenger,champion" in line and "1.25" in line and "0.97" in line and "fid_over_floor" in out
-    out = run(["genpipe", "models", "--lineage", "diffusion_pixel@champion"], root).stdout
+    out = genpipe("models", "--lineage", "diffusion_pixel@champion")
     assert "git_commit: abc123" in out and f"eval.evaluator_sha256: {'e' * 64}" in out
     assert "ray_run_name: -" in out  # not a tag of this version
     proc = run(["genpipe", "models", "--lineage", "genpipe-diffusion@nobody"], root, check=False)

@@ -8,13 +8,17 @@ the trimmed fit() starts them. Trimmed first, then stock on the same instance.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
+import numpy as np
 import pytest
 import ray
+import torch
 from ray._private import state  # tests may read Ray internals; components/ and pipelines/ may not
 
 from components.training import ray_trims
 from components.training.config import LoopConfig, TrainConfig
+from components.training.loop import train
 from components.training.ray_adapter import fit
 
 N = 8
@@ -49,9 +53,27 @@ def _fit(toy, tmp_path, run: str) -> None:
 
 
 def test_each_trim_saves_its_actor_and_stock_ray_starts_it(fresh_ray, toy, tmp_path, monkeypatch):
+    """The trimmed fit (small splits as numpy columns, an owned instance) also trains exactly like
+    the plain loop; the stock one, on the same instance, starts every actor the trims save."""
     assert ray.__version__.startswith(ray_trims.TESTED_RAY), "a new Ray: re-check every trim, then TESTED_RAY"
     monkeypatch.delenv(ray_trims.OFF_ENV, raising=False)
-    _fit(toy, tmp_path, "trimmed")
+    data = toy.make_data(N)
+    columns = {"image": data["image"].numpy(), "label": data["label"].numpy().astype(np.int64)}
+    result = fit(
+        task_factory=toy.RegressionTask,
+        loop=LoopConfig(steps=4, **LOOP),
+        train=TrainConfig(num_workers=1, storage_path=str(tmp_path / "ray"), max_failures=0),
+        run_name="trimmed",
+        datasets={"train": columns, "val": {}},  # an empty val split: no val metrics, no error
+        sink_factory=partial(toy.JsonlSink, str(tmp_path / "steps.jsonl")),
+        owned_instance=True,
+    )
+    task = toy.RegressionTask()
+    plain = toy.loader_batches(data, batch_size=N)
+    train(task, loop=LoopConfig(steps=4, **LOOP), batches=plain, device=torch.device("cpu"), progress=False)
+    weights = result.module_states(ema_module=None)["net"]["weight"]
+    torch.testing.assert_close(weights, task.modules["net"].weight.detach(), atol=1e-6, rtol=0)
+    assert not any(k.startswith("val/") for k in result.metrics)
     trimmed = _actor_classes()
     assert not [name for name in SAVED if _started(name, trimmed)], trimmed
 

@@ -114,7 +114,7 @@ def train_on_ray(
     data_dir: Path,
     run_name: str,
     reader: str = "images",
-    clock: StageClock,
+    clock: StageClock | None = None,
 ):
     """Train `task_factory()` on the train and val splits of `data_dir` through Ray Train, logging into `run`.
 
@@ -128,6 +128,7 @@ def train_on_ray(
     readers = {"images": training_split, "tokens": token_training_split}
     if reader not in readers:
         raise ValueError(f"unknown reader {reader!r}; valid: {', '.join(readers)}")
+    clock = clock or StageClock()  # a stage's own (the CLI's), else one for this call
     clock.mark("ray_start")
     init_ray(sections["ray"])
     check_resources(sections["train"], local=joins_local(sections["ray"]))
@@ -322,6 +323,7 @@ def train_model(
     from pipelines.lineage import repo_root
     from pipelines.runtime import stage_run
 
+    clock = clock or StageClock()  # the CLI's, counting from the process start; else from now
     root = repo_root()
     data_deps = [spec.data, *spec.inputs]
     label = spec.command  # `train_zoo@vae`, or the stage itself

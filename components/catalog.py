@@ -175,13 +175,3 @@ def trained_by(stage_name: str, variant: str) -> ModelSpec:
     raise ValueError(
         f"unknown {stage_name} variant {variant!r}; valid: {', '.join(stage(stage_name).variants)}"
     )
-
-
-def by_registered(registered: str) -> ModelSpec:
-    """The model registered as `registered` (genpipe-<family>)."""
-    for spec in MODELS:
-        if spec.registered == registered:
-            return spec
-    raise ValueError(
-        f"unknown registered model {registered!r}; valid: {', '.join(m.registered for m in MODELS)}"
-    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from pathlib import Path
 
 from components.config import load_stage
@@ -9,12 +11,25 @@ from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.io import write_json
 from pipelines.lineage import repo_root
+from pipelines.ray_start import init_ray
 from pipelines.runtime import print_config, stage_run
 
 OUT_DIR = "data/processed"
 METRICS = "reports/prepare.json"
 SAMPLES = "reports/prepare_samples.png"
 METRIC_KEYS = ("num_train", "num_val", "num_test", "num_classes", "num_skipped")
+# A source of this many images or more is converted by Ray Data tasks (spread over the cluster's
+# CPUs); below it, in the stage process: no Ray start for the default digits. Override: the env var.
+RAY_FROM_ENV, RAY_FROM = "GENPIPE_PREPARE_RAY_FROM", 50_000
+
+
+def ray_from() -> int:
+    """The image count from which prepare converts on Ray Data (GENPIPE_PREPARE_RAY_FROM overrides)."""
+    raw = os.environ.get(RAY_FROM_ENV, str(RAY_FROM))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{RAY_FROM_ENV}={raw!r} is not an integer image count") from None
 
 
 def preflight(cfg: PrepareConfig) -> PrepareConfig:
@@ -41,7 +56,9 @@ def main(*, params: Path, dry_run: bool = False) -> None:
         return
     root = repo_root()
     with stage_run("prepare", sections) as run:
-        report = build_dataset(cfg, root / OUT_DIR, log=print)
+        report = build_dataset(
+            cfg, root / OUT_DIR, log=print, ray_from=ray_from(), start_ray=partial(init_ray, sections["ray"])
+        )
         metrics = {k: float(report[k]) for k in METRIC_KEYS}
         write_json(root / METRICS, metrics)
         run.log_metrics(metrics)
@@ -55,12 +72,22 @@ def main(*, params: Path, dry_run: bool = False) -> None:
 
 
 def _sample_grid(data_dir: Path, out: Path, n: int = 64) -> None:
-    """A grid of the first `n` prepared training images, for a person to look at."""
+    """A grid of the first `n` prepared training images, for a person to look at (reads only those)."""
+    import pyarrow.parquet as pq
     import torch
 
-    from components.data.readers import ShardDataset
+    from components.data.images import pngs_to_array
+    from components.data.shards import read_meta, split_files
     from components.evaluation.grid import make_grid, save_png
 
-    ds = ShardDataset(data_dir, "train")
-    images = torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
+    meta = read_meta(data_dir)
+    pngs: list[bytes] = []
+    for path in split_files(data_dir, "train"):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=n, columns=["image"]):
+            pngs += batch.column("image").to_pylist()[: n - len(pngs)]
+            if len(pngs) == n:
+                break
+        if len(pngs) == n:
+            break
+    images = torch.from_numpy(pngs_to_array(pngs, channels=meta["channels"], size=meta["image_size"]))
     save_png(make_grid(images, nrow=8), out)

@@ -2,12 +2,16 @@
 
 The build writes into a hidden sibling directory and swaps it in at the end (an atomic exchange of
 the two directories on Linux), so a failure or a kill at any point leaves the previous output intact.
+It streams: records are converted in the planned order and each shard is written as it fills, so
+memory holds one shard of PNGs, whatever the number of images. A large source is converted by Ray
+Data tasks (components/data/convert.py) instead of in this process; the bytes are the same.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import math
 import os
 import shutil
@@ -15,15 +19,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from components.data import convert
 from components.data.config import PrepareConfig
-from components.data.images import BadImageError, DataError, encode_png, standardize
+from components.data.images import DataError
 from components.data.shards import (
     SCHEMA_VERSION,
     SPLITS,
@@ -60,16 +65,22 @@ def _class_name(label: int, names: Sequence[str]) -> str:
     return "unlabelled" if label == UNLABELLED else names[label]
 
 
-def _check_source(source: Source, cfg: PrepareConfig) -> None:
-    """Fail before any pixel work: empty source, duplicate ids, classes below min_per_class."""
-    if not source.records:
+def _check_source(source: Source, cfg: PrepareConfig) -> np.ndarray:
+    """Fail before any pixel work: empty source, duplicate ids, classes below min_per_class; the labels."""
+    if not len(source.records):
         raise DataError(f"prepare.source={cfg.source!r} yielded no images (empty dataset)")
-    seen: set[str] = set()
-    for r in source.records:
-        if r.id in seen:
-            raise DataError(f"duplicate image id {r.id!r} ({r.origin})")
-        seen.add(r.id)
-    _check_class_sizes(Counter(r.label for r in source.records), source.class_names, cfg)
+    if not source.unique_ids:
+        seen: set[str] = set()
+        for r in source.records:
+            if r.id in seen:
+                raise DataError(f"duplicate image id {r.id!r} ({r.origin})")
+            seen.add(r.id)
+    labels = source.label_array()
+    values, counts = np.unique(labels, return_counts=True)
+    _check_class_sizes(
+        Counter(dict(zip(values.tolist(), counts.tolist(), strict=True))), source.class_names, cfg
+    )
+    return labels
 
 
 def _check_class_sizes(
@@ -98,7 +109,7 @@ def _check_splits(counts: dict[str, int], cfg: PrepareConfig) -> None:
 
 
 class _Progress:
-    """Periodic 'n/total (rate/s)' lines for long builds."""
+    """Periodic 'n/total (rate/s, ETA)' lines for long builds."""
 
     def __init__(self, total: int, *, log: Log) -> None:
         self.total, self.log, self.done = total, log, 0
@@ -109,7 +120,8 @@ class _Progress:
         self.done += 1
         if self.total >= PROGRESS_MIN and (self.done % self.every == 0 or self.done == self.total):
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self.log(f"prepare: {self.done}/{self.total} images ({rate:.0f}/s)")
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            self.log(f"prepare: {self.done}/{self.total} images ({rate:.0f}/s, ETA {eta:.0f}s)")
 
 
 class _Stats:
@@ -120,11 +132,11 @@ class _Stats:
         self.ss = np.zeros(channels)
         self.n = 0
 
-    def add(self, pixels: np.ndarray) -> None:
-        x = pixels.reshape(-1, len(self.s)).astype(np.float64) / 255.0  # (H, W[, C]) -> (H*W, C)
-        self.s += x.sum(0)
-        self.ss += (x * x).sum(0)
-        self.n += len(x)
+    def add(self, sums: np.ndarray, pixels: int) -> None:
+        """One image's (2, C) sums (convert.pixel_sums), added in row order."""
+        self.s += sums[0]
+        self.ss += sums[1]
+        self.n += pixels
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         mean = self.s / max(self.n, 1)
@@ -142,8 +154,7 @@ class _Tally:
 
 
 def _rows(
-    source: Source,
-    order: np.ndarray,
+    items: Iterable[convert.Converted],
     *,
     cfg: PrepareConfig,
     tally: _Tally,
@@ -152,36 +163,35 @@ def _rows(
     log: Log,
 ) -> Iterator[Row]:
     """Standardised PNG rows of one split; bad images raise, or are logged and appended to `skipped`."""
-    for i in order:
-        rec = source.records[i]
+    for item in items:
         progress.step()
-        try:
-            img = standardize(rec.open(), cfg=cfg)
-        except BadImageError as err:
+        if item.bad is not None:
             if cfg.on_bad_image == "error":
-                raise
-            log(f"prepare: skipped {err.path}: {err.reason}")
-            skipped.append(err.path)
+                raise item.bad
+            log(f"prepare: skipped {item.bad.path}: {item.bad.reason}")
+            skipped.append(item.bad.path)
             continue
-        png = encode_png(img)
-        tally.hasher.update(rec.id, png, rec.label)
-        tally.classes[rec.label] += 1
+        tally.hasher.update(item.id, item.png, item.label)
+        tally.classes[item.label] += 1
         if tally.stats is not None:
-            tally.stats.add(np.asarray(img))
-        yield rec.id, png, rec.label
+            tally.stats.add(item.sums, item.pixels)
+        yield item.id, item.png, item.label
 
 
 def _write_all(
-    source: Source, plan: dict[str, np.ndarray], *, cfg: PrepareConfig, out: Path, log: Log
+    source: Source, plan: dict[str, np.ndarray], *, cfg: PrepareConfig, out: Path, log: Log, on_ray: bool
 ) -> dict:
     """Write every split's shards and meta.json into `out`; returns meta."""
     progress = _Progress(sum(len(v) for v in plan.values()), log=log)
+    order = np.concatenate([plan[s] for s in SPLITS])  # the splits one after the other, as written
+    items = convert.on_ray(order, cfg=cfg) if on_ray else convert.local(source, order, cfg=cfg)
     stats = _Stats(cfg.channels)
     skipped: list[str] = []
     shards, tallies = {}, {}
     for split in SPLITS:
         tally = tallies[split] = _Tally(stats=stats if split == "train" else None)
-        rows = _rows(source, plan[split], cfg=cfg, tally=tally, skipped=skipped, progress=progress, log=log)
+        part = itertools.islice(items, len(plan[split]))
+        rows = _rows(part, cfg=cfg, tally=tally, skipped=skipped, progress=progress, log=log)
         shards[split] = write_shards(rows, out_dir=out, split=split, shard_rows=cfg.shard_rows)
     classes = {s: tallies[s].classes for s in SPLITS}
     hashes = {s: tallies[s].hasher.hexdigest() for s in SPLITS}
@@ -211,22 +221,35 @@ def _write_all(
     return meta
 
 
-def build_dataset(cfg: PrepareConfig, out_dir: Path, *, log: Log = print) -> dict[str, Any]:
-    """Prepare cfg.source into out_dir atomically; returns the prepare metrics plus `meta`."""
+def build_dataset(
+    cfg: PrepareConfig,
+    out_dir: Path,
+    *,
+    log: Log = print,
+    ray_from: int | None = None,
+    start_ray: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Prepare cfg.source into out_dir atomically; returns the prepare metrics plus `meta`.
+
+    A source of at least `ray_from` images (None: never) is converted on Ray Data, after
+    `start_ray()` (the caller's way to join or start Ray); a smaller one in this process.
+    """
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir, log=log)
     t0 = time.perf_counter()
     source = open_source(cfg)
-    _check_source(source, cfg)
-    plan = stratified_split(
-        [r.label for r in source.records], val=cfg.split.val, test=cfg.split.test, seed=cfg.seed
-    )
+    labels = _check_source(source, cfg)
+    plan = stratified_split(labels, val=cfg.split.val, test=cfg.split.test, seed=cfg.seed)
     _check_splits({s: len(v) for s, v in plan.items()}, cfg)
-    log(f"prepare: {len(source.records)} images from {cfg.source}, {len(source.class_names)} classes")
+    on_ray = ray_from is not None and len(labels) >= ray_from
+    where = " on Ray Data" if on_ray else ""
+    log(f"prepare: {len(labels)} images from {cfg.source}, {len(source.class_names)} classes{where}")
+    if on_ray and start_ray is not None:
+        start_ray()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        meta = _write_all(source, plan, cfg=cfg, out=tmp, log=log)
+        meta = _write_all(source, plan, cfg=cfg, out=tmp, log=log, on_ray=on_ray)
         _swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the new data on error, the previous output on success

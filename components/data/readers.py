@@ -39,7 +39,12 @@ class ShardDataset(Dataset):
 
 
 def epoch_batches(
-    columns: dict[str, torch.Tensor], *, batch: int, seed: int, rank: int = 0, device: torch.device | None = None
+    columns: dict[str, torch.Tensor],
+    *,
+    batch: int,
+    seed: int,
+    rank: int = 0,
+    device: torch.device | None = None,
 ) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
     """batches(epoch) over in-memory columns: a reshuffle seeded by (seed, epoch, rank), equal batches.
 

@@ -1,15 +1,19 @@
 """Image sources: built-in digits and shapes, a folder per class, a Hugging Face-style Parquet export.
 
 A source lists its records cheaply (ids and labels) and decodes each image only when asked, so the
-split can be planned before any pixel work and a bad file surfaces as BadImageError naming it.
+split can be planned before any pixel work and a bad file surfaces as BadImageError naming it. The
+built-in shapes and a Parquet export list their records lazily (a record is made when indexed), so a
+million-image source costs its label array, not a million Python objects.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +53,42 @@ class Record:
         return decode_image(self.data, path=self.origin)
 
 
+class LazyRecords(Sequence):
+    """`n` records made on demand by `make(index)`: a source listed without holding its records."""
+
+    def __init__(self, n: int, make: Callable[[int], Record]) -> None:
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # an int index (numpy ints too) or a slice
+        if isinstance(i, slice):
+            return [self.make(j) for j in range(*i.indices(self.n))]
+        i = int(i)
+        if not -self.n <= i < self.n:
+            raise IndexError(f"record {i} of {self.n}")
+        return self.make(i % self.n)
+
+
 @dataclass(frozen=True)
 class Source:
-    """Class names (index = label; empty when unlabelled) and the records in a stable order."""
+    """Class names (index = label; empty when unlabelled) and the records in a stable order.
+
+    `labels` (N,) int, when given, equals the records' labels without making them; `unique_ids`: the
+    ids are distinct by construction (no need to check them).
+    """
 
     class_names: tuple[str, ...]
-    records: list[Record]
+    records: Sequence[Record]
+    labels: np.ndarray | None = None
+    unique_ids: bool = False
+
+    def label_array(self) -> np.ndarray:
+        """(N,) int64 labels in record order."""
+        if self.labels is not None:
+            return np.asarray(self.labels, dtype=np.int64)
+        return np.fromiter((r.label for r in self.records), dtype=np.int64, count=len(self.records))
 
 
 def _read_file(path: Path) -> Image.Image:
@@ -139,18 +173,25 @@ def draw_shape(*, name: str, index: int, label: int, shapes: ShapesConfig, seed:
     return img.reduce(SUPERSAMPLE)
 
 
-def shapes_source(cfg: PrepareConfig) -> Source:
-    """Procedural shapes, balanced classes (label = index mod K), deterministic in cfg.seed."""
+def _shape_record(i: int, *, cfg: PrepareConfig) -> Record:
     names = cfg.shapes.classes
-    records = []
-    for i in range(cfg.shapes.count):
-        label = i % len(names)
+    label = i % len(names)
+    make = partial(draw_shape, name=names[label], index=i, label=label, shapes=cfg.shapes, seed=cfg.seed)
+    return Record(id=f"shapes-{i:05d}", label=label, origin=f"shapes-{i:05d}", make=make)
 
-        def make(i: int = i, label: int = label) -> Image.Image:
-            return draw_shape(name=names[label], index=i, label=label, shapes=cfg.shapes, seed=cfg.seed)
 
-        records.append(Record(id=f"shapes-{i:05d}", label=label, origin=f"shapes-{i:05d}", make=make))
-    return Source(class_names=tuple(names), records=records)
+def shapes_source(cfg: PrepareConfig) -> Source:
+    """Procedural shapes, balanced classes (label = index mod K), deterministic in cfg.seed, any count.
+
+    Each image depends on (seed, index) alone and is drawn only when its record is opened.
+    """
+    n, k = cfg.shapes.count, len(cfg.shapes.classes)
+    return Source(
+        class_names=tuple(cfg.shapes.classes),
+        records=LazyRecords(n, partial(_shape_record, cfg=cfg)),
+        labels=np.arange(n, dtype=np.int64) % k,
+        unique_ids=True,
+    )
 
 
 # --- imagefolder:PATH -----------------------------------------------------------------------------
@@ -240,12 +281,33 @@ def _check_columns(path: Path, schema: pa.Schema, cfg: PrepareConfig) -> None:
         )
 
 
-def _image_bytes(column: pa.ChunkedArray) -> list[bytes | None]:
+def _image_bytes(column: pa.ChunkedArray) -> pa.Array:
+    """The image column's bytes as one Arrow array (Arrow buffers: about the column's size on disk)."""
     if pa.types.is_struct(column.type):
         column = pa.chunked_array(
             [c.field("bytes") for c in column.chunks], type=column.type.field("bytes").type
         )
-    return column.to_pylist()
+    return column.combine_chunks()
+
+
+class _ParquetRecords(LazyRecords):
+    """Records over the files' image columns, kept as Arrow arrays; a row's bytes copied when indexed."""
+
+    def __init__(self, parts: list[tuple[Path, pa.Array, np.ndarray]]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p[1]) for p in parts]).tolist()
+        super().__init__(self.starts[-1], self._record)
+
+    def _record(self, i: int) -> Record:
+        f = bisect.bisect_right(self.starts, i) - 1
+        path, images, labels = self.parts[f]
+        row = i - self.starts[f]
+        return Record(
+            id=f"{path.stem}-{row:06d}",
+            label=int(labels[row]),
+            origin=f"{path}#row={row}",
+            data=images[row].as_py(),
+        )
 
 
 def parquet_source(cfg: PrepareConfig) -> Source:
@@ -253,7 +315,7 @@ def parquet_source(cfg: PrepareConfig) -> Source:
     files = _parquet_files(cfg)
     label_col = cfg.parquet.label_column
     names = cfg.parquet.label_names
-    records: list[Record] = []
+    parts: list[tuple[Path, pa.Array, np.ndarray]] = []
     for path in files:
         try:
             schema = pq.read_schema(path)
@@ -265,23 +327,29 @@ def parquet_source(cfg: PrepareConfig) -> Source:
         cols = [cfg.parquet.image_column] + ([label_col] if label_col else [])
         table = pq.read_table(path, columns=cols)
         images = _image_bytes(table.column(cfg.parquet.image_column))
-        labels = table.column(label_col).to_pylist() if label_col else [UNLABELLED] * len(images)
-        for row, (data, label) in enumerate(zip(images, labels, strict=True)):
-            origin = f"{path}#row={row}"
-            if label is None:
-                raise DataError(f"{origin}: label column {label_col!r} is null")
-            records.append(Record(id=f"{path.stem}-{row:06d}", label=int(label), origin=origin, data=data))
+        if label_col:
+            column = table.column(label_col)
+            if column.null_count:
+                row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                raise DataError(f"{path}#row={row}: label column {label_col!r} is null")
+            labels = column.to_numpy().astype(np.int64)
+        else:
+            labels = np.full(len(images), UNLABELLED, dtype=np.int64)
+        parts.append((path, images, labels))
+    records = _ParquetRecords(parts)
+    all_labels = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
     if label_col is None:
-        return Source(class_names=(), records=records)
-    top = max((r.label for r in records), default=-1)
+        return Source(class_names=(), records=records, labels=all_labels)
+    top = int(all_labels.max()) if len(all_labels) else -1
     class_names = tuple(names) if names is not None else tuple(str(k) for k in range(top + 1))
-    bad = next((r for r in records if not 0 <= r.label < len(class_names)), None)
-    if bad is not None:
+    bad = np.flatnonzero((all_labels < 0) | (all_labels >= len(class_names)))
+    if len(bad):
+        rec = records[int(bad[0])]
         raise DataError(
-            f"{bad.origin}: label {bad.label} outside 0..{len(class_names) - 1} "
+            f"{rec.origin}: label {rec.label} outside 0..{len(class_names) - 1} "
             f"({len(class_names)} class names)"
         )
-    return Source(class_names=class_names, records=records)
+    return Source(class_names=class_names, records=records, labels=all_labels)
 
 
 SOURCES: dict[str, Callable[[PrepareConfig], Source]] = {

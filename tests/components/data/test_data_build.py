@@ -55,7 +55,7 @@ def test_digits_report_and_meta(digits):
         "train-00000.parquet",
         "val-00000.parquet",
     ]
-    assert any("images (" in line and "/s)" in line for line in lines)  # progress with a rate
+    assert any("images (" in line and "/s, ETA " in line for line in lines)  # progress: rate and ETA
 
 
 def test_digits_hash_and_statistics_match_the_shards(digits):

@@ -105,13 +105,48 @@ def _variant_stage(name: str, summary: str, arg: str, choices: str) -> None:
     app.command(name, help=f"{summary} {arg.upper()}: {choices}.")(command)
 
 
-for _spec in catalog.STAGES:  # every DVC stage but promote, whose command decides several models
-    if _spec.name == "promote":
+for _spec in catalog.STAGES:  # every DVC stage but promote (decides several models) and evaluate (below)
+    if _spec.name in ("promote", "evaluate"):
         continue
     if _spec.arg:
         _variant_stage(_spec.name, _spec.summary, _spec.arg, " | ".join(_spec.variants))
     else:
         _stage(_spec.name, _spec.summary)
+
+
+_EVALUATE = catalog.stage("evaluate")
+
+
+@app.command("evaluate", help=f"{_EVALUATE.summary} MODEL: {' | '.join(_EVALUATE.variants)}.")
+def evaluate_command(
+    model: Annotated[
+        str | None, typer.Argument(metavar="MODEL", help="the generator to judge (omit with --samples)")
+    ] = None,
+    samples: Annotated[
+        Path | None,
+        typer.Option(
+            "--samples", help="score this sample set instead (.npz, .npy or image folder; docs/contracts.md)"
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model", help="with --samples: the generator the set stands for")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="with --samples: also write the JSON here")
+    ] = None,
+    dump_samples: Annotated[
+        Path | None,
+        typer.Option("--dump-samples", help="write the judged set to this .npz; reports/ untouched"),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    dry_run: DryRunOpt = False,
+) -> None:
+    if samples is not None and model is not None:
+        raise typer.BadParameter("give MODEL or --samples PATH (with --model MODEL), not both")
+    if samples is None and model_name is not None:
+        raise typer.BadParameter("--model goes with --samples; to judge a generator give it as MODEL")
+    args = {"model": model if samples is None else model_name, "samples": samples, "out": out}
+    _run_stage("evaluate", params, dry_run, **args, dump_samples=dump_samples)
 
 
 @app.command("results")

@@ -5,45 +5,64 @@ fixed seeds (N = the train split's size by default) and scores them on the evalu
 against the real test statistics: `reports/evaluate/<model>.json` and a grid with one row per class,
 `reports/evaluate/<model>.png`. When the model is registered, the figures go into its version's run
 and tags, and the version becomes the `challenger`. Training stages never sample this set.
+
+Samples stream through the judge batch by batch (components/evaluation/scorer.py): no set is held
+whole. `--dump-samples FILE.npz` writes exactly the set the stage judges (images and the labels asked
+for) and prints its figures, touching neither reports/ nor the registry; `--samples PATH` scores a
+set made elsewhere (pipelines/score.py) with the same judge, evaluator and floor.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import json
 from pathlib import Path
 
-import torch
-
 from components.config import load_stage
-from components.data.readers import ShardDataset
-from components.data.shards import read_meta
 from components.evaluation.evaluator import load_evaluator
 from components.evaluation.grid import make_grid, save_png
-from components.evaluation.judge import class_rows, judge
+from components.evaluation.judge import judge
 from components.evaluation.reference import load_reference
+from components.evaluation.samples import SampleWriter
 from components.generators import MODELS, load_generator
 from components.io import write_json
 from components.stages import EvaluateConfig
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config, tracking_uri
+from pipelines.score import (
+    EVALUATOR,
+    REPORTS,
+    STAGE,
+    progress_line,
+    real_test_images,
+    score_samples,
+    setup,
+)
 
-STAGE = "evaluate"
-DATA, EVALUATOR = "data/processed", "models/evaluator"
-REPORTS = "reports/evaluate"
 
-
-def main(*, params: Path, model: str, dry_run: bool = False) -> None:
+def main(
+    *,
+    params: Path,
+    model: str | None = None,
+    samples: str | Path | None = None,
+    out: str | Path | None = None,
+    dump_samples: str | Path | None = None,
+    dry_run: bool = False,
+) -> None:
+    if samples is not None:
+        if dump_samples is not None:
+            raise ValueError("--dump-samples writes a generator's set; it does not go with --samples")
+        score_samples(params=params, samples=Path(samples), model=model, out=out, dry_run=dry_run)
+        return
+    if out is not None:
+        raise ValueError("--out goes with --samples; the stage writes reports/evaluate/MODEL.json")
+    if model is None:
+        raise ValueError("name a MODEL to judge (one of: " + ", ".join(MODELS) + ") or give --samples PATH")
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
     sections = load_stage(params, STAGE)
     cfg: EvaluateConfig = sections[STAGE]
     root = repo_root()
-    meta = read_meta(root / DATA)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("evaluate.device=cuda but no CUDA device is visible; set evaluate.device: cpu")
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    device = torch.device(cfg.device)
+    meta, device = setup(cfg, root=root)
     generator = load_generator(root / "models" / model, device=device)
     evaluator = load_evaluator(root / EVALUATOR, device=device)
     if tuple(generator.image_shape) != (meta["channels"], meta["image_size"], meta["image_size"]):
@@ -61,28 +80,38 @@ def main(*, params: Path, model: str, dry_run: bool = False) -> None:
         print_config(sections)
         print(f"{STAGE}: would sample {n} images from models/{model} with options {options or 'defaults'}")
         return
-    test = ShardDataset(root / DATA, "test")
     reference = load_reference(root / EVALUATOR)
     print(f"{STAGE}: {model}: sampling {n} images ({options or 'trained defaults'})")
-    result = judge(
-        generator,
-        evaluator=evaluator.float(),
-        test_images=test.images,
-        test_stats=reference.test,
-        floor=reference.floor,
-        n=n,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        options=options,
-        pr_k=cfg.pr_k,
-        progress=_progress(model),
-    )
+
+    def run(sink=None):
+        return judge(
+            generator,
+            evaluator=evaluator.float(),
+            test_images=real_test_images(root, cfg),
+            test_stats=reference.test,
+            floor=reference.floor,
+            n=n,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            options=options,
+            pr_k=cfg.pr_k,
+            progress=progress_line(model),
+            grid_columns=cfg.grid_columns,
+            sink=sink,
+        )
+
+    if dump_samples is not None:
+        labels = generator.num_classes > 0
+        with SampleWriter(dump_samples, n=n, shape=generator.image_shape, labels=labels) as writer:
+            result = run(writer)
+        print(
+            json.dumps({"model": model, "dump": str(dump_samples), "metrics": result.metrics}, sort_keys=True)
+        )
+        print(f"{STAGE}: {model}: {n} judged samples -> {dump_samples} (reports/ and the registry untouched)")
+        return
+    result = run()
     metrics = result.metrics
-    grid = make_grid(
-        class_rows(result.images, result.labels, num_classes=generator.num_classes, per_row=cfg.grid_columns),
-        nrow=cfg.grid_columns,
-    )
-    save_png(grid, root / REPORTS / f"{model}.png")
+    save_png(make_grid(result.grid, nrow=cfg.grid_columns), root / REPORTS / f"{model}.png")
     write_json(root / REPORTS / f"{model}.json", metrics)
     register_judgement(sections, root=root, model=model, metrics=metrics, options=options)
     shown = ", ".join(
@@ -100,23 +129,6 @@ def main(*, params: Path, model: str, dry_run: bool = False) -> None:
         if k in metrics
     )
     print(f"{STAGE}: {MODELS[model]}: {shown} -> {REPORTS}/{model}.json, {REPORTS}/{model}.png")
-
-
-def _progress(model: str):
-    """Periodic lines with rate and ETA (a line per ~10% of the set)."""
-    last = [-1]
-
-    def report(done: int, total: int, seconds: float) -> None:
-        tenth = done * 10 // total
-        if tenth == last[0] and done < total:
-            return
-        last[0] = tenth
-        rate = done / max(seconds, 1e-9)
-        eta = (total - done) / max(rate, 1e-9)
-        print(f"{STAGE}: {model}: {done}/{total} images | {rate:.0f} images/s | ETA {eta:.0f}s", flush=True)
-        sys.stdout.flush()
-
-    return report
 
 
 def register_judgement(sections, *, root: Path, model: str, metrics: dict[str, float], options: dict) -> None:

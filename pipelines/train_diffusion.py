@@ -12,14 +12,16 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from components import catalog
 from components.config import load_stage
 from components.data.shards import read_meta
-from components.data.tokens import check_tokenizer, read_token_meta, read_tokens
+from components.data.tokens import check_tokenizer, read_token_meta
 from components.diffusion.generator import export as export_diffusion
 from components.diffusion.task import DiffusionTask
+from components.evaluation.moments import ChannelMoments
 from components.stages import DiffusionVariantConfig
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config
@@ -51,10 +53,21 @@ def resolve_backbone(
     return cfg.model.model_copy(update={"backbone": backbone.model_copy(update=given)})
 
 
-def latent_stats(tokens_dir: Path) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the train split's latents (standardisation stored with the model)."""
-    z = torch.from_numpy(read_tokens(tokens_dir, "train")["latent"]).double()  # (N, D, h, w)
-    return z.mean(dim=(0, 2, 3)).tolist(), z.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+def latent_stats(tokens_dir: Path, *, batch_rows: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the train split's latents (standardisation stored with the model).
+
+    One streaming pass over the shards, `batch_rows` latents at a time: a split of any size costs one batch.
+    """
+    meta = read_token_meta(tokens_dir)
+    d = meta["latent_channels"]
+    moments = ChannelMoments(d)
+    for name in meta["shards"]["train"]:
+        for record in pq.ParquetFile(Path(tokens_dir) / name).iter_batches(
+            batch_size=batch_rows, columns=["latent"]
+        ):
+            flat = record.column(0).flatten().to_numpy()  # (B * D * h * w,) float32, C-order per row
+            moments.update(torch.from_numpy(flat).reshape(record.num_rows, d, -1))  # (B, D, h*w)
+    return moments.mean().tolist(), moments.std().clamp_min(1e-6).tolist()
 
 
 def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock | None = None) -> None:

@@ -8,12 +8,14 @@ so the floor has one definition.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from components.evaluation.batches import BATCH, SplitImages
 from components.evaluation.evaluator import Evaluator
 from components.evaluation.frechet import FeatureStats, feature_stats, frechet_distance
 
@@ -33,9 +35,26 @@ class Reference:
         return frechet_distance(self.train, self.test)
 
 
-def compute_reference(evaluator: Evaluator, *, train: torch.Tensor, test: torch.Tensor) -> Reference:
-    """The statistics of the real train and test images (N, C, H, W) in [-1, 1]."""
+def compute_reference(
+    evaluator: Evaluator,
+    *,
+    train: torch.Tensor | Iterable[torch.Tensor],
+    test: torch.Tensor | Iterable[torch.Tensor],
+) -> Reference:
+    """The statistics of the real train and test images in [-1, 1]: tensors (N, C, H, W) or batches.
+
+    Batches (e.g. `SplitImages`) stream: one pass of running sums, one batch of images in memory.
+    """
     return Reference(train=feature_stats(evaluator, train), test=feature_stats(evaluator, test))
+
+
+def reference_from_data(evaluator: Evaluator, data_dir: str | Path, *, batch_size: int = BATCH) -> Reference:
+    """`compute_reference` of a prepared directory's train and test splits, streamed shard by shard."""
+    return compute_reference(
+        evaluator,
+        train=SplitImages(data_dir, "train", batch_size=batch_size),
+        test=SplitImages(data_dir, "test", batch_size=batch_size),
+    )
 
 
 def save_reference(reference: Reference, evaluator_dir: str | Path) -> None:

@@ -65,7 +65,7 @@ def latent_stats(tokens_dir: Path, *, batch_rows: int = 4096) -> tuple[list[floa
         for record in pq.ParquetFile(Path(tokens_dir) / name).iter_batches(
             batch_size=batch_rows, columns=["latent"]
         ):
-            flat = record.column(0).flatten().to_numpy()  # (B * D * h * w,) float32, C-order per row
+            flat = record.column(0).flatten().to_numpy().copy()  # (B * D * h * w,) float32, writable
             moments.update(torch.from_numpy(flat).reshape(record.num_rows, d, -1))  # (B, D, h*w)
     return moments.mean().tolist(), moments.std().clamp_min(1e-6).tolist()
 

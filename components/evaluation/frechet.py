@@ -86,6 +86,10 @@ class StatsAccumulator:
         n_b = f.shape[0]
         if n_b == 0:
             return
+        if not torch.isfinite(f).all():
+            raise FloatingPointError(
+                f"features of a batch of {n_b} hold NaN or Inf (the images or the evaluator)"
+            )
         mu_b = f.mean(dim=0)
         c = f - mu_b
         m2_b = c.T @ c

@@ -1,14 +1,20 @@
 """The Ray Data view of one split: Parquet shards -> decoded float32 images for Ray Train workers.
 
-Materialised by default: the default data is small and re-reading Parquet on each epoch was
-measured about 10x slower; pass materialize=False to stream a set that does not fit in memory.
-A materialised split under IN_DRIVER_BYTES of Parquet is read and decoded in the calling process
-and put into the object store as it is: no read tasks, so no worker processes to start (their
-start-up cost ~5 s per stage on 2 cores, more than reading 1,259 digits takes).
+Three sizes, three paths (`training_split`):
+- under IN_DRIVER_BYTES of Parquet: read and decoded in the calling process and handed over as
+  arrays: no read tasks, so no worker processes to start (their start-up cost ~5 s per stage on
+  2 cores, more than reading 1,259 digits takes);
+- under STREAM_BYTES decoded: a materialised Dataset (re-reading Parquet on each epoch was measured
+  about 10x slower than reading the decoded rows from the object store);
+- above: a lazy Dataset. Ray Data reads the Parquet and decodes per batch as each Train worker
+  iterates its streaming shard, so the split is never whole in the driver or the object store.
+Each threshold has an environment override (GENPIPE_IN_DRIVER_BYTES, GENPIPE_STREAM_BYTES), so a test
+or a benchmark can force the streaming path on small data.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,19 @@ from components.data.shards import read_meta, split_files
 
 DECODE_BATCH = 256  # rows decoded per task call: bounds float memory when images are large
 IN_DRIVER_BYTES = 64 * 1024**2  # Parquet bytes of a split read in the driver instead of by Ray tasks
+STREAM_BYTES = 1024**3  # decoded bytes of a split from which it streams instead of being materialised
+
+
+def threshold(name: str) -> int:
+    """A size threshold of this module (IN_DRIVER_BYTES, STREAM_BYTES, ...), or its GENPIPE_<name> override."""
+    env = f"GENPIPE_{name}"
+    raw = os.environ.get(env)
+    if raw is None:
+        return int(globals()[name])
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{env}={raw!r} is not a byte count") from None
 
 
 def from_columns(columns: dict[str, np.ndarray]) -> ray.data.Dataset:
@@ -35,7 +54,12 @@ def from_columns(columns: dict[str, np.ndarray]) -> ray.data.Dataset:
 
 def small(files: list[str]) -> bool:
     """True when the files together are small enough to read in the driver (IN_DRIVER_BYTES)."""
-    return sum(Path(f).stat().st_size for f in files) < IN_DRIVER_BYTES
+    return sum(Path(f).stat().st_size for f in files) < threshold("IN_DRIVER_BYTES")
+
+
+def streams(rows: int, row_bytes: int) -> bool:
+    """True when `rows` decoded rows of `row_bytes` reach STREAM_BYTES: stream, never materialise."""
+    return rows * row_bytes >= threshold("STREAM_BYTES")
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, channels: int, size: int) -> dict[str, np.ndarray]:
@@ -58,14 +82,17 @@ def read_columns(data_dir: str | Path, split: str) -> dict[str, np.ndarray]:
 
 
 def training_split(data_dir: str | Path, split: str) -> dict[str, np.ndarray] | ray.data.Dataset:
-    """What a training stage hands to fit(): numpy columns when small, else a materialised Dataset.
+    """What a training stage hands to fit(): numpy columns when small, a materialised Dataset when
+    mid-sized, a lazy (streamed) Dataset when large (see the module docstring).
 
     Columns skip Ray Data altogether: building even a materialised Dataset from arrays runs a task
     (~2 s per split for its worker process on 2 cores), and fit() would only turn it back into arrays.
     """
     if small([str(p) for p in split_files(data_dir, split)]):
         return read_columns(data_dir, split)
-    return ray_dataset(data_dir, split)
+    meta = read_meta(data_dir)
+    row_bytes = 4 * meta["channels"] * meta["image_size"] ** 2 + 8  # float32 image + int64 label
+    return ray_dataset(data_dir, split, materialize=not streams(meta["counts"][split], row_bytes))
 
 
 def ray_dataset(data_dir: str | Path, split: str, *, materialize: bool = True) -> ray.data.Dataset:

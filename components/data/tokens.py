@@ -21,7 +21,7 @@ import ray.data
 import torch
 
 from components.data.images import DataError, pngs_to_array
-from components.data.raydata import from_columns, small
+from components.data.raydata import from_columns, small, streams
 from components.data.shards import SPLITS, read_meta, shard_name, split_files
 
 TOKENS_SCHEMA_VERSION = 1
@@ -118,20 +118,22 @@ def write_token_split(
     latent_dim: int,
     shard_rows: int,
 ) -> tuple[list[str], int]:
-    """Write encoded batches as `{split}-NNNNN.parquet` shards; (file names, row count)."""
+    """Write encoded batches as `{split}-NNNNN.parquet` shards of shard_rows rows, each as it fills
+    (memory: one shard plus one batch); (file names, row count)."""
     schema = token_schema(grid=grid, latent_dim=latent_dim)
     names: list[str] = []
     buf: list[pa.Table] = []
     rows = pending = 0
 
-    def flush() -> None:
+    def flush(n: int) -> None:
+        """Write the first n buffered rows as the next shard; the rest stay buffered."""
         nonlocal pending
         table = pa.concat_tables(buf) if buf else schema.empty_table()
         name = shard_name(split, len(names))
-        pq.write_table(table, out_dir / name)
+        pq.write_table(table.slice(0, n), out_dir / name)
         names.append(name)
-        buf.clear()
-        pending = 0
+        buf[:] = [table.slice(n)] if n < table.num_rows else []
+        pending -= n
 
     for b in batches:
         n = len(b["id"])
@@ -150,10 +152,10 @@ def write_token_split(
         buf.append(table)
         rows += n
         pending += n
-        if pending >= shard_rows:
-            flush()
+        while pending >= shard_rows:  # shards of exactly shard_rows rows, the last one shorter
+            flush(shard_rows)
     if pending or not names:
-        flush()
+        flush(pending)
     return names, rows
 
 
@@ -223,14 +225,17 @@ TRAINING_COLUMNS = ("tokens", "latent", "label")
 
 
 def token_training_split(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray] | ray.data.Dataset:
-    """What a prior or latent-diffusion stage hands to fit(): arrays when small (no Ray Data), else a Dataset."""
+    """What a prior or latent-diffusion stage hands to fit(): arrays when small (no Ray Data), else a
+    Dataset: materialised when mid-sized, lazy (streamed per worker) when large, as in raydata.py."""
     if split not in SPLITS:
         raise DataError(f"split={split!r} is not one of {list(SPLITS)}")
     meta = read_token_meta(tokens_dir)
     if small([str(Path(tokens_dir) / name) for name in meta["shards"][split]]):
         arrays = read_tokens(tokens_dir, split)
         return {k: arrays[k] for k in TRAINING_COLUMNS} if len(arrays["label"]) else {}
-    return ray_token_dataset(tokens_dir, split)
+    h, w = meta["grid"]
+    row_bytes = h * w * (8 + 4 * meta["latent_channels"]) + 8  # int64 tokens, float32 latent, int64 label
+    return ray_token_dataset(tokens_dir, split, materialize=not streams(meta["counts"][split], row_bytes))
 
 
 def ray_token_dataset(tokens_dir: str | Path, split: str, *, materialize: bool = True) -> ray.data.Dataset:

@@ -24,6 +24,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from components.data import streaming
 from components.data.readers import epoch_batches
 from components.training import distributed as dist
 from components.training import ray_trims
@@ -56,6 +57,7 @@ class FitResult:
     resumed_from: int | None  # step the last attempt restored from, None when it started fresh
     clock: dict[str, float] = field(default_factory=dict)  # rank 0's first_step / last_step (time.time())
     nodes: tuple[str, ...] = ()  # the Ray node id each rank ran on, in rank order
+    data: str = ""  # how the workers got their rows: one of streaming.MODES
 
     def state(self) -> State:
         """The final training state (modules, EMA, optimizers, ...) read from the checkpoint."""
@@ -102,7 +104,7 @@ class _Spec:
     sample_sink_factory: Callable[[], SampleSink] | None
     shuffle_buffer: int | None
     has_val: bool
-    cache: bool  # hold this worker's train shard in memory after one pass (small data)
+    mode: str  # streaming.MODES: arrays from the driver, a cached shard, or a streamed shard
     # Small splits, put in the object store by the driver ({split: ObjectRef of {column: array}}):
     # Train gets no `datasets` (ray_trims saves the actors that serve them); each rank takes its share.
     in_memory: dict[str, Any] | None = None
@@ -154,11 +156,12 @@ def fit(
     if unknown or "train" not in datasets:
         raise ValueError(f"datasets keys {sorted(datasets)}: need 'train', may have 'val'; unknown {unknown}")
     loop.per_worker_batch(train.num_workers)  # fail here, not in every worker
-    if all(isinstance(ds, dict) or _small(ds) for ds in datasets.values()):
-        in_memory = {k: ray.put(ds if isinstance(ds, dict) else _columns(ds)) for k, ds in datasets.items()}
-    else:  # some split streams: the small ones join it as Datasets
+    mode = streaming.data_mode(datasets, workers=train.num_workers)
+    if mode == "in_memory":
+        in_memory = {k: ray.put(streaming.as_columns(ds)) for k, ds in datasets.items()}
+    else:  # some split goes through Ray Data: the small ones join it as Datasets
         in_memory = None
-        datasets = {k: _dataset(ds) if isinstance(ds, dict) else ds for k, ds in datasets.items()}
+        datasets = {k: streaming.as_dataset(ds) if isinstance(ds, dict) else ds for k, ds in datasets.items()}
     spec = _Spec(
         task_factory=task_factory,
         loop=loop,
@@ -167,7 +170,7 @@ def fit(
         sample_sink_factory=sample_sink_factory,
         shuffle_buffer=shuffle_buffer,
         has_val="val" in datasets,
-        cache=in_memory is None and _fits_in_memory(datasets["train"], workers=train.num_workers),
+        mode=mode,
         in_memory=in_memory,
     )
     if in_memory is not None:
@@ -211,6 +214,7 @@ def fit(
         resumed_from=out.get("resumed_from"),
         clock=out.get("clock", {}),
         nodes=tuple(out.get("nodes", ())),
+        data=mode,
     )
 
 
@@ -252,108 +256,25 @@ def _wrapper(*, world: int, device: torch.device) -> Callable[[nn.Module], nn.Mo
     return wrap
 
 
-CACHE_BYTES = 2 * 1024**3  # per worker: shards under this are held in memory after one pass
-IN_MEMORY_BYTES = 256 * 1024**2  # a materialized split under this goes to the workers as arrays
-
-
-def _small(ds: ray.data.Dataset) -> bool:
-    return isinstance(ds, ray.data.dataset.MaterializedDataset) and ds.size_bytes() < IN_MEMORY_BYTES
-
-
-def _fits_in_memory(ds: ray.data.Dataset, *, workers: int) -> bool:
-    """True for a materialized dataset whose per-worker shard is small enough to cache."""
-    if not isinstance(ds, ray.data.dataset.MaterializedDataset):
-        return False
-    return ds.size_bytes() / workers < CACHE_BYTES
-
-
-def _dataset(columns: Columns) -> ray.data.Dataset:
-    """Numpy columns as a materialized Dataset (a small split beside a streamed one)."""
-    from components.data.raydata import from_columns
-
-    return from_columns(columns) if columns else ray.data.from_items([]).materialize()
-
-
-def _columns(ds: ray.data.Dataset) -> Columns:
-    """Every row of a small materialized dataset as numpy columns (an empty one included)."""
-    if ds.count() == 0:
-        return {}
-    return ds.take_batch(batch_size=ds.count(), batch_format="numpy")
-
-
-def _rank_share(
-    columns: dict[str, np.ndarray], *, rank: int, world: int, equal: bool
-) -> dict[str, torch.Tensor]:
-    """This rank's rows: a contiguous 1/world of them (equal counts on every rank when `equal`)."""
-    n = len(next(iter(columns.values()), ()))
-    per = n // world if equal else -(-n // world)
-    return {k: torch.as_tensor(np.array(v[rank * per : (rank + 1) * per])) for k, v in columns.items()}
-
-
-class _CachedShard:
-    """This worker's train shard pulled once from Ray Data, then reshuffled from memory each epoch.
-
-    Each `iter_torch_batches` call starts a new streaming execution of the split (0.05-0.4 s); with
-    an epoch of ~1 s on the default data that was a 10-20% slowdown. The rows a rank got in its first
-    pass (an equal share: streaming_split(equal=True)) stay its partition, as with a fixed sampler;
-    the per-epoch order comes from a generator seeded by (seed, epoch, rank), so a resume replays it.
-    """
-
-    def __init__(self, shard, *, micro: int, seed: int, rank: int, device: torch.device) -> None:
-        self.shard, self.micro, self.seed, self.rank, self.device = shard, micro, seed, rank, device
-        self.batches: Callable[[int], Iterable[Batch]] | None = None
-
-    def _load(self) -> dict[str, torch.Tensor]:
-        parts: dict[str, list[torch.Tensor]] = {}
-        for batch in self.shard.iter_torch_batches(batch_size=4096, drop_last=False):
-            for k, v in batch.items():
-                parts.setdefault(k, []).append(v)
-        return {k: torch.cat(v) for k, v in parts.items()}
-
-    def __call__(self, epoch: int) -> Iterable[Batch]:
-        if self.batches is None:
-            self.batches = epoch_batches(
-                self._load(), batch=self.micro, seed=self.seed, rank=self.rank, device=self.device
-            )
-        return self.batches(epoch)
-
-
 def _data(spec: _Spec, *, micro: int, device: torch.device, rank: int, world: int = 1):
     """batches(epoch) over this worker's train shard and val_batches() over its val shard."""
-    if spec.in_memory is not None:
-        train = _rank_share(ray.get(spec.in_memory["train"]), rank=rank, world=world, equal=True)
-        batches = epoch_batches(train, batch=micro, seed=spec.train.seed, rank=rank, device=device)
+    if spec.mode == "in_memory":
+        share = streaming.rank_share(ray.get(spec.in_memory["train"]), rank=rank, world=world, equal=True)
+        batches = epoch_batches(share, batch=micro, seed=spec.train.seed, rank=rank, device=device)
         val = ray.get(spec.in_memory["val"]) if "val" in spec.in_memory else None
         if not val:
             return batches, None
-        val = _rank_share(val, rank=rank, world=world, equal=False)
-        n = len(next(iter(val.values())))
-
-        def val_in_memory() -> Iterable[Batch]:
-            for i in range(0, n, micro):
-                yield {k: v[i : i + micro].to(device) for k, v in val.items()}
-
-        return batches, val_in_memory
-    shard = ray.train.get_dataset_shard("train")
+        val = streaming.rank_share(val, rank=rank, world=world, equal=False)
+        return batches, streaming.in_memory_val(val, micro=micro, device=device)
+    shard = ray.train.get_dataset_shard("train")  # this worker's streaming split: nothing in the driver
     val = ray.train.get_dataset_shard("val") if spec.has_val else None
-
-    def streamed(epoch: int) -> Iterable[Batch]:
-        return shard.iter_torch_batches(
-            batch_size=micro,
-            drop_last=True,  # equal micro-batches on every rank keep DDP's mean exact
-            local_shuffle_buffer_size=spec.shuffle_buffer,
-            local_shuffle_seed=None if spec.shuffle_buffer is None else spec.train.seed + 7919 * epoch + rank,
-            device=device,
-        )
+    kind = streaming.CachedShard if spec.mode == "cached" else streaming.StreamedShard
+    extra = {} if spec.mode == "cached" else {"buffer": spec.shuffle_buffer}
+    batches = kind(shard, micro=micro, seed=spec.train.seed, rank=rank, device=device, **extra)
 
     def val_batches() -> Iterable[Batch]:
         return val.iter_torch_batches(batch_size=micro, drop_last=False, device=device)
 
-    batches = (
-        _CachedShard(shard, micro=micro, seed=spec.train.seed, rank=rank, device=device)
-        if spec.cache
-        else streamed
-    )
     return batches, (val_batches if val is not None else None)
 
 

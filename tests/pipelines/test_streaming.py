@@ -1,0 +1,188 @@
+"""Large-data paths at small N, forced by their thresholds: prepare on Ray Data, a streamed fit, encode.
+
+600 procedural shapes go through prepare on Ray Data tasks (same bytes as in-process), a tokenizer
+trains on per-worker streaming shards (the split never materialised: the lazy Dataset and the
+"streamed" data path are asserted, not timed) and beside it on in-memory arrays, and encode writes
+the train split in bounded shards with the streamed tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from ray.data.dataset import MaterializedDataset
+
+from components.data import raydata
+from components.data.build import build_dataset
+from components.data.config import PrepareConfig
+from components.data.shards import read_meta, read_split, split_files
+from components.data.streaming import StreamedShard
+from components.data.tokens import encode_split, write_token_split
+from components.io import save_model
+from components.tokenizer.config import TokenizerConfig
+from components.tokenizer.task import TokenizerTask
+from components.tokenizer.vqgan import VQGAN
+from components.training.config import LoopConfig, TrainConfig
+from components.training.ray_adapter import fit
+
+N, SHARD_ROWS, BATCH = 600, 64, 32
+FORCE_STREAM = {"GENPIPE_IN_DRIVER_BYTES": "0", "GENPIPE_STREAM_BYTES": "0"}
+TOKENIZER = TokenizerConfig(
+    autoencoder={
+        "in_channels": 3,
+        "channels": 8,
+        "channel_mult": [1, 2],
+        "downsample_factor": 2,
+        "num_res_blocks": 1,
+        "z_channels": 4,
+        "attention": False,
+    },
+    quantizer={"kind": "vq", "codebook_size": 16, "ema": True},
+    loss={"perceptual_weight": 0.0, "disc": {"weight": 0.0}},
+)
+
+
+def _cfg() -> PrepareConfig:
+    return PrepareConfig(
+        source="builtin:shapes",
+        channels=3,
+        image_size=8,
+        shard_rows=SHARD_ROWS,
+        shapes={"count": N, "size": 16},
+    )
+
+
+def _snapshot(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # report() returns fast (default poll: 2 s)
+    if ray.is_initialized():
+        ray.shutdown()
+    # 2 one-CPU Train workers plus one CPU for the Ray Data tasks that feed them.
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    else:
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory) -> Path:
+    """The shapes prepared on Ray Data tasks (ray_from=0 forces that path)."""
+    out = tmp_path_factory.mktemp("stream") / "processed"
+    lines: list[str] = []
+    started: list[bool] = []
+    build_dataset(_cfg(), out, log=lines.append, ray_from=0, start_ray=lambda: started.append(True))
+    assert started and "on Ray Data" in lines[0]
+    return out
+
+
+@pytest.fixture
+def force_stream(monkeypatch):
+    for key, value in FORCE_STREAM.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_prepare_on_ray_matches_in_process(prepared, tmp_path):
+    lines: list[str] = []
+    build_dataset(_cfg(), tmp_path / "local", log=lines.append, ray_from=N + 1)  # below: in-process
+    assert "on Ray Data" not in lines[0]
+    assert _snapshot(prepared) == _snapshot(tmp_path / "local")  # PNGs, hash, mean/std: the same bytes
+    meta = read_meta(prepared)
+    assert sum(meta["counts"].values()) == N
+    for split in ("train", "val", "test"):
+        rows = [pq.read_metadata(f).num_rows for f in split_files(prepared, split)]
+        assert sum(rows) == meta["counts"][split] and max(rows) <= SHARD_ROWS
+        assert len(rows) == math.ceil(meta["counts"][split] / SHARD_ROWS)
+
+
+def test_streamed_shard_epochs(ray_local, prepared, force_stream):
+    assert not isinstance(raydata.training_split(prepared, "train"), MaterializedDataset)  # lazy when forced
+    # The shard's epochs over the decoded rows (materialised here: no read tasks, the test stays fast).
+    ds = raydata.from_columns(raydata.read_columns(prepared, "train"))
+    n = read_meta(prepared)["counts"]["train"]
+    shard = StreamedShard(ds.iterator(), micro=BATCH, seed=0, rank=0, device=torch.device("cpu"), buffer=128)
+    epochs = [list(shard(epoch)) for epoch in (0, 1)]
+    for batches in epochs:
+        assert len(batches) == n // BATCH  # drop_last: equal batches only
+        assert all(
+            b["image"].shape == (BATCH, 3, 8, 8) and b["image"].dtype == torch.float32 for b in batches
+        )
+    labels = [torch.cat([b["label"] for b in batches]) for batches in epochs]
+    assert not torch.equal(labels[0], labels[1])  # a new shuffle every epoch
+
+
+@pytest.fixture(scope="module")
+def fits(ray_local, prepared, tmp_path_factory):
+    """The same tokenizer training, streamed on 2 workers and in memory on 1."""
+    root = tmp_path_factory.mktemp("fits")
+    loop = LoopConfig(steps=16, batch_size=BATCH, lr=2e-3, log_every=4, checkpoint_every=16)
+    results = {}
+    for mode, workers, env in (("streamed", 2, FORCE_STREAM), ("in_memory", 1, {})):
+        saved = {k: os.environ.get(k) for k in FORCE_STREAM}
+        os.environ.update(env)
+        try:
+            datasets = {split: raydata.training_split(prepared, split) for split in ("train", "val")}
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        results[mode] = (
+            datasets,
+            fit(
+                task_factory=partial(TokenizerTask, TOKENIZER, loop),
+                loop=loop,
+                train=TrainConfig(num_workers=workers, storage_path=str(root / "ray"), max_failures=0),
+                run_name=f"stream-{mode}",
+                datasets=datasets,
+                shuffle_buffer=128,
+            ),
+        )
+    return results
+
+
+def test_streamed_and_in_memory_fits_both_train(fits):
+    datasets, streamed = fits["streamed"]
+    assert not isinstance(datasets["train"], MaterializedDataset)  # the driver never held the split
+    assert streamed.data == "streamed"
+    columns, in_memory = fits["in_memory"]
+    assert isinstance(columns["train"], dict) and in_memory.data == "in_memory"
+    # 16 steps of 32 over 420 rows: both runs crossed an epoch boundary
+    for result in (streamed, in_memory):
+        assert result.state()["step"] == 16 and result.state()["epoch"] >= 1
+        assert all(math.isfinite(v) for v in result.metrics.values())
+        assert any(k.startswith("val/") for k in result.metrics)
+
+
+def test_encode_streams_in_bounded_shards(fits, prepared, tmp_path, force_stream):
+    _, result = fits["streamed"]
+    vqgan = result.load_module("vqgan", VQGAN(TOKENIZER), ema_module=TokenizerTask.ema_module)
+    save_model(tmp_path / "tokenizer", vqgan.state_dict(), vqgan.config_dict())
+    out = tmp_path / "tokens"
+    out.mkdir()
+    batches = encode_split(prepared, "train", model_dir=tmp_path / "tokenizer", batch_size=50)
+    names, rows = write_token_split(
+        batches, out_dir=out, split="train", grid=(4, 4), latent_dim=4, shard_rows=100
+    )
+    n = read_meta(prepared)["counts"]["train"]
+    sizes = [pq.read_metadata(out / name).num_rows for name in names]
+    assert rows == n == sum(sizes) and sizes[:-1] == [100] * (len(sizes) - 1) and 0 < sizes[-1] <= 100
+    ids = np.concatenate(
+        [pq.read_table(out / name, columns=["id"]).column("id").to_numpy() for name in names]
+    )
+    assert ids.tolist() == read_split(prepared, "train").column("id").to_pylist()  # in shard order

@@ -1,7 +1,8 @@
 """One catalog of every trained model and every stage: the names the rest of genpipe reads.
 
 A trained model is one `ModelSpec` row: its folder under models/, its registered name, the stage
-(and DVC `foreach` key) that trains it, what it trains on, and the code its judge depends on. A
+(and DVC `foreach` key) that trains it, what it trains on, the code its judge depends on and, for
+`train_zoo`, its recipe (params section, task, export and registry knobs: a ZooFamily). A
 stage is one `StageSpec`. The CLI's commands and choices, the stage server's preload list, the
 launcher's fast path, report labels, registry names, repro headlines and the results table read
 them; tests/test_catalog.py checks dvc.yaml against them. Adding a family is one component module
@@ -12,7 +13,9 @@ Standard library only: `genpipe`'s launcher imports this before deciding whether
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import KW_ONLY, dataclass
+from typing import Any
 
 IMAGES, TOKENS = "data/processed", "data/tokens"  # the two prepared data sets models train on
 TOKENIZER = "models/tokenizer"
@@ -31,6 +34,7 @@ class ModelSpec:
     data: str = IMAGES  # the prepared data it trains on
     inputs: tuple[str, ...] = ()  # further trained inputs whose content defines the run
     code: str | None = None  # components package holding its generator (None: not a generator)
+    recipe: str | None = None  # "module:NAME" of how its stage trains it (train_zoo: a ZooFamily)
 
     @property
     def registered(self) -> str:
@@ -60,11 +64,16 @@ MODELS: tuple[ModelSpec, ...] = (
               inputs=(TOKENIZER,), code="components/prior"),
     ModelSpec("prior_maskgit", "prior-maskgit", "MaskGIT prior", stage="train_prior", variant="maskgit",
               data=TOKENS, inputs=(TOKENIZER,), code="components/prior"),
-    ModelSpec("vae", "vae", "VAE", stage="train_zoo", variant="vae", code="components/zoo"),
-    ModelSpec("gan", "gan", "GAN (DCGAN)", stage="train_zoo", variant="gan", code="components/zoo"),
-    ModelSpec("wgan", "wgan", "WGAN-GP", stage="train_zoo", variant="wgan", code="components/zoo"),
-    ModelSpec("flow", "flow", "flow (Glow)", stage="train_zoo", variant="flow", code="components/zoo"),
-    ModelSpec("pixelcnn", "pixelcnn", "PixelCNN", stage="train_zoo", variant="pixelcnn", code="components/zoo"),
+    ModelSpec("vae", "vae", "VAE", stage="train_zoo", variant="vae", code="components/zoo",
+              recipe="components.zoo.families:VAE"),
+    ModelSpec("gan", "gan", "GAN (DCGAN)", stage="train_zoo", variant="gan", code="components/zoo",
+              recipe="components.zoo.families:GAN"),
+    ModelSpec("wgan", "wgan", "WGAN-GP", stage="train_zoo", variant="wgan", code="components/zoo",
+              recipe="components.zoo.families:WGAN"),
+    ModelSpec("flow", "flow", "flow (Glow)", stage="train_zoo", variant="flow", code="components/zoo",
+              recipe="components.zoo.families:FLOW"),
+    ModelSpec("pixelcnn", "pixelcnn", "PixelCNN", stage="train_zoo", variant="pixelcnn", code="components/zoo",
+              recipe="components.zoo.families:PIXELCNN"),
 )  # fmt: skip
 GENERATORS: tuple[ModelSpec, ...] = tuple(m for m in MODELS if m.generator)
 
@@ -175,3 +184,11 @@ def trained_by(stage_name: str, variant: str) -> ModelSpec:
     raise ValueError(
         f"unknown {stage_name} variant {variant!r}; valid: {', '.join(stage(stage_name).variants)}"
     )
+
+
+def recipe(spec: ModelSpec) -> Any:
+    """The object a row's `recipe` names, imported on demand (this module imports no components)."""
+    if spec.recipe is None:
+        raise ValueError(f"model {spec.name!r} has no recipe; its stage {spec.stage} trains it by itself")
+    module, _, attr = spec.recipe.partition(":")
+    return getattr(importlib.import_module(module), attr)

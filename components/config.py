@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
+from components import catalog
 from components.data.config import PrepareConfig
 from components.diffusion.config import SamplingConfig
 from components.prior.config import PriorSamplingConfig
@@ -20,8 +21,6 @@ from components.schema import StrictConfig
 from components.stages import (
     EncodeConfig,
     EvaluateConfig,
-    GANSamplingConfig,
-    TemperatureSamplingConfig,
     TrainDiffusionConfig,
     TrainEvaluatorConfig,
     TrainPriorConfig,
@@ -140,13 +139,15 @@ def _prior_knobs(config: TrainPriorConfig) -> None:
 
 def sampling_options(model: str) -> tuple[type[StrictConfig], tuple[str, ...]]:
     """(the sampling config, the option names) of the generator in models/<model>."""
-    if model.startswith("diffusion_"):
+    spec = catalog.model(model)
+    if spec.recipe is not None:  # a train_zoo family: its recipe's sampling section
+        config = catalog.recipe(spec).sampling
+        return config, tuple(config.model_fields)
+    if spec.stage == "train_prior":
+        return PriorSamplingConfig, tuple(PriorSamplingConfig().options(spec.variant))  # type: ignore[arg-type]
+    if spec.stage == "train_diffusion":
         return SamplingConfig, tuple(SamplingConfig.model_fields)
-    if model.startswith("prior_"):
-        kind = model.removeprefix("prior_")
-        return PriorSamplingConfig, tuple(PriorSamplingConfig().options(kind))  # type: ignore[arg-type]
-    config = GANSamplingConfig if model in ("gan", "wgan") else TemperatureSamplingConfig
-    return config, tuple(config.model_fields)
+    raise ValueError(f"model {model!r} is not a generator: it has no sampling options")
 
 
 def check_model_options(model: str, options: dict[str, Any], *, where: str) -> None:

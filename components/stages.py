@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, model_validator
 
+from components import catalog
 from components.diffusion.config import DiffusionStageConfig
 from components.evaluation.evaluator import EvaluatorConfig
 from components.generators import MODELS
 from components.prior.config import PriorConfig, PriorSamplingConfig
-from components.sampling_limits import limited
 from components.schema import StrictConfig
 from components.tokenizer.config import TokenizerConfig
 from components.training.config import LoopConfig
-from components.zoo.flow import FlowConfig
-from components.zoo.gan import GANConfig
-from components.zoo.pixelcnn import PixelCNNConfig
-from components.zoo.vae import VAEConfig
 
 
 class TrainEvaluatorConfig(StrictConfig):
@@ -103,106 +99,15 @@ class TrainPriorConfig(StrictConfig):
         return self
 
 
-class TemperatureSamplingConfig(StrictConfig):
-    """Default sampling of a likelihood family: latents (VAE, flow) or logits (PixelCNN) at temperature T."""
-
-    temperature: Annotated[float, limited("temperature")] = Field(
-        default=1.0, description="1: the model's own distribution"
+def _zoo_section() -> type[StrictConfig]:
+    """The `train_zoo` section: one field per catalog row the stage trains, typed by its recipe."""
+    rows = [m for m in catalog.MODELS if m.stage == "train_zoo"]
+    return create_model(
+        "TrainZooConfig",
+        __base__=StrictConfig,
+        __doc__="The `train_zoo` section: a DVC `foreach` over the classic families (catalog rows).",
+        **{m.variant: (catalog.recipe(m).config, ...) for m in rows},
     )
 
 
-class GANSamplingConfig(StrictConfig):
-    """Default sampling of a GAN: z ~ N(0, I), or truncated to [-t, t] (BigGAN's truncation trick)."""
-
-    truncation: Annotated[float | None, limited("truncation")] = Field(
-        default=None, description="null: plain N(0, I)"
-    )
-
-
-class VAEVariantConfig(StrictConfig):
-    """`train_zoo.vae`: the conditional VAE, its default sampling, the loop."""
-
-    model: VAEConfig = VAEConfig()
-    sampling: TemperatureSamplingConfig = TemperatureSamplingConfig()
-    loop: LoopConfig
-
-
-def _own_loss(loss: str, *, variant: str, want: str, other: str) -> str:
-    if loss != want:
-        raise ValueError(f"the {variant} variant trains loss {want!r}; {loss!r} is the {other} variant's")
-    return loss
-
-
-class NSGANConfig(GANConfig):
-    """The `gan` variant's model: DCGAN's non-saturating loss only."""
-
-    @field_validator("loss")
-    @classmethod
-    def _ns(cls, loss: str) -> str:
-        return _own_loss(loss, variant="gan", want="ns", other="wgan")
-
-
-class WGANGPConfig(GANConfig):
-    """The `wgan` variant's model: WGAN-GP only (the default loss here)."""
-
-    loss: Literal["ns", "wgan_gp"] = "wgan_gp"
-
-    @field_validator("loss")
-    @classmethod
-    def _wgan_gp(cls, loss: str) -> str:
-        return _own_loss(loss, variant="wgan", want="wgan_gp", other="gan")
-
-
-class GANLoopConfig(LoopConfig):
-    """A GAN's loop: Adam betas come from `model.betas` (GANTask builds both optimizers from it)."""
-
-    betas: None = Field(default=None, description="not read: GANTask takes Adam betas from model.betas")
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _not_read(cls, betas: object) -> None:
-        if betas is not None:
-            raise ValueError("not read by a GAN: set model.betas (null: the loss's paper values)")
-        return None
-
-
-class GANVariantConfig(StrictConfig):
-    """`train_zoo.gan`: DCGAN (non-saturating), its default sampling, the loop."""
-
-    model: NSGANConfig = NSGANConfig()
-    sampling: GANSamplingConfig = GANSamplingConfig()
-    loop: GANLoopConfig
-
-
-class WGANVariantConfig(StrictConfig):
-    """`train_zoo.wgan`: WGAN-GP, its default sampling, the loop."""
-
-    model: WGANGPConfig = WGANGPConfig()
-    sampling: GANSamplingConfig = GANSamplingConfig()
-    loop: GANLoopConfig
-
-
-class FlowVariantConfig(StrictConfig):
-    """`train_zoo.flow`: Glow, its default sampling temperature (Glow's figures: 0.7), the loop."""
-
-    model: FlowConfig = FlowConfig()
-    sampling: TemperatureSamplingConfig = TemperatureSamplingConfig(temperature=0.7)
-    loop: LoopConfig
-
-
-class PixelCNNVariantConfig(StrictConfig):
-    """`train_zoo.pixelcnn`: the gated PixelCNN, its default sampling, the loop."""
-
-    model: PixelCNNConfig = PixelCNNConfig()
-    sampling: TemperatureSamplingConfig = TemperatureSamplingConfig()
-    loop: LoopConfig
-
-
-class TrainZooConfig(StrictConfig):
-    """The `train_zoo` section: a DVC `foreach` over the classic families."""
-
-    vae: VAEVariantConfig
-    gan: GANVariantConfig
-    wgan: WGANVariantConfig
-    flow: FlowVariantConfig
-    pixelcnn: PixelCNNVariantConfig
+TrainZooConfig = _zoo_section()

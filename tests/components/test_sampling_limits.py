@@ -20,7 +20,7 @@ from components.sampling_limits import (
     check_option,
     check_seed,
 )
-from components.stages import GANSamplingConfig, TemperatureSamplingConfig
+from components.zoo.families import GANSamplingConfig, TemperatureSamplingConfig
 
 HOSTILE = [math.inf, -math.inf, math.nan, 1e30, -1e30, 10**400, True, "1", [1.0]]
 

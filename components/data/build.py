@@ -188,11 +188,14 @@ def _write_all(
     stats = _Stats(cfg.channels)
     skipped: list[str] = []
     shards, tallies = {}, {}
-    for split in SPLITS:
-        tally = tallies[split] = _Tally(stats=stats if split == "train" else None)
-        part = itertools.islice(items, len(plan[split]))
-        rows = _rows(part, cfg=cfg, tally=tally, skipped=skipped, progress=progress, log=log)
-        shards[split] = write_shards(rows, out_dir=out, split=split, shard_rows=cfg.shard_rows)
+    try:
+        for split in SPLITS:
+            tally = tallies[split] = _Tally(stats=stats if split == "train" else None)
+            part = itertools.islice(items, len(plan[split]))
+            rows = _rows(part, cfg=cfg, tally=tally, skipped=skipped, progress=progress, log=log)
+            shards[split] = write_shards(rows, out_dir=out, split=split, shard_rows=cfg.shard_rows)
+    finally:
+        items.close()  # a failed build stops the Ray Data execution now, not at garbage collection
     classes = {s: tallies[s].classes for s in SPLITS}
     hashes = {s: tallies[s].hasher.hexdigest() for s in SPLITS}
     counts = {s: sum(classes[s].values()) for s in SPLITS}

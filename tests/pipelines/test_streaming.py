@@ -186,3 +186,25 @@ def test_encode_streams_in_bounded_shards(fits, prepared, tmp_path, force_stream
         [pq.read_table(out / name, columns=["id"]).column("id").to_numpy() for name in names]
     )
     assert ids.tolist() == read_split(prepared, "train").column("id").to_pylist()  # in shard order
+
+
+def test_a_bad_image_on_ray_is_one_line_naming_it(ray_local, tmp_path):
+    from PIL import Image
+
+    from components.data.images import BadImageError
+
+    for cls in ("a", "b"):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (6, 6), (40 * i, 9, 9)).save(tmp_path / "in" / cls / f"{i}.png")
+    bad = tmp_path / "in" / "b" / "9.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = PrepareConfig(
+        source=f"imagefolder:{tmp_path / 'in'}", image_size=4, split={"val": 0.0, "test": 0.25}
+    )
+    with pytest.raises(BadImageError, match=f"^bad image {bad}: corrupt or truncated image") as err:
+        build_dataset(cfg, tmp_path / "out", log=lambda _: None, ray_from=0)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    skip = cfg.model_copy(update={"on_bad_image": "skip"})
+    report = build_dataset(skip, tmp_path / "out", log=lambda _: None, ray_from=0)
+    assert report["meta"]["skipped"] == [str(bad)] and report["num_train"] + report["num_test"] == 8

@@ -66,7 +66,9 @@ def test_torch_batches_and_empty_split(local_ray, prepared):
     assert ray_dataset(prepared, "val").count() == 0  # val=0: one empty shard, an empty dataset
 
 
-def test_training_split_is_arrays_when_small_and_a_dataset_when_not(local_ray, prepared, monkeypatch):
+def test_training_split_is_arrays_when_small_a_dataset_when_not_and_lazy_when_large(
+    local_ray, prepared, monkeypatch
+):
     from components.data import raydata
 
     columns = raydata.training_split(prepared, "train")
@@ -77,4 +79,10 @@ def test_training_split_is_arrays_when_small_and_a_dataset_when_not(local_ray, p
     assert raydata.training_split(prepared, "val") == {}  # an empty split: no columns
     monkeypatch.setattr(raydata, "IN_DRIVER_BYTES", 1)  # a set too large to read in the driver
     ds = raydata.training_split(prepared, "train")
-    assert isinstance(ds, ray.data.Dataset) and ds.count() == len(ref)
+    assert isinstance(ds, MaterializedDataset) and ds.count() == len(ref)  # mid-sized: materialised
+    monkeypatch.setenv("GENPIPE_STREAM_BYTES", str(len(ref) * (3 * 8 * 8 * 4 + 8)))  # exactly its size
+    lazy = raydata.training_split(prepared, "train")
+    assert not isinstance(lazy, MaterializedDataset) and lazy.count() == len(ref)  # large: streamed
+    monkeypatch.setenv("GENPIPE_STREAM_BYTES", "lots")
+    with pytest.raises(ValueError, match="GENPIPE_STREAM_BYTES='lots' is not a byte count"):
+        raydata.training_split(prepared, "train")

@@ -177,3 +177,23 @@ def test_parquet_bad_image_bytes_name_the_row(tmp_path, helpers):
         recs[0].open()
     with pytest.raises(BadImageError, match=r"p.parquet#row=1: not an image"):
         recs[1].open()
+
+
+def test_shapes_at_a_million_are_listed_lazily():
+    import tracemalloc
+
+    cfg = PrepareConfig(source="builtin:shapes", channels=3, shapes={"count": 1_000_000})
+    tracemalloc.start()
+    source = open_source(cfg)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 20 * 1024**2  # the label array (8 MB), not a million records
+    assert len(source.records) == 1_000_000 and source.label_array().shape == (1_000_000,)
+    rec = source.records[999_999]
+    assert (rec.id, rec.label) == ("shapes-999999", 999_999 % 4) == (rec.id, int(source.labels[-1]))
+    pixels = np.asarray(rec.open())
+    assert np.array_equal(pixels, np.asarray(open_source(cfg).records[999_999].open()))  # (seed, index) alone
+    other = open_source(cfg.model_copy(update={"seed": 1})).records[999_999].open()
+    assert not np.array_equal(pixels, np.asarray(other))
+    with pytest.raises(IndexError):
+        source.records[1_000_000]

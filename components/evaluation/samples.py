@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -100,7 +101,7 @@ class SampleSet:
                     )
                 with zf.open("images.npy") as fp:
                     yield fp
-        except (zipfile.BadZipFile, EOFError) as err:
+        except (zipfile.BadZipFile, EOFError, zlib.error) as err:
             raise SampleSetError(f"{self.path}: not a readable .npz ({err})") from None
 
     def _read_labels(self, num_classes: int) -> torch.Tensor | None:

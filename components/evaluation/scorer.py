@@ -14,6 +14,7 @@ file) both score through this class, so their figures compare.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -76,12 +77,57 @@ class ClassGrid:
         return torch.cat(rows)
 
 
+@dataclass
+class BatchScore:
+    """What one batch of samples adds to a judgement: small, so a Ray worker can hand it back."""
+
+    features: torch.Tensor  # (B, feature_dim) float32, CPU
+    correct: int  # top-1 hits on the labels asked for (0 when accuracy is not scored)
+    grid: torch.Tensor  # the batch's first `per_row` images of each class (unconditional: first rows), CPU
+    grid_labels: torch.Tensor | None
+
+
+@torch.no_grad()
+def score_batch(
+    evaluator: Evaluator,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    image_shape: tuple[int, ...],
+    accuracy: bool,
+    per_row: int,
+    start: int = 0,
+    source: str = "samples",
+) -> BatchScore:
+    """One batch (B, C, H, W) in [-1, 1] through the evaluator; `labels` (B,) are the classes asked for."""
+    check_images(images, shape=image_shape, start=start, source=source)
+    if labels is not None and tuple(labels.shape) != (images.shape[0],):
+        raise ValueError(f"{source}: {tuple(labels.shape)} labels for {images.shape[0]} images")
+    if evaluator.training:
+        raise RuntimeError("the evaluator must be in eval mode to score samples (call .eval())")
+    f = evaluator.features(images.to(next(evaluator.parameters()).device)).float()  # (B, feature_dim)
+    correct = 0
+    if accuracy and labels is not None:
+        predicted = evaluator.head(f).argmax(dim=1).cpu()  # = evaluator(x): the same forward
+        correct = int((predicted == labels.cpu()).sum())
+    images = images.cpu()
+    if labels is None:
+        grid, grid_labels = images[: per_row * GRID_ROWS].clone(), None
+    else:
+        labels = labels.cpu()
+        keep = torch.zeros(labels.shape[0], dtype=torch.bool)
+        for c in labels.unique().tolist():
+            keep[(labels == c).nonzero()[:per_row, 0]] = True
+        grid, grid_labels = images[keep].clone(), labels[keep].clone()
+    return BatchScore(features=f.cpu(), correct=correct, grid=grid, grid_labels=grid_labels)
+
+
 class SampleScorer:
     """Streams batches of samples (and the labels asked for) through the evaluator; `metrics` at the end."""
 
     def __init__(
         self,
-        evaluator: Evaluator,
+        evaluator: Evaluator | None,
         *,
         image_shape: tuple[int, ...],
         num_classes: int,
@@ -91,29 +137,34 @@ class SampleScorer:
     ) -> None:
         self.evaluator, self.image_shape, self.source = evaluator, tuple(image_shape), source
         self.num_classes, self.accuracy = num_classes, accuracy
-        self.device = next(evaluator.parameters()).device
         self.stats = StatsAccumulator()
         self.features: list[torch.Tensor] = []  # (B, feature_dim) float32 per batch: precision/recall
         self.correct = self.n = 0
         self.grid = ClassGrid(num_classes=num_classes, per_row=grid_columns)
 
-    @torch.no_grad()
     def add(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Score one batch (B, C, H, W) in [-1, 1]; labels (B,) int64 are the classes asked for, or None."""
-        check_images(images, shape=self.image_shape, start=self.n, source=self.source)
-        if labels is not None and tuple(labels.shape) != (images.shape[0],):
-            raise ValueError(f"{self.source}: {tuple(labels.shape)} labels for {images.shape[0]} images")
-        if self.evaluator.training:
-            raise RuntimeError("the evaluator must be in eval mode to score samples (call .eval())")
-        f = self.evaluator.features(images.to(self.device)).float()  # (B, feature_dim)
-        if self.accuracy and labels is not None:
-            predicted = self.evaluator.head(f).argmax(dim=1).cpu()  # = evaluator(x): the same forward
-            self.correct += int((predicted == labels.cpu()).sum())
-        f = f.cpu()
-        self.stats.update(f)
-        self.features.append(f)
-        self.grid.add(images.cpu(), labels.cpu() if labels is not None else None)
-        self.n += images.shape[0]
+        """Score one batch (B, C, H, W) in [-1, 1] here; labels (B,) int64 are the classes asked for, or None."""
+        if self.evaluator is None:
+            raise ValueError("this scorer merges scores made elsewhere (no evaluator): use merge()")
+        score = score_batch(
+            self.evaluator,
+            images,
+            labels,
+            image_shape=self.image_shape,
+            accuracy=self.accuracy,
+            per_row=self.grid.per_row,
+            start=self.n,
+            source=self.source,
+        )
+        self.merge(score)
+
+    def merge(self, score: BatchScore) -> None:
+        """Add a batch's score (made here or by a worker); batches merge in sampling order."""
+        self.stats.update(score.features)
+        self.features.append(score.features)
+        self.correct += score.correct
+        self.grid.add(score.grid, score.grid_labels)
+        self.n += score.features.shape[0]
 
     def metrics(
         self, *, test_stats: FeatureStats, real_features: torch.Tensor, floor: float, pr_k: int

@@ -49,6 +49,9 @@ class EvaluateConfig(StrictConfig):
     grid_columns: int = Field(default=10, ge=1, le=64, description="samples per class row of the grid")
     threads: int | None = Field(default=None, ge=1, description="torch threads; null: every core")
     device: Literal["cpu", "cuda"] = "cpu"
+    num_workers: int = Field(
+        default=0, ge=0, description="0: sample in the stage's process; N: on N Ray actors (a GPU each on cuda)"
+    )
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per model (models/<name>): sampling options over its defaults"
     )

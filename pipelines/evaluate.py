@@ -83,6 +83,23 @@ def main(
     reference = load_reference(root / EVALUATOR)
     print(f"{STAGE}: {model}: sampling {n} images ({options or 'trained defaults'})")
 
+    runner = None
+    if cfg.num_workers:  # FID-50k and up: the jobs on Ray actors (pipelines/judge_ray.py)
+        from pipelines.judge_ray import ray_runner
+
+        runner = ray_runner(
+            sections["ray"],
+            num_workers=cfg.num_workers,
+            model_dir=root / "models" / model,
+            evaluator_dir=root / EVALUATOR,
+            device=cfg.device,
+            threads=cfg.threads or 1,
+            seed=cfg.seed,
+            options=options,
+            accuracy=generator.num_classes > 0 and evaluator.num_classes == generator.num_classes,
+            per_row=cfg.grid_columns,
+        )
+
     def run(sink=None):
         return judge(
             generator,
@@ -98,6 +115,7 @@ def main(
             progress=progress_line(model),
             grid_columns=cfg.grid_columns,
             sink=sink,
+            runner=runner,
         )
 
     if dump_samples is not None:

@@ -228,3 +228,31 @@ def test_out_refuses_the_stage_reports_and_leaves_nothing_half_written(workspace
             )
     assert not (workspace / "never.json").exists()
     assert not list(workspace.glob("*.tmp*"))
+
+
+def test_ray_workers_judge_the_same_set_to_the_same_figures(workspace, dump, capsys):
+    import ray
+
+    from pipelines.ray_start import LOCAL_RAY_ENV
+
+    raw = yaml.safe_load((workspace / "params.yaml").read_text())
+    raw["evaluate"]["num_workers"] = 2
+    raw["ray"] = {"num_cpus": 2, "include_dashboard": False}
+    params = workspace / "params-ray.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    saved = {k: os.environ.get(k) for k in LOCAL_RAY_ENV}
+    capsys.readouterr()
+    try:
+        evaluate.main(params=params, model=MODEL, dump_samples=workspace / "dump/ray.npz")
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("{"))
+    got = json.loads(line)["metrics"]
+    stage = json.loads((workspace / f"reports/evaluate/{MODEL}.json").read_text())
+    for key in FIGURES:
+        assert got[key] == pytest.approx(stage[key], rel=1e-9, abs=1e-12), key
+    with np.load(dump) as here, np.load(workspace / "dump/ray.npz") as there:
+        np.testing.assert_array_equal(here["labels"], there["labels"])
+        np.testing.assert_allclose(here["images"], there["images"], rtol=0, atol=1e-6)

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import torch
 
-CHUNK = 1024  # query rows per distance block: bounds memory at CHUNK * N * 8 bytes
+CHUNK = 1024  # query rows per distance block at most
+BLOCK_BYTES = 256 * 1024**2  # and fewer when N is large: a (rows, N) float64 block stays under this
 # Direct differences, not the matmul expansion: d(a, b) == d(b, a) bit for bit, so a point at exactly
 # the k-th neighbour distance is inside that ball whichever side computed it.
 EXACT = "donot_use_mm_for_euclid_dist"
+
+
+def _rows(n: int) -> int:
+    """Query rows per block against n points: CHUNK, fewer when a block would pass BLOCK_BYTES."""
+    return max(1, min(CHUNK, BLOCK_BYTES // (8 * max(n, 1))))
 
 
 def knn_radii(f: torch.Tensor, *, k: int) -> torch.Tensor:
@@ -24,7 +30,7 @@ def knn_radii(f: torch.Tensor, *, k: int) -> torch.Tensor:
         raise ValueError(f"k={k} must be in 1..{f.shape[0] - 1} for {f.shape[0]} points")
     f = f.double()
     out = []
-    for q in f.split(CHUNK):
+    for q in f.split(_rows(f.shape[0])):
         d = torch.cdist(q, f, compute_mode=EXACT)  # (chunk, N)
         out.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # column 0 is the point itself
     return torch.cat(out)
@@ -36,7 +42,7 @@ def _ball_hits(
     """Per query: how many balls contain it (Q,); per ball: whether any query lies in it (N,)."""
     counts, covered = [], torch.zeros(centres.shape[0], dtype=torch.bool)
     centres = centres.double()
-    for q in query.double().split(CHUNK):
+    for q in query.double().split(_rows(centres.shape[0])):
         inside = torch.cdist(q, centres, compute_mode=EXACT) <= radii[None, :]  # (chunk, N)
         counts.append(inside.sum(dim=1))
         covered |= inside.any(dim=0)

@@ -26,6 +26,7 @@ from torch import nn
 
 from components.data import streaming
 from components.data.readers import epoch_batches
+from components.storage import ray_storage
 from components.training import distributed as dist
 from components.training import ray_trims
 from components.training.checkpoint import State, load_state, module_states, save_state
@@ -187,7 +188,7 @@ def fit(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_uri(train.storage_path),
+            **ray_storage(storage_uri(train.storage_path)),  # s3://: with its S3 filesystem
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.num_to_keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per checkpoint

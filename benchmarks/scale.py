@@ -1,0 +1,368 @@
+"""`make bench`: cost curves of the data plane over N procedural shapes (32x32 RGB, `builtin:shapes`).
+
+For each N in SIZES: `prepare` (the stage's build, on Ray Data from GENPIPE_PREPARE_RAY_FROM images),
+a streamed training run (a tiny tokenizer, fixed steps and batch, so images/s compares across N; the
+streaming path forced by its thresholds), `encode` (every split, with that tokenizer) and
+evaluate-like statistics (one streaming pass: running sums of a fixed 64-d projection of every
+image, its mean and covariance). BIG (1M) runs `prepare` and `encode` only.
+
+Each (N, stage) runs in a fresh process with its own local Ray (2 CPUs), so peaks do not carry over.
+Peak RSS is measured, not estimated: the driver's from getrusage (its whole life), each Ray worker's
+from psutil samples every SAMPLE_S of the processes under this driver (workers are named `ray::`).
+The table goes into BENCHMARKS.md ("## Scale", replaced; the rest of the file kept), the figures
+into reports/scale.json and the curves into reports/scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = (2_000, 20_000, 200_000)
+BIG = 1_000_000
+STAGES = ("prepare", "train", "encode", "stats")
+BIG_STAGES = ("prepare", "encode")
+SAMPLE_S = 0.1
+STEPS, BATCH = 200, 64  # the streamed fit: 12,800 images whatever N
+FEATURES = 64  # the statistics pass: a fixed random projection of each image to this many features
+FORCE_STREAM = {"GENPIPE_IN_DRIVER_BYTES": "0", "GENPIPE_STREAM_BYTES": "0"}
+MIB = 1024**2
+
+
+def _tokenizer():
+    from components.tokenizer.config import TokenizerConfig
+
+    return TokenizerConfig(
+        autoencoder={
+            "in_channels": 3,
+            "channels": 16,
+            "channel_mult": [1, 2, 2],
+            "downsample_factor": 4,
+            "num_res_blocks": 1,
+            "z_channels": 8,
+            "attention": False,
+        },
+        quantizer={"kind": "vq", "codebook_size": 64, "ema": True},
+        loss={"perceptual_weight": 0.0, "disc": {"weight": 0.0}},
+    )
+
+
+class Peaks:
+    """Samples the RSS of this process's descendants that are Ray workers (`ray::...`) in a thread."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.me, self.workers = psutil.Process(), {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(SAMPLE_S):
+            for p in self.me.children(recursive=True):
+                try:
+                    name = p.name()
+                    if name.startswith("ray::") and not name.endswith("Agent"):  # not the raylet's agents
+                        rss = p.memory_info().rss
+                        self.workers[p.pid] = max(self.workers.get(p.pid, 0), rss)
+                except Exception:  # noqa: BLE001 - a process that ended between listing and reading
+                    continue
+
+    def __enter__(self) -> Peaks:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+# --- the stages (child processes) -----------------------------------------------------------------
+def _prepare(n: int, work: Path) -> int:
+    from components.data.build import build_dataset
+    from components.data.config import PrepareConfig
+    from pipelines.prepare import ray_from
+
+    cfg = PrepareConfig(source="builtin:shapes", image_size=32, channels=3, shapes={"count": n, "size": 32})
+    report = build_dataset(
+        cfg, work / "processed", log=lambda line: print(line, flush=True), ray_from=ray_from()
+    )
+    return int(sum(report["meta"]["counts"].values()))
+
+
+def _train(n: int, work: Path) -> tuple[int, float]:
+    """(images, images/s over the steps): a streamed fit, the tokenizer exported for encode."""
+    from components.data.raydata import training_split
+    from components.io import save_model
+    from components.tokenizer.task import TokenizerTask
+    from components.tokenizer.vqgan import VQGAN
+    from components.training.config import LoopConfig, TrainConfig
+    from components.training.ray_adapter import fit
+
+    os.environ.update(FORCE_STREAM)
+    loop = LoopConfig(steps=STEPS, batch_size=BATCH, lr=2e-3, log_every=50, checkpoint_every=STEPS)
+    shutil.rmtree(work / "ray", ignore_errors=True)
+    result = fit(
+        task_factory=partial(TokenizerTask, _tokenizer(), loop),
+        loop=loop,
+        train=TrainConfig(num_workers=1, storage_path=str(work / "ray"), max_failures=0),
+        run_name=f"scale-{n}",
+        datasets={"train": training_split(work / "processed", "train")},
+    )
+    assert result.data == "streamed", result.data
+    vqgan = result.load_module("vqgan", VQGAN(_tokenizer()), ema_module=TokenizerTask.ema_module)
+    save_model(work / "tokenizer", vqgan.state_dict(), vqgan.config_dict())
+    seconds = result.clock["last_step"] - result.clock["first_step"]
+    return STEPS * BATCH, STEPS * BATCH / seconds
+
+
+def _encode(n: int, work: Path, tokenizer: Path) -> int:
+    from components.data.shards import SPLITS
+    from components.data.tokens import encode_split, write_token_split
+    from components.stages import EncodeConfig
+
+    cfg = EncodeConfig()
+    out = work / "tokens"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    total = 0
+    for split in SPLITS:
+        batches = encode_split(work / "processed", split, model_dir=tokenizer, batch_size=cfg.batch_size)
+        cfg_t = _tokenizer()
+        _, rows = write_token_split(
+            batches,
+            out_dir=out,
+            split=split,
+            grid=(8, 8),
+            latent_dim=cfg_t.code_dim,
+            shard_rows=cfg.shard_rows,
+        )
+        total += rows
+    return total
+
+
+def _stats(n: int, work: Path) -> int:
+    """Mean and covariance of a fixed projection of every image, in one streaming pass (running sums)."""
+    from components.data.raydata import ray_dataset
+    from components.data.shards import SPLITS
+
+    proj = np.random.default_rng(0).standard_normal((3 * 32 * 32, FEATURES)) / math.sqrt(3 * 32 * 32)
+    s, ss, count = np.zeros(FEATURES), np.zeros((FEATURES, FEATURES)), 0
+    for split in SPLITS:
+        ds = ray_dataset(work / "processed", split, materialize=False)
+        for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
+            f = batch["image"].reshape(len(batch["image"]), -1).astype(np.float64) @ proj  # (B, FEATURES)
+            s += f.sum(0)
+            ss += f.T @ f
+            count += len(f)
+    mean = s / count
+    cov = (ss - count * np.outer(mean, mean)) / max(count - 1, 1)
+    assert np.isfinite(cov).all()
+    return count
+
+
+def child(stage: str, n: int, work: Path, tokenizer: Path | None) -> dict:
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    load = os.getloadavg()[0]
+    with Peaks() as peaks:
+        t0 = time.perf_counter()
+        rate = None
+        if stage == "prepare":
+            images = _prepare(n, work)
+        elif stage == "train":
+            images, rate = _train(n, work)
+        elif stage == "encode":
+            images = _encode(n, work, tokenizer or work / "tokenizer")
+        else:
+            images = _stats(n, work)
+        wall = time.perf_counter() - t0
+    ray.shutdown()
+    return {
+        "stage": stage,
+        "n": n,
+        "images": images,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(rate if rate is not None else images / wall, 1),
+        "driver_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "worker_peak_mib": round(max(peaks.workers.values(), default=0) / MIB, 1),
+        "workers": len(peaks.workers),
+        "load": [round(load, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+# --- the driver: runs the children, writes the table and the plot ----------------------------------
+def run(stage: str, n: int, work: Path, tokenizer: Path | None = None) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--child", stage, "--n", str(n), "--work", str(work)]
+    if tokenizer is not None:
+        cmd += ["--tokenizer", str(tokenizer)]
+    print(f"scale: {stage} N={n} ...", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"scale: {stage} N={n} failed (exit {proc.returncode})")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"scale: {json.dumps(row)}", flush=True)
+    with (work.parent / "rows.jsonl").open("a") as f:  # kept as they come: a long run's partial figures
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| stage | N | wall (s) | images/s | driver peak RSS (MiB) | worker peak RSS (MiB, max) | Ray workers | load 1-min |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['stage']} | {r['n']:,} | {r['wall_s']:.1f} | {r['images_per_s']:,.0f} | {r['driver_peak_mib']:,.0f} "
+            f"| {r['worker_peak_mib']:,.0f} | {r['workers']} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> str:
+    """The issue's targets: 200k vs 20k (images/s >= 0.8x, peak RSS <= 1.3x); 1M peaks under 4 GiB."""
+    by = {(r["stage"], r["n"]): r for r in rows}
+    out = ["| stage | images/s 200k / 20k (target >= 0.8) | driver RSS 200k / 20k | worker RSS 200k / 20k (target <= 1.3) |",
+           "|---|---:|---:|---:|"]  # fmt: skip
+    for stage in STAGES:
+        a, b = by.get((stage, 20_000)), by.get((stage, 200_000))
+        if a and b:
+            w = b["worker_peak_mib"] / a["worker_peak_mib"] if a["worker_peak_mib"] else float("nan")
+            out.append(
+                f"| {stage} | {b['images_per_s'] / a['images_per_s']:.2f} | "
+                f"{b['driver_peak_mib'] / a['driver_peak_mib']:.2f} | {w:.2f} |"
+            )
+    for stage in BIG_STAGES:
+        r = by.get((stage, BIG))
+        if r:
+            peak = max(r["driver_peak_mib"], r["worker_peak_mib"]) / 1024
+            out.append(
+                f"\n1M `{stage}`: peak RSS {peak:.2f} GiB in one process (target < 4 GiB), {r['wall_s']:.0f} s"
+            )
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for stage in STAGES:
+        rs = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["n"])
+        if not rs:
+            continue
+        ns = [r["n"] for r in rs]
+        ax1.plot(ns, [r["images_per_s"] for r in rs], "o-", label=stage)
+        ax2.plot(ns, [r["driver_peak_mib"] for r in rs], "o-", label=f"{stage} driver")
+        ax2.plot(ns, [r["worker_peak_mib"] for r in rs], "x--", label=f"{stage} worker (max)")
+    for ax, label in ((ax1, "images/s"), (ax2, "peak RSS (MiB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("images (N)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=7, ncol=2)
+    fig.suptitle("genpipe data plane: 32x32 RGB shapes, 2 CPUs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def write_section(rows: list[dict], bench_md: Path) -> None:
+    """Replace BENCHMARKS.md's "## Scale" section (or append it), keeping everything else."""
+    head = "## Scale (`make bench`, `benchmarks/scale.py`)"
+    body = (
+        f"{head}\n\nProcedural shapes at 32x32 RGB; each (stage, N) in a fresh process with a local Ray of "
+        "2 CPUs on this 2-core machine, which other jobs share (the load column: 1-minute load average at "
+        "the stage's start and end; figures under load are noisy). `train` is a streamed fit (forced "
+        f"streaming path, {STEPS} steps of {BATCH}, one worker; images/s over the steps), `encode` every "
+        "split with that tokenizer (EncodeConfig defaults), `stats` one streaming pass of running sums. "
+        "Driver peak RSS: getrusage over the process's life (imports included); worker: psutil samples of "
+        f"every `ray::` process every {SAMPLE_S} s. Curves: reports/scale.png.\n\n"
+        f"{table(rows)}\n\n{ratios(rows)}\n"
+    )
+    text = bench_md.read_text() if bench_md.exists() else "# Benchmarks\n"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + body + (text[nxt + 1 :] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    bench_md.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    ap.add_argument("--big", type=int, default=BIG, help="N for prepare+encode only; 0 to skip")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "genpipe-scale")
+    ap.add_argument("--child", choices=STAGES)
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--tokenizer", type=Path)
+    ap.add_argument("--no-write", action="store_true", help="print only: leave BENCHMARKS.md and reports/")
+    ap.add_argument("--report", type=Path, help="write the table and plot from this rows.jsonl; run nothing")
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.n, args.work, args.tokenizer)))
+        return
+    if args.report:
+        report([json.loads(line) for line in args.report.read_text().splitlines() if line.strip()])
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "rows.jsonl").unlink(missing_ok=True)
+    rows: list[dict] = []
+    tokenizer = args.tokenizer  # else the one trained at the largest of --sizes
+    for n in sorted(args.sizes):
+        work = args.work / str(n)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for stage in STAGES:
+            rows.append(run(stage, n, work))
+        shutil.rmtree(args.work / "tokenizer", ignore_errors=True)
+        shutil.copytree(work / "tokenizer", args.work / "tokenizer")
+        tokenizer = args.work / "tokenizer"
+        shutil.rmtree(work)  # disk: the next N starts clean
+    if args.big:
+        if tokenizer is None:
+            raise SystemExit("scale: --big needs a tokenizer: give --sizes or --tokenizer")
+        work = args.work / str(args.big)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for stage in BIG_STAGES:
+            rows.append(run(stage, args.big, work, tokenizer if stage == "encode" else None))
+        shutil.rmtree(work)
+    print(table(rows) + "\n\n" + ratios(rows))
+    if not args.no_write:
+        report(rows)
+
+
+def report(rows: list[dict]) -> None:
+    """reports/scale.json, reports/scale.png and BENCHMARKS.md's "## Scale" section from `rows`."""
+    (REPO / "reports").mkdir(exist_ok=True)
+    (REPO / "reports/scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, REPO / "reports/scale.png")
+    write_section(rows, REPO / "BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()

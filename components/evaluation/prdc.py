@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 CHUNK = 1024  # query rows per distance block at most
-BLOCK_BYTES = 256 * 1024**2  # and fewer when N is large: a (rows, N) float64 block stays under this
+BLOCK_BYTES = 64 * 1024**2  # and fewer when N is large: a (rows, N) float64 block stays under this
 # Direct differences, not the matmul expansion: d(a, b) == d(b, a) bit for bit, so a point at exactly
 # the k-th neighbour distance is inside that ball whichever side computed it.
 EXACT = "donot_use_mm_for_euclid_dist"

@@ -41,8 +41,10 @@ BACKBONE = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attenti
 def _trained_evaluator(data: Path) -> Evaluator:
     """A tiny evaluator trained for a few dozen steps: features and a head worth scoring with."""
     torch.manual_seed(0)
-    loop = LoopConfig(steps=25, batch_size=32, lr=0.003, warmup_steps=5, log_every=25)
-    task = EvaluatorTask(EvaluatorConfig(widths=(8, 16), feature_dim=16), loop, in_channels=1, num_classes=10)
+    loop = LoopConfig(steps=60, batch_size=32, lr=0.006, warmup_steps=5, log_every=60)  # ~54% test accuracy
+    task = EvaluatorTask(
+        EvaluatorConfig(widths=(16, 32), feature_dim=32), loop, in_channels=1, num_classes=10
+    )
     split = ShardDataset(data, "train")
     batches = epoch_batches({"image": split.images, "label": split.labels}, batch=32, seed=0)
     train(task, loop=loop, batches=batches, device=torch.device("cpu"), progress=False)
@@ -134,6 +136,28 @@ def test_uint8_images_and_an_image_folder_score_alike(workspace, dump, capsys):
     # the folder is in class order, not the dump's: the same set, so the same figures to rounding
     for key in ("fid", "precision", "recall", "cond_accuracy"):
         assert from_folder[key] == pytest.approx(from_npz[key], rel=1e-6, abs=1e-9), key
+
+
+def test_the_real_test_split_as_a_sample_set_scores_as_the_real_test_split(workspace, capsys):
+    """FD to its own statistics ~0, precision = recall = 1, accuracy = the evaluator's test accuracy."""
+    from components.data.readers import ShardDataset
+    from components.evaluation.evaluator import load_evaluator, predict
+
+    test = ShardDataset(workspace / "data/processed", "test")
+    folder = workspace / "real-test"
+    names = test.class_names
+    for i, (x, c) in enumerate(zip(test.images, test.labels.tolist(), strict=True)):
+        (folder / names[c]).mkdir(parents=True, exist_ok=True)
+        pixels = np.round((x[0].numpy() + 1) * 127.5).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / names[c] / f"{i:04d}.png")
+    got = _score(workspace, folder, capsys)["metrics"]
+    evaluator = load_evaluator(workspace / "models/evaluator")
+    accuracy = float((predict(evaluator, test.images) == test.labels).double().mean())
+    assert got["num_samples"] == len(test) and got["cond_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert accuracy > 0.3  # a trained evaluator: the figure means something
+    assert (
+        got["fid"] == pytest.approx(0, abs=1e-9 * got["fid_floor"]) and got["precision"] == got["recall"] == 1
+    )
 
 
 def _write(path: Path, arrays: dict) -> Path:

@@ -58,8 +58,8 @@ def data_mode(datasets: dict[str, ray.data.Dataset | Columns], *, workers: int) 
     """One of MODES for these splits on `workers` workers (see the module docstring)."""
     if all(small(ds) for ds in datasets.values()):
         return "in_memory"
-    train = datasets["train"]
-    return "cached" if not isinstance(train, dict) and fits_in_memory(train, workers=workers) else "streamed"
+    train = datasets["train"]  # numpy columns become a materialised Dataset beside a streamed val split
+    return "cached" if isinstance(train, dict) or fits_in_memory(train, workers=workers) else "streamed"
 
 
 def as_dataset(columns: Columns) -> ray.data.Dataset:

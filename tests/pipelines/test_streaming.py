@@ -208,3 +208,20 @@ def test_a_bad_image_on_ray_is_one_line_naming_it(ray_local, tmp_path):
     skip = cfg.model_copy(update={"on_bad_image": "skip"})
     report = build_dataset(skip, tmp_path / "out", log=lambda _: None, ray_from=0)
     assert report["meta"]["skipped"] == [str(bad)] and report["num_train"] + report["num_test"] == 8
+
+
+def test_data_mode_by_size(ray_local, prepared, monkeypatch):
+    from components.data.streaming import data_mode
+
+    columns = raydata.read_columns(prepared, "train")
+    lazy = raydata.ray_dataset(prepared, "train", materialize=False)
+    assert data_mode({"train": columns, "val": columns}, workers=2) == "in_memory"
+    assert data_mode({"train": lazy}, workers=2) == "streamed"
+    assert data_mode({"train": columns, "val": lazy}, workers=2) == "cached"  # train joins as a Dataset
+    materialized = raydata.from_columns(columns)
+    assert data_mode({"train": materialized}, workers=1) == "in_memory"
+    monkeypatch.setenv("GENPIPE_IN_MEMORY_BYTES", "0")
+    assert data_mode({"train": materialized}, workers=1) == "cached"
+    monkeypatch.setenv("GENPIPE_CACHE_BYTES", str(materialized.size_bytes()))  # a worker's share: too big
+    assert data_mode({"train": materialized}, workers=1) == "streamed"
+    assert data_mode({"train": materialized}, workers=2) == "cached"

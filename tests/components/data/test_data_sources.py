@@ -197,3 +197,26 @@ def test_shapes_at_a_million_are_listed_lazily():
     assert not np.array_equal(pixels, np.asarray(other))
     with pytest.raises(IndexError):
         source.records[1_000_000]
+
+
+def test_a_parquet_export_of_100k_rows_is_listed_without_a_record_per_row(tmp_path, helpers):
+    import tracemalloc
+
+    png = helpers.png_bytes(Image.new("L", (4, 4), 7))
+    n = 100_000
+    helpers.write_parquet(
+        tmp_path / "big.parquet", images=[png] * n, labels=[i % 3 for i in range(n)], struct=True
+    )
+    tracemalloc.start()
+    source = open_source(PrepareConfig(source=f"parquet:{tmp_path / 'big.parquet'}"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 10 * 1024**2  # labels as one array; the bytes stay in Arrow buffers
+    assert len(source.records) == n and source.class_names == ("0", "1", "2")
+    last = source.records[n - 1]
+    assert (last.id, last.label, last.origin) == (
+        "big-099999",
+        (n - 1) % 3,
+        f"{tmp_path / 'big.parquet'}#row=99999",
+    )
+    assert last.data == png and source.label_array()[-1] == last.label

@@ -44,6 +44,19 @@ def quiet_ray_logs() -> None:
 
 
 QUIET_RUNTIME_ENV = {"worker_process_setup_hook": "pipelines.ray_start.quiet_ray_logs"}
+SHIP_CODE_ENV = "GENPIPE_SHIP_CODE"  # 0: the cluster's nodes have this very genpipe installed
+
+
+def cluster_runtime_env() -> dict[str, object]:
+    """The job's runtime env on a joined cluster: this checkout's `components` and `pipelines` ride
+    along (Ray's `py_modules`, uploaded once per content hash), so a node that holds only the
+    environment, not the code, runs exactly the driver's code (docs/scale-out.md)."""
+    if os.environ.get(SHIP_CODE_ENV, "1") == "0":
+        return dict(QUIET_RUNTIME_ENV)
+    import components
+    import pipelines
+
+    return {**QUIET_RUNTIME_ENV, "py_modules": [components, pipelines]}
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -62,7 +75,7 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(
             address=address,
             log_to_driver=True,
-            runtime_env=QUIET_RUNTIME_ENV,
+            runtime_env=QUIET_RUNTIME_ENV if shared else cluster_runtime_env(),
             **({"logging_level": logging.WARNING} if shared else {}),
         )
         return

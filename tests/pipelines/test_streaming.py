@@ -225,3 +225,15 @@ def test_data_mode_by_size(ray_local, prepared, monkeypatch):
     monkeypatch.setenv("GENPIPE_CACHE_BYTES", str(materialized.size_bytes()))  # a worker's share: too big
     assert data_mode({"train": materialized}, workers=1) == "streamed"
     assert data_mode({"train": materialized}, workers=2) == "cached"
+
+
+def test_prepare_stage_threshold(monkeypatch):
+    from pipelines.prepare import RAY_FROM, ray_from
+
+    monkeypatch.delenv("GENPIPE_PREPARE_RAY_FROM", raising=False)
+    assert ray_from() == RAY_FROM > 1797  # the default digits convert in the stage process
+    monkeypatch.setenv("GENPIPE_PREPARE_RAY_FROM", "600")
+    assert ray_from() == 600
+    monkeypatch.setenv("GENPIPE_PREPARE_RAY_FROM", "many")
+    with pytest.raises(ValueError, match="GENPIPE_PREPARE_RAY_FROM='many' is not an integer image count"):
+        ray_from()

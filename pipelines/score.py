@@ -76,11 +76,8 @@ def check_out(out: Path, *, root: Path) -> None:
     target, reports = out.resolve(), (root / "reports").resolve()
     if target.suffix != ".json":
         raise ValueError(f"--out {out}: the result is JSON; name a .json file")
-    if (
-        target.parent == reports
-        and target.name.startswith("evaluate")
-        or reports / "evaluate" in target.parents
-    ):
+    stage_report = target.parent == reports and target.name.startswith("evaluate")
+    if stage_report or reports / "evaluate" in target.parents:
         raise ValueError(f"--out {out}: that is the evaluate stage's report; write the result elsewhere")
 
 

@@ -208,8 +208,10 @@ def _folder(
     root: Path, *, num_classes: int, class_names: tuple[str, ...] = ()
 ) -> tuple[list[Path], torch.Tensor | None]:
     """Image files in a stable order and their labels: subfolders are classes, loose files unlabelled."""
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    subdirs = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if p.is_file()]
+    _only_images(loose)
     if subdirs and loose:
         raise SampleSetError(
             f"{root}: has both images ({loose[0].name}) and class folders ({subdirs[0].name})"
@@ -221,12 +223,21 @@ def _folder(
     files, labels = [], []
     for d in subdirs:
         label = _class_index(d.name, num_classes=num_classes, class_names=class_names, where=str(d))
-        found = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+        _only_images(found)
         files += found
         labels += [label] * len(found)
     if not files:
         raise SampleSetError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images in its class folders")
     return files, torch.tensor(labels, dtype=torch.int64)
+
+
+def _only_images(files: list[Path]) -> None:
+    other = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if other:
+        raise SampleSetError(
+            f"{other[0]}: not a {'/'.join(IMAGE_SUFFIXES)} file (a sample folder holds images only)"
+        )
 
 
 def _class_index(name: str, *, num_classes: int, class_names: tuple[str, ...], where: str) -> int:

@@ -280,3 +280,24 @@ def test_ray_workers_judge_the_same_set_to_the_same_figures(workspace, dump, cap
     with np.load(dump) as here, np.load(workspace / "dump/ray.npz") as there:
         np.testing.assert_array_equal(here["labels"], there["labels"])
         np.testing.assert_allclose(here["images"], there["images"], rtol=0, atol=1e-6)
+
+
+def test_bad_image_folders_fail_in_one_line_naming_the_file(workspace):
+    grey = Image.fromarray(np.zeros((16, 16), np.uint8), mode="L")
+    cases = {
+        "other-file": ({"3/a.png": grey, "3/notes.txt": None}, "notes.txt: not a .png file"),
+        "unknown-class": ({"cat/a.png": grey}, "cat: not a class"),
+        "mixed": ({"a.png": grey, "3/b.png": grey}, "has both images"),
+        "rgb": ({"3/a.png": grey.convert("RGB")}, "a.png: RGB 16x16, expected L 16x16"),
+        "size": ({"3/a.png": grey.resize((8, 8))}, "a.png: L 8x8, expected L 16x16"),
+        "empty": ({}, "no .png images"),
+    }
+    for name, (files, needle) in cases.items():
+        folder = workspace / "bad-folders" / name
+        folder.mkdir(parents=True)
+        for rel, img in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text("x") if img is None else img.save(folder / rel)
+        with pytest.raises(ValueError) as err:
+            evaluate.main(params=workspace / "params.yaml", samples=folder)
+        assert needle in str(err.value) and "\n" not in str(err.value), (name, str(err.value))

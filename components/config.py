@@ -27,6 +27,7 @@ from components.stages import (
     TrainTokenizerConfig,
     TrainZooConfig,
 )
+from components.storage import StorageConfig
 from components.training.config import TrainConfig
 
 
@@ -55,6 +56,7 @@ SHARED_SECTIONS: dict[str, type[StrictConfig]] = {
     "train": TrainConfig,
     "ray": RayConfig,
     "mlflow": MlflowConfig,
+    "storage": StorageConfig,
 }
 
 #: Stage name -> config of its own section.

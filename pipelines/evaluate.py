@@ -62,7 +62,7 @@ def main(
     sections = load_stage(params, STAGE)
     cfg: EvaluateConfig = sections[STAGE]
     root = repo_root()
-    meta, device = setup(cfg, root=root)
+    meta, device = setup(cfg, root=root, workers=cfg.num_workers > 0)
     generator = load_generator(root / "models" / model, device=device)
     evaluator = load_evaluator(root / EVALUATOR, device=device)
     if tuple(generator.image_shape) != (meta["channels"], meta["image_size"], meta["image_size"]):

@@ -64,6 +64,9 @@ def ray_runner(
     from ray.util import ActorPool
 
     init_ray(ray_cfg)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cuda" and gpus < 1:  # actors asking for a GPU would wait forever
+        raise ValueError("evaluate.device=cuda with evaluate.num_workers, but the Ray cluster has no GPU")
     actor = ray.remote(JudgeWorker).options(
         num_cpus=threads, num_gpus=1 if device == "cuda" else 0, max_restarts=0
     )

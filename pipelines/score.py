@@ -37,9 +37,16 @@ DATA, EVALUATOR = "data/processed", "models/evaluator"
 REPORTS = "reports/evaluate"
 
 
-def setup(cfg: EvaluateConfig, *, root: Path) -> tuple[dict, torch.device]:
-    """The prepared data's meta and the judge's device, with its threads set (stage and --samples alike)."""
+def setup(cfg: EvaluateConfig, *, root: Path, workers: bool = False) -> tuple[dict, torch.device]:
+    """The prepared data's meta and this process's device, with its threads set (stage and --samples alike).
+
+    With `workers` (evaluate.num_workers > 0) the Ray actors sample on evaluate.device and this
+    process, which only merges their scores, stays on the CPU: a CPU head node drives GPU workers.
+    """
     meta = read_meta(root / DATA)
+    if workers:
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        return meta, torch.device("cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("evaluate.device=cuda but no CUDA device is visible; set evaluate.device: cpu")
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)

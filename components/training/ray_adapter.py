@@ -196,7 +196,10 @@ def fit(
         ),
         datasets=datasets,
         # One worker reads everything: no split, so no SplitCoordinator actor to start (~2 s each).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if train.num_workers == 1 else "all")
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[] if train.num_workers == 1 else "all",
+            execution_options=streaming.ingest_options(mode),  # a streamed split's bounded read-ahead
+        )
         if datasets
         else None,
     )

@@ -211,7 +211,7 @@ def test_a_bad_image_on_ray_is_one_line_naming_it(ray_local, tmp_path):
 
 
 def test_data_mode_by_size(ray_local, prepared, monkeypatch):
-    from components.data.streaming import data_mode
+    from components.data.streaming import data_mode, ingest_options
 
     columns = raydata.read_columns(prepared, "train")
     lazy = raydata.ray_dataset(prepared, "train", materialize=False)
@@ -225,6 +225,9 @@ def test_data_mode_by_size(ray_local, prepared, monkeypatch):
     monkeypatch.setenv("GENPIPE_CACHE_BYTES", str(materialized.size_bytes()))  # a worker's share: too big
     assert data_mode({"train": materialized}, workers=1) == "streamed"
     assert data_mode({"train": materialized}, workers=2) == "cached"
+    assert ingest_options("cached") is None and ingest_options("in_memory") is None  # Train's defaults
+    monkeypatch.setenv("GENPIPE_READ_AHEAD_BYTES", str(64 * 1024**2))
+    assert ingest_options("streamed").resource_limits.object_store_memory == 64 * 1024**2
 
 
 def test_prepare_stage_threshold(monkeypatch):

@@ -28,6 +28,10 @@ from components.data.shards import read_meta, split_files
 DECODE_BATCH = 256  # rows decoded per task call: bounds float memory when images are large
 IN_DRIVER_BYTES = 64 * 1024**2  # Parquet bytes of a split read in the driver instead of by Ray tasks
 STREAM_BYTES = 1024**3  # decoded bytes of a split from which it streams instead of being materialised
+# A lazy split's read-ahead in the object store. Without a limit Ray Data decodes as far ahead as
+# its share of the object store allows (GBs) when the consumer is slower than the reads: measured
+# on 200k 32x32 shapes, a training worker's peak RSS was 2.2x that at 20k.
+READ_AHEAD_BYTES = 256 * 1024**2
 
 
 def threshold(name: str) -> int:
@@ -55,6 +59,13 @@ def from_columns(columns: dict[str, np.ndarray]) -> ray.data.Dataset:
 def small(files: list[str]) -> bool:
     """True when the files together are small enough to read in the driver (IN_DRIVER_BYTES)."""
     return sum(Path(f).stat().st_size for f in files) < threshold("IN_DRIVER_BYTES")
+
+
+def bounded(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """`ds` reading ahead at most READ_AHEAD_BYTES (GENPIPE_READ_AHEAD_BYTES) in the object store."""
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=threshold("READ_AHEAD_BYTES"))
+    return ds
 
 
 def streams(rows: int, row_bytes: int) -> bool:
@@ -109,4 +120,4 @@ def ray_dataset(data_dir: str | Path, split: str, *, materialize: bool = True) -
         batch_size=DECODE_BATCH,
         fn_kwargs={"channels": meta["channels"], "size": meta["image_size"]},
     )
-    return ds.materialize() if materialize else ds
+    return ds.materialize() if materialize else bounded(ds)

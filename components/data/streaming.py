@@ -7,7 +7,7 @@
   each worker pulls its streaming shard once and reshuffles it from memory every epoch;
 - "streamed": the train split is lazy (or too large to cache); every epoch each worker iterates its
   streaming shard, Ray Data reading and decoding Parquet per batch, shuffled in a local buffer.
-A streamed split reads ahead at most READ_AHEAD_BYTES in the object store (`ingest_options`).
+A streamed split reads ahead at most raydata.READ_AHEAD_BYTES in the object store (`ingest_options`).
 Thresholds have environment overrides (GENPIPE_IN_MEMORY_BYTES, GENPIPE_CACHE_BYTES,
 GENPIPE_READ_AHEAD_BYTES), like raydata's.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import ray.data
 import torch
 
-from components.data.raydata import from_columns
+from components.data.raydata import from_columns, threshold
 from components.data.readers import epoch_batches
 
 Columns = dict[str, np.ndarray]  # a small split's rows: equal-length arrays, one row per leading index
@@ -30,10 +30,6 @@ MODES = ("in_memory", "cached", "streamed")
 CACHE_BYTES = 2 * 1024**3  # per worker: shards under this are held in memory after one pass
 IN_MEMORY_BYTES = 256 * 1024**2  # a materialized split under this goes to the workers as arrays
 CACHE_ROWS = 4096  # rows per pull while filling a worker's cache
-# A streamed split's read-ahead in the object store. Without a limit Ray Data decodes as far ahead
-# as its share of the object store allows (GBs), faster than a worker trains: measured on 200k
-# 32x32 shapes, the worker's peak RSS was 2.2x that at 20k, as the decoded split piled up ahead.
-READ_AHEAD_BYTES = 256 * 1024**2
 
 
 def _threshold(name: str, default: int) -> int:
@@ -69,12 +65,12 @@ def data_mode(datasets: dict[str, ray.data.Dataset | Columns], *, workers: int) 
 
 
 def ingest_options(mode: str) -> ray.data.ExecutionOptions | None:
-    """Ray Data options for the workers' shards: a streamed split reads ahead at most READ_AHEAD_BYTES
-    (GENPIPE_READ_AHEAD_BYTES overrides); None (Train's defaults) for the other modes."""
+    """Ray Data options for the workers' shards: a streamed split reads ahead at most raydata's
+    READ_AHEAD_BYTES (GENPIPE_READ_AHEAD_BYTES overrides); None (Train's defaults) for the other modes."""
     if mode != "streamed":
         return None
     current = ray.data.DataContext.get_current().execution_options
-    limit = current.resource_limits.copy(object_store_memory=_threshold("READ_AHEAD_BYTES", READ_AHEAD_BYTES))
+    limit = current.resource_limits.copy(object_store_memory=threshold("READ_AHEAD_BYTES"))
     return ray.data.ExecutionOptions(
         resource_limits=limit,
         preserve_order=current.preserve_order,

@@ -21,7 +21,7 @@ import ray.data
 import torch
 
 from components.data.images import DataError, pngs_to_array
-from components.data.raydata import from_columns, small, streams
+from components.data.raydata import bounded, from_columns, small, streams
 from components.data.shards import SPLITS, read_meta, shard_name, split_files
 
 TOKENS_SCHEMA_VERSION = 1
@@ -253,4 +253,4 @@ def ray_token_dataset(tokens_dir: str | Path, split: str, *, materialize: bool =
         batch_format="numpy",
         fn_kwargs={"grid": tuple(meta["grid"]), "latent_dim": meta["latent_channels"]},
     )
-    return ds.materialize() if materialize else ds
+    return ds.materialize() if materialize else bounded(ds)

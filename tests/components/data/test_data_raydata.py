@@ -83,6 +83,7 @@ def test_training_split_is_arrays_when_small_a_dataset_when_not_and_lazy_when_la
     monkeypatch.setenv("GENPIPE_STREAM_BYTES", str(len(ref) * (3 * 8 * 8 * 4 + 8)))  # exactly its size
     lazy = raydata.training_split(prepared, "train")
     assert not isinstance(lazy, MaterializedDataset) and lazy.count() == len(ref)  # large: streamed
+    assert lazy.context.execution_options.resource_limits.object_store_memory == raydata.READ_AHEAD_BYTES
     monkeypatch.setenv("GENPIPE_STREAM_BYTES", "lots")
     with pytest.raises(ValueError, match="GENPIPE_STREAM_BYTES='lots' is not a byte count"):
         raydata.training_split(prepared, "train")

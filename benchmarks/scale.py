@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     ap.add_argument("--big", type=int, default=BIG, help="N for prepare+encode only; 0 to skip")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "genpipe-scale")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="of each of --sizes")
     ap.add_argument("--child", choices=STAGES)
     ap.add_argument("--n", type=int)
     ap.add_argument("--tokenizer", type=Path)
@@ -336,11 +337,12 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work / str(n)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        for stage in STAGES:
+        for stage in (s for s in STAGES if s in args.stages or s == "prepare"):  # the others read its output
             rows.append(run(stage, n, work))
-        shutil.rmtree(args.work / "tokenizer", ignore_errors=True)
-        shutil.copytree(work / "tokenizer", args.work / "tokenizer")
-        tokenizer = args.work / "tokenizer"
+        if (work / "tokenizer").is_dir():
+            shutil.rmtree(args.work / "tokenizer", ignore_errors=True)
+            shutil.copytree(work / "tokenizer", args.work / "tokenizer")
+            tokenizer = args.work / "tokenizer"
         shutil.rmtree(work)  # disk: the next N starts clean
     if args.big:
         if tokenizer is None:

@@ -13,10 +13,10 @@ import torch
 
 from components import catalog
 from components.config import load_stage
-from components.data.readers import ShardDataset
 from components.data.shards import read_meta
+from components.evaluation.batches import LabelledSplit
 from components.evaluation.evaluator import Evaluator, EvaluatorTask, predict, save_evaluator
-from components.evaluation.reference import compute_reference, save_reference
+from components.evaluation.reference import reference_from_data, save_reference
 from components.io import atomic_dir
 from components.stages import TrainEvaluatorConfig
 from pipelines.lineage import repo_root
@@ -62,10 +62,16 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
 
 @torch.no_grad()
 def export(evaluator: Evaluator, *, data_dir: Path, out: Path) -> dict[str, float]:
-    """Test accuracy, feature statistics of the real splits, and the model files, written atomically."""
-    test, train = ShardDataset(data_dir, "test"), ShardDataset(data_dir, "train")
-    accuracy = float((predict(evaluator, test.images) == test.labels).float().mean())
-    reference = compute_reference(evaluator, train=train.images, test=test.images)
+    """Test accuracy, feature statistics of the real splits, and the model files, written atomically.
+
+    Both stream shard by shard: no split is held whole, whatever its size.
+    """
+    right = total = 0
+    for images, labels in LabelledSplit(data_dir, "test"):
+        right += int((predict(evaluator, images) == labels).sum())
+        total += len(labels)
+    accuracy = right / total if total else float("nan")
+    reference = reference_from_data(evaluator, data_dir)
     with atomic_dir(out) as tmp:
         save_evaluator(evaluator, tmp)
         save_reference(reference, tmp)

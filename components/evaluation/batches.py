@@ -45,6 +45,23 @@ class SplitImages:
                     yield torch.from_numpy(pngs_to_array(pngs, channels=self.channels, size=self.size))
 
 
+class LabelledSplit(SplitImages):
+    """The same batches with their labels: (images (B, C, H, W), labels (B,) int64) pairs."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        for path in self.files:
+            shard = pq.ParquetFile(path)
+            missing = {"image", "label"} - set(shard.schema_arrow.names)
+            if missing:
+                raise DataError(f"{path}: no {sorted(missing)[0]!r} column (columns: {shard.schema_arrow.names})")
+            for record in shard.iter_batches(batch_size=self.batch_size, columns=["image", "label"]):
+                pngs = record.column(0).to_pylist()
+                if pngs:
+                    images = pngs_to_array(pngs, channels=self.channels, size=self.size)
+                    labels = record.column(1).to_numpy(zero_copy_only=False).astype("int64")
+                    yield torch.from_numpy(images), torch.from_numpy(labels)
+
+
 def batches_of(images: torch.Tensor | Iterable[torch.Tensor], *, batch_size: int) -> Iterable[torch.Tensor]:
     """A tensor (N, C, H, W) split into batches, or an iterable of batches as it is."""
     return images.split(batch_size) if isinstance(images, torch.Tensor) else images

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from components.registry.registry import log_generator
 from tests import s3 as s3_fixtures
-from tests.components.registry.tiny_generators import register_tiny
+from tests.components.registry.tiny_generators import pixel_diffusion
 from tests.services import mlflow_server
 
 s3 = s3_fixtures.s3  # the session's S3 server
@@ -44,8 +45,9 @@ def test_a_runs_artefacts_and_logged_model_land_in_the_bucket(s3, tmp_path, monk
         back = client.download_artifacts(run_id, "notes/note.txt", str(tmp_path / "back"))
         assert Path(back).read_text() == note.read_text()
 
-        tiny = register_tiny(tmp_path / "registry", uri=url, pixel_only=True)  # log_generator, register
-        weights = tiny["models"]["genpipe-diffusion"] / "model.safetensors"
+        model_dir = pixel_diffusion(tmp_path / "models" / "diffusion_pixel")  # a tiny exported generator
+        log_generator(tracking_uri=url, run_id=run_id, model_dir=model_dir)  # as the training stages log it
+        weights = model_dir / "model.safetensors"
         stored = [k for k in s3.keys("mlflow/") if k.endswith("/model.safetensors")]
         assert len(stored) == 1, stored
         body = s3.client().get_object(Bucket=s3.bucket, Key=stored[0])["Body"].read()

@@ -7,6 +7,7 @@ back as the same table, and publishing it again uploads nothing.
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
@@ -92,6 +93,15 @@ def test_config_validates_and_the_environment_overrides_it():
     }
     assert resolve(StorageConfig(bucket="data-bkt", endpoint_url="http://m:9000"), {}).region == "us-east-1"
     assert ray_storage("/abs/ray_results", {}) == {"storage_path": "/abs/ray_results"}
+
+
+def test_the_filesystem_travels_to_workers_without_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFROMTHEDRIVERENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "driver-secret-never-pickled")
+    blob = pickle.dumps(s3_filesystem(endpoint_url="https://s3.example:9000", region="r1"))
+    assert b"AKIAFROMTHEDRIVERENV" not in blob and b"driver-secret" not in blob
+    fs = pickle.loads(blob)  # what a Ray worker gets: the endpoint and region only
+    assert fs.region == "r1" and fs.equals(s3_filesystem(endpoint_url="https://s3.example:9000", region="r1"))
 
 
 def test_each_bad_input_is_one_line_naming_the_culprit(s3_env, monkeypatch):

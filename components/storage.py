@@ -111,7 +111,15 @@ class Bucket:
 
 
 def env_endpoint(environ: Mapping[str, str] = os.environ) -> str | None:
-    return next((environ[k] for k in ENDPOINT_ENV if environ.get(k)), None)
+    """AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, checked; raise StorageError naming the variable."""
+    source = next((k for k in ENDPOINT_ENV if environ.get(k)), None)
+    if source is None:
+        return None
+    try:
+        check_endpoint(environ[source])
+    except ValueError as err:
+        raise StorageError(f"{source}: {err}") from None
+    return environ[source]
 
 
 def env_region(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -122,9 +130,7 @@ def resolve(cfg: StorageConfig, environ: Mapping[str, str] = os.environ) -> Buck
     """The configured bucket with the environment's endpoint and region; None when no bucket is set."""
     if cfg.bucket is None:
         return None
-    endpoint = env_endpoint(environ) or cfg.endpoint_url
-    if endpoint is not None:
-        check_endpoint(endpoint)
+    endpoint = env_endpoint(environ) or cfg.endpoint_url  # the params' one was checked at load
     region = env_region(environ) or cfg.region or (ENDPOINT_REGION if endpoint else None)
     return Bucket(name=cfg.bucket, prefix=cfg.prefix, endpoint_url=endpoint, region=region)
 

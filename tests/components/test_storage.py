@@ -93,6 +93,8 @@ def test_config_validates_and_the_environment_overrides_it():
     }
     assert resolve(StorageConfig(bucket="data-bkt", endpoint_url="http://m:9000"), {}).region == "us-east-1"
     assert ray_storage("/abs/ray_results", {}) == {"storage_path": "/abs/ray_results"}
+    with pytest.raises(StorageError, match=r"^AWS_ENDPOINT_URL_S3: endpoint 'minio:9000': expected http"):
+        ray_storage("s3://data-bkt/ray", {"AWS_ENDPOINT_URL_S3": "minio:9000"})
 
 
 def test_the_filesystem_travels_to_workers_without_credentials(monkeypatch):

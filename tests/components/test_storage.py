@@ -21,6 +21,7 @@ from components.storage import (
     StorageConfig,
     StorageError,
     check,
+    explain,
     publish,
     published,
     ray_storage,
@@ -203,3 +204,40 @@ def test_an_unfinished_upload_is_redone_not_used(s3_env, tmp_path):
         Bucket=s3_env.bucket, Key=f"unfinished/data/{MD5[:32]}/train-00000.parquet"
     )
     assert body["Body"].read() == (folder / "train-00000.parquet").read_bytes()
+
+
+def test_botocore_errors_and_missing_credentials_get_the_same_lines(s3_env, monkeypatch):
+    import boto3
+    from botocore.config import Config
+
+    def boto_error(**kw) -> str:
+        client = boto3.client("s3", config=Config(retries={"max_attempts": 1}), **kw)
+        with pytest.raises(Exception) as err:
+            client.list_objects_v2(Bucket=kw.pop("bucket", s3_env.bucket), MaxKeys=1)
+        return explain(err.value, uri=f"s3://{s3_env.bucket}/x", endpoint=s3_env.endpoint)
+
+    assert boto_error(
+        endpoint_url=s3_env.endpoint,
+        aws_access_key_id=s3_env.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key="wrong",
+    ).startswith("wrong secret key")
+    refused = f"http://127.0.0.1:{free_port()}"
+    assert boto_error(endpoint_url=refused).startswith("cannot connect to the S3 endpoint")
+    client = boto3.client("s3", endpoint_url=s3_env.endpoint)
+    with pytest.raises(Exception) as err:
+        client.list_objects_v2(Bucket="no-such-bucket")
+    assert explain(err.value, uri="s3://no-such-bucket", endpoint=s3_env.endpoint).startswith(
+        "bucket 'no-such-bucket' does not exist"
+    )
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")  # no ~/.aws of this machine
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(StorageError, match="^no S3 credentials for s3://"):
+        check(
+            f"s3://{s3_env.bucket}/x",
+            fs=s3_filesystem(endpoint_url=s3_env.endpoint, region="us-east-1"),
+            endpoint=s3_env.endpoint,
+            need_prefix=False,
+        )

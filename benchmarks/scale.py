@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         for stage in (s for s in STAGES if s in args.stages or s == "prepare"):  # the others read its output
-            rows.append(run(stage, n, work))
+            rows.append(run(stage, n, work, None if "train" in args.stages else tokenizer))
         if (work / "tokenizer").is_dir():
             shutil.rmtree(args.work / "tokenizer", ignore_errors=True)
             shutil.copytree(work / "tokenizer", args.work / "tokenizer")

@@ -78,7 +78,7 @@ def encode_split(
     files = [str(p) for p in split_files(data_dir, split)]
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards come out in the order they went in
-    ds = ray.data.read_parquet(files, columns=["id", "image", "label"])
+    ds = bounded(ray.data.read_parquet(files, columns=["id", "image", "label"]))  # read-ahead: bounded
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60, and its only route warns as deprecated
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")

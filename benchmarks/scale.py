@@ -8,9 +8,9 @@ image, its mean and covariance). BIG (1M) runs `prepare` and `encode` only.
 
 Each (N, stage) runs in a fresh process with its own local Ray (2 CPUs), so peaks do not carry over.
 Peak RSS is measured, not estimated: the driver's from getrusage (its whole life), each Ray worker's
-from psutil samples every SAMPLE_S of the processes under this driver (workers are named `ray::`).
-The table goes into BENCHMARKS.md ("## Scale", replaced; the rest of the file kept), the figures
-into reports/scale.json and the curves into reports/scale.png.
+from /proc samples every SAMPLE_S of the processes under this driver (workers are named `ray::`),
+with the private part (RssAnon) beside it. benchmarks/scale_report.py writes the table into
+BENCHMARKS.md ("## Scale", replaced; the rest kept), reports/scale.json and reports/scale.png.
 """
 
 from __future__ import annotations
@@ -244,113 +244,6 @@ def run(stage: str, n: int, work: Path, tokenizer: Path | None = None) -> dict:
     return row
 
 
-def _mib(r: dict, key: str) -> str:
-    return f"{r[key]:,.0f}" if key in r else "-"
-
-
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| stage | N | wall (s) | images/s | driver peak RSS (MiB) | of it private | worker peak RSS (MiB, max) "
-        "| of it private | Ray workers | load 1-min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['stage']} | {r['n']:,} | {r['wall_s']:.1f} | {r['images_per_s']:,.0f} | {_mib(r, 'driver_peak_mib')} "
-            f"| {_mib(r, 'driver_private_mib')} | {_mib(r, 'worker_peak_mib')} | {_mib(r, 'worker_private_mib')} "
-            f"| {r['workers']} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def _ratio(a: dict, b: dict, key: str) -> str:
-    return f"{b[key] / a[key]:.2f}" if a.get(key) and key in b else "-"
-
-
-def _peak(r: dict, kind: str = "peak") -> float:
-    """The largest peak of any one process (the driver or a worker) in MiB; 0 when not measured."""
-    return max(r.get(f"driver_{kind}_mib", 0), r.get(f"worker_{kind}_mib", 0))
-
-
-def ratios(rows: list[dict]) -> str:
-    """The issue's targets: 200k vs 20k (images/s >= 0.8x, peak RSS <= 1.3x); 1M peaks under 4 GiB."""
-    by = {(r["stage"], r["n"]): r for r in rows}
-    out = [
-        "| stage | images/s 200k / 20k (target >= 0.8) | peak RSS of any process 200k / 20k (target <= 1.3) "
-        "| of it private | driver RSS | worker RSS |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for stage in STAGES:
-        a, b = by.get((stage, 20_000)), by.get((stage, 200_000))
-        if a and b:
-            a, b = {**a, "any": _peak(a), "any_private": _peak(a, "private")}, {
-                **b, "any": _peak(b), "any_private": _peak(b, "private")}  # fmt: skip
-            keys = ("images_per_s", "any", "any_private", "driver_peak_mib", "worker_peak_mib")
-            out.append(f"| {stage} | " + " | ".join(_ratio(a, b, k) for k in keys) + " |")
-    for stage in BIG_STAGES:
-        r = by.get((stage, BIG))
-        if r:
-            peak = max(r["driver_peak_mib"], r["worker_peak_mib"]) / 1024
-            out.append(
-                f"\n1M `{stage}`: peak RSS {peak:.2f} GiB in one process (target < 4 GiB), {r['wall_s']:.0f} s"
-            )
-    return "\n".join(out)
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for stage in STAGES:
-        rs = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["n"])
-        if not rs:
-            continue
-        ns = [r["n"] for r in rs]
-        ax1.plot(ns, [r["images_per_s"] for r in rs], "o-", label=stage)
-        ax2.plot(ns, [_peak(r) for r in rs], "o-", label=f"{stage} RSS")
-        if all("driver_private_mib" in r for r in rs):
-            ax2.plot(ns, [_peak(r, "private") for r in rs], "x--", label=f"{stage} private")
-    for ax, label in ((ax1, "images/s"), (ax2, "peak RSS of any one process (MiB)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("images (N)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=7, ncol=2)
-    fig.suptitle("genpipe data plane: 32x32 RGB shapes, 2 CPUs")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-
-
-def write_section(rows: list[dict], bench_md: Path) -> None:
-    """Replace BENCHMARKS.md's "## Scale" section (or append it), keeping everything else."""
-    head = "## Scale (`make bench`, `benchmarks/scale.py`)"
-    body = (
-        f"{head}\n\nProcedural shapes at 32x32 RGB; each (stage, N) in a fresh process with a local Ray of "
-        "2 CPUs on this 2-core machine, which other jobs share (the load column: 1-minute load average at "
-        "the stage's start and end; figures under load are noisy). `train` is a streamed fit (forced "
-        f"streaming path, {STEPS} steps of {BATCH}, one worker; images/s over the steps), `encode` every "
-        "split with that tokenizer (EncodeConfig defaults), `stats` one streaming pass of running sums. "
-        "Driver peak RSS: getrusage over the process's life (imports included); workers: /proc samples of "
-        f"every `ray::` process every {SAMPLE_S} s. RSS also counts the object-store (shared memory) pages a "
-        "process has read; `private` is the sampled peak of its RssAnon, the memory it alone holds. "
-        "Curves: reports/scale.png.\n\n"
-        f"{table(rows)}\n\n{ratios(rows)}\n"
-    )
-    text = bench_md.read_text() if bench_md.exists() else "# Benchmarks\n"
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + body + (text[nxt + 1 :] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    bench_md.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
@@ -367,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(args.child, args.n, args.work, args.tokenizer)))
         return
     if args.report:
+        from benchmarks.scale_report import report
+
         report([json.loads(line) for line in args.report.read_text().splitlines() if line.strip()])
         return
     args.work.mkdir(parents=True, exist_ok=True)
@@ -393,17 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         for stage in BIG_STAGES:
             rows.append(run(stage, args.big, work, tokenizer if stage == "encode" else None))
         shutil.rmtree(work)
+    from benchmarks.scale_report import ratios, report, table
+
     print(table(rows) + "\n\n" + ratios(rows))
     if not args.no_write:
         report(rows)
-
-
-def report(rows: list[dict]) -> None:
-    """reports/scale.json, reports/scale.png and BENCHMARKS.md's "## Scale" section from `rows`."""
-    (REPO / "reports").mkdir(exist_ok=True)
-    (REPO / "reports/scale.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, REPO / "reports/scale.png")
-    write_section(rows, REPO / "BENCHMARKS.md")
 
 
 if __name__ == "__main__":

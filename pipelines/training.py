@@ -104,6 +104,23 @@ def ray_lineage(run_name: str, sections: dict[str, StrictConfig]) -> dict[str, s
     return {"ray_run_name": run_name, "ray_storage_path": absolute(sections["train"].storage_path)}
 
 
+def use_bucket(sections: dict[str, StrictConfig], storage_path: str) -> None:
+    """The `storage` section's endpoint and region into this process's environment (where the
+    standard AWS variables do not already set them), so Ray's filesystem and a local instance's
+    workers reach the same bucket; then an s3:// `train.storage_path` is checked, failing in one line
+    (wrong endpoint, missing bucket, bad credentials) before anything starts."""
+    import os
+
+    from components.storage import ray_storage, resolve
+
+    cfg = sections.get("storage")
+    bucket = resolve(cfg) if cfg is not None else None
+    if bucket is not None:
+        for key, value in bucket.env().items():
+            os.environ.setdefault(key, value)
+    ray_storage(storage_path)
+
+
 def train_on_ray(
     *,
     stage: str,
@@ -129,6 +146,8 @@ def train_on_ray(
     if reader not in readers:
         raise ValueError(f"unknown reader {reader!r}; valid: {', '.join(readers)}")
     clock = clock or StageClock()  # a stage's own (the CLI's), else one for this call
+    storage_path = absolute(sections["train"].storage_path)
+    use_bucket(sections, storage_path)  # before Ray starts: a wrong bucket costs no start-up
     clock.mark("ray_start")
     init_ray(sections["ray"])
     check_resources(sections["train"], local=joins_local(sections["ray"]))
@@ -138,7 +157,7 @@ def train_on_ray(
     result = fit(
         task_factory=task_factory,
         loop=loop,
-        train=sections["train"].model_copy(update={"storage_path": absolute(sections["train"].storage_path)}),
+        train=sections["train"].model_copy(update={"storage_path": storage_path}),
         run_name=run_name,
         datasets=datasets,
         sink_factory=partial(AttemptSink, run.tracking_uri, run.run_id),

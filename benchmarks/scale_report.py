@@ -74,9 +74,10 @@ def plot(rows: list[dict], path: Path) -> None:
             continue
         ns = [r["n"] for r in rs]
         ax1.plot(ns, [r["images_per_s"] for r in rs], "o-", label=stage)
-        ax2.plot(ns, [_peak(r) for r in rs], "o-", label=f"{stage} RSS")
-        if all("driver_private_mib" in r for r in rs):
-            ax2.plot(ns, [_peak(r, "private") for r in rs], "x--", label=f"{stage} private")
+        (line,) = ax2.plot(ns, [_peak(r) for r in rs], "o-", label=f"{stage} RSS")
+        private = [(r["n"], _peak(r, "private")) for r in rs if "driver_private_mib" in r]
+        if private:
+            ax2.plot(*zip(*private, strict=True), "x--", color=line.get_color(), label=f"{stage} private")
     for ax, label in ((ax1, "images/s"), (ax2, "peak RSS of any one process (MiB)")):
         ax.set_xscale("log")
         ax.set_xlabel("images (N)")

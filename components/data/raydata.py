@@ -34,12 +34,12 @@ STREAM_BYTES = 1024**3  # decoded bytes of a split from which it streams instead
 READ_AHEAD_BYTES = 256 * 1024**2
 
 
-def threshold(name: str) -> int:
-    """A size threshold of this module (IN_DRIVER_BYTES, STREAM_BYTES, ...), or its GENPIPE_<name> override."""
+def threshold(name: str, default: int | None = None) -> int:
+    """A size threshold (`default`, else this module's constant `name`), or its GENPIPE_<name> override."""
     env = f"GENPIPE_{name}"
     raw = os.environ.get(env)
     if raw is None:
-        return int(globals()[name])
+        return int(globals()[name] if default is None else default)
     try:
         return int(raw)
     except ValueError:

@@ -14,7 +14,6 @@ GENPIPE_READ_AHEAD_BYTES), like raydata's.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -32,14 +31,6 @@ IN_MEMORY_BYTES = 256 * 1024**2  # a materialized split under this goes to the w
 CACHE_ROWS = 4096  # rows per pull while filling a worker's cache
 
 
-def _threshold(name: str, default: int) -> int:
-    raw = os.environ.get(f"GENPIPE_{name}")
-    try:
-        return default if raw is None else int(raw)
-    except ValueError:
-        raise ValueError(f"GENPIPE_{name}={raw!r} is not a byte count") from None
-
-
 def _materialized(ds: object) -> bool:
     return isinstance(ds, ray.data.dataset.MaterializedDataset)
 
@@ -48,12 +39,12 @@ def small(ds: ray.data.Dataset | Columns) -> bool:
     """Numpy columns, or a materialised Dataset under IN_MEMORY_BYTES: handed over as arrays."""
     if isinstance(ds, dict):
         return True
-    return _materialized(ds) and ds.size_bytes() < _threshold("IN_MEMORY_BYTES", IN_MEMORY_BYTES)
+    return _materialized(ds) and ds.size_bytes() < threshold("IN_MEMORY_BYTES", IN_MEMORY_BYTES)
 
 
 def fits_in_memory(ds: ray.data.Dataset, *, workers: int) -> bool:
     """True for a materialised dataset whose per-worker shard is small enough to cache."""
-    return _materialized(ds) and ds.size_bytes() / workers < _threshold("CACHE_BYTES", CACHE_BYTES)
+    return _materialized(ds) and ds.size_bytes() / workers < threshold("CACHE_BYTES", CACHE_BYTES)
 
 
 def data_mode(datasets: dict[str, ray.data.Dataset | Columns], *, workers: int) -> str:

@@ -75,6 +75,16 @@ def dvc_data_hash(deps: list[str]) -> str:
     return ",".join(f"{d}:{found.get(d, 'untracked')}" for d in deps)
 
 
+def dvc_out(path: str) -> dict | None:
+    """dvc.lock's record of the tracked output `path` (md5, size, nfiles), None when it has none."""
+    lock = repo_root() / "dvc.lock"
+    if not lock.is_file():
+        return None
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    outs = (out for stage in stages.values() for out in stage.get("outs", []))
+    return next((out for out in outs if out.get("path") == path), None)
+
+
 @functools.lru_cache(maxsize=4)
 def _dvc_outs(lock: Path, mtime_ns: int) -> dict[str, str]:
     """{out path: md5} of every stage in dvc.lock; parsed once per version of the file (a stage asks thrice)."""

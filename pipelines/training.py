@@ -23,6 +23,7 @@ from components.registry.tracking import STEP_KEY, MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
 from components.training.config import LoopConfig, TrainConfig
 from components.training.task import Task
+from pipelines.bucket import publish_data, use_bucket
 from pipelines.lineage import absolute, dvc_data_hash
 from pipelines.ray_start import init_ray, joins_local
 from pipelines.runtime import StageRun
@@ -104,23 +105,6 @@ def ray_lineage(run_name: str, sections: dict[str, StrictConfig]) -> dict[str, s
     return {"ray_run_name": run_name, "ray_storage_path": absolute(sections["train"].storage_path)}
 
 
-def use_bucket(sections: dict[str, StrictConfig], storage_path: str) -> None:
-    """The `storage` section's endpoint and region into this process's environment (where the
-    standard AWS variables do not already set them), so Ray's filesystem and a local instance's
-    workers reach the same bucket; then an s3:// `train.storage_path` is checked, failing in one line
-    (wrong endpoint, missing bucket, bad credentials) before anything starts."""
-    import os
-
-    from components.storage import ray_storage, resolve
-
-    cfg = sections.get("storage")
-    bucket = resolve(cfg) if cfg is not None else None
-    if bucket is not None:
-        for key, value in bucket.env().items():
-            os.environ.setdefault(key, value)
-    ray_storage(storage_path)
-
-
 def train_on_ray(
     *,
     stage: str,
@@ -152,7 +136,11 @@ def train_on_ray(
     init_ray(sections["ray"])
     check_resources(sections["train"], local=joins_local(sections["ray"]))
     clock.mark("ray")
-    datasets = {split: readers[reader](data_dir, split) for split in ("train", "val")}
+    published = publish_data(sections, data_dir) if reader == "images" else None
+    datasets = {
+        split: readers[reader](data_dir, split, **({"published": published} if published else {}))
+        for split in ("train", "val")
+    }
     clock.mark("data")
     result = fit(
         task_factory=task_factory,

@@ -92,28 +92,39 @@ def read_columns(data_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     return decode_batch(batch, channels=meta["channels"], size=meta["image_size"])
 
 
-def training_split(data_dir: str | Path, split: str) -> dict[str, np.ndarray] | ray.data.Dataset:
+def training_split(
+    data_dir: str | Path, split: str, *, published=None
+) -> dict[str, np.ndarray] | ray.data.Dataset:
     """What a training stage hands to fit(): numpy columns when small, a materialised Dataset when
     mid-sized, a lazy (streamed) Dataset when large (see the module docstring).
 
     Columns skip Ray Data altogether: building even a materialised Dataset from arrays runs a task
     (~2 s per split for its worker process on 2 cores), and fit() would only turn it back into arrays.
+    `published` (components.storage.Published: the same folder in a bucket) makes Ray Data's read
+    tasks read the shards from the bucket, so the nodes need no copy of `data_dir`.
     """
     if small([str(p) for p in split_files(data_dir, split)]):
         return read_columns(data_dir, split)
     meta = read_meta(data_dir)
     row_bytes = 4 * meta["channels"] * meta["image_size"] ** 2 + 8  # float32 image + int64 label
-    return ray_dataset(data_dir, split, materialize=not streams(meta["counts"][split], row_bytes))
+    materialize = not streams(meta["counts"][split], row_bytes)
+    return ray_dataset(data_dir, split, materialize=materialize, published=published)
 
 
-def ray_dataset(data_dir: str | Path, split: str, *, materialize: bool = True) -> ray.data.Dataset:
+def ray_dataset(
+    data_dir: str | Path, split: str, *, materialize: bool = True, published=None
+) -> ray.data.Dataset:
     """The split as a Ray Dataset with columns "image" (C, H, W) float32 and "label" int64."""
     meta = read_meta(data_dir)
     files = [str(p) for p in split_files(data_dir, split)]  # absolute: workers change directory
-    if materialize and small(files):
+    if materialize and small(files) and published is None:
         columns = read_columns(data_dir, split)
         return from_columns(columns) if columns else ray.data.from_items([]).materialize()
-    ds = ray.data.read_parquet(files, columns=["image", "label"])
+    if published is None:
+        ds = ray.data.read_parquet(files, columns=["image", "label"])
+    else:  # the same shards, from the bucket: meta.json's names under the published folder
+        names = [f"{published.path}/{name}" for name in meta["shards"][split]]
+        ds = ray.data.read_parquet(names, filesystem=published.filesystem, columns=["image", "label"])
     ds = ds.map_batches(
         decode_batch,
         batch_format="numpy",

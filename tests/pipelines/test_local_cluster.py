@@ -126,7 +126,7 @@ def cluster(repo_copy: Path, tmp_path: Path, s3: S3):  # noqa: F811
         text=True,
     )
     try:
-        run(["genpipe", "prepare"], repo_copy, **s3.env)
+        run(["dvc", "repro", "prepare"], repo_copy, **s3.env)  # dvc.lock keys the bucket's copy
         out, err = up.communicate(timeout=400)
         assert up.returncode == 0, f"local-cluster.sh up exited {up.returncode}\n{err[-3000:]}"
         env = dict(re.findall(r"^export (\w+)=(.*)$", out, re.M))
@@ -168,7 +168,7 @@ def test_a_stage_trains_on_isolated_nodes_from_a_bucket_and_survives_a_killed_no
     stage = subprocess.Popen(
         ["genpipe", "train_evaluator"],
         cwd=repo_copy,
-        env=project_env(**env),
+        env=project_env(**env, GENPIPE_IN_DRIVER_BYTES="0"),  # Ray Data reads the splits: from the bucket
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -217,3 +217,8 @@ def test_a_stage_trains_on_isolated_nodes_from_a_bucket_and_survives_a_killed_no
         repo_copy.glob("mlartifacts/**/*.safetensors")
     )
     assert not list((repo_copy / ".genpipe").rglob("checkpoint_*"))  # nothing went to local files
+    # The prepared folder is in the bucket under its DVC md5, and the workers' read tasks read it there.
+    md5 = yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]["prepare"]["outs"][0]["md5"]
+    published = [k for k in keys if k.startswith(f"{prefix}/data/{md5.removesuffix('.dir')}/")]
+    assert any(k.endswith("meta.json") for k in published) and any("/train-" in k for k in published)
+    assert f"s3://{s3.bucket}/{prefix}/data/" in out  # publish's progress line

@@ -9,8 +9,31 @@ from pydantic import Field, field_validator, model_validator
 
 from components.schema import StrictConfig
 
-SOURCE_KINDS = ("builtin:digits", "builtin:shapes", "imagefolder:PATH", "parquet:PATH")
+SOURCE_KINDS = ("builtin:digits", "builtin:shapes", "builtin:glyphs", "imagefolder:PATH", "parquet:PATH")
+BUILTINS = ("builtin:digits", "builtin:shapes", "builtin:glyphs")
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond", "ring")
+#: The TrueType faces in matplotlib's wheel (mpl-data/fonts/ttf) that `builtin:glyphs` draws with.
+GLYPH_FONTS = {
+    "sans": "DejaVuSans.ttf",
+    "sans-bold": "DejaVuSans-Bold.ttf",
+    "sans-oblique": "DejaVuSans-Oblique.ttf",
+    "sans-bold-oblique": "DejaVuSans-BoldOblique.ttf",
+    "serif": "DejaVuSerif.ttf",
+    "serif-bold": "DejaVuSerif-Bold.ttf",
+    "serif-italic": "DejaVuSerif-Italic.ttf",
+    "serif-bold-italic": "DejaVuSerif-BoldItalic.ttf",
+    "mono": "DejaVuSansMono.ttf",
+    "mono-bold": "DejaVuSansMono-Bold.ttf",
+    "mono-oblique": "DejaVuSansMono-Oblique.ttf",
+    "mono-bold-oblique": "DejaVuSansMono-BoldOblique.ttf",
+    "stix": "STIXGeneral.ttf",
+    "stix-bold": "STIXGeneralBol.ttf",
+    "stix-italic": "STIXGeneralItalic.ttf",
+    "stix-bold-italic": "STIXGeneralBolIta.ttf",
+}
+GLYPH_BACKGROUNDS = ("solid", "gradient", "noise", "stripes", "checker")
+# 24 glyphs that stay distinct under +-25 degrees of rotation in every face (no I/l/1, O/0, M/W).
+GLYPH_CLASSES = tuple("ABCDEFGHKLMNPRSTUVXYZ") + ("&", "?", "#")
 
 
 class ShapesConfig(StrictConfig):
@@ -27,6 +50,53 @@ class ShapesConfig(StrictConfig):
         bad = [s for s in v if s not in SHAPE_NAMES]
         if bad or len(set(v)) != len(v) or len(v) < 2:
             raise ValueError(f"classes must be 2+ distinct names from {list(SHAPE_NAMES)}, got {list(v)}")
+        return v
+
+
+class GlyphsConfig(StrictConfig):
+    """The procedural glyph set (`builtin:glyphs`): one class per character, in many faces and colours."""
+
+    count: int = Field(default=4800, gt=0)
+    classes: tuple[str, ...] = GLYPH_CLASSES
+    fonts: tuple[str, ...] = tuple(GLYPH_FONTS)
+    backgrounds: tuple[str, ...] = GLYPH_BACKGROUNDS
+    size: int = Field(default=32, ge=8, le=512, description="canvas size before the prepare resize")
+    scale: tuple[float, float] = (0.5, 0.9)  # the glyph's longer side over the canvas side
+    rotation: float = Field(default=25.0, ge=0, le=180)  # degrees, uniform in [-rotation, rotation]
+
+    @field_validator("classes")
+    @classmethod
+    def _printable(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [c for c in v if len(c) != 1 or not "!" <= c <= "~"]
+        if bad or len(set(v)) != len(v) or len(v) < 2:
+            raise ValueError(
+                f"classes must be 2+ distinct single printable ASCII characters (not space), got {list(v)}"
+            )
+        return v
+
+    @field_validator("fonts")
+    @classmethod
+    def _known_fonts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [f for f in v if f not in GLYPH_FONTS]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(f"fonts must be 1+ distinct names from {list(GLYPH_FONTS)}, got {list(v)}")
+        return v
+
+    @field_validator("backgrounds")
+    @classmethod
+    def _known_backgrounds(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [b for b in v if b not in GLYPH_BACKGROUNDS]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(
+                f"backgrounds must be 1+ distinct names from {list(GLYPH_BACKGROUNDS)}, got {list(v)}"
+            )
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.2 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"scale={list(v)} must be [low, high] with 0.2 <= low <= high <= 1")
         return v
 
 
@@ -63,12 +133,13 @@ class PrepareConfig(StrictConfig):
     on_bad_image: Literal["error", "skip"] = "error"
     min_per_class: int = Field(default=3, ge=1)
     shapes: ShapesConfig = ShapesConfig()
+    glyphs: GlyphsConfig = GlyphsConfig()
     parquet: ParquetSourceConfig = ParquetSourceConfig()
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v in ("builtin:digits", "builtin:shapes") or re.fullmatch(r"(imagefolder|parquet):.+", v):
+        if v in BUILTINS or re.fullmatch(r"(imagefolder|parquet):.+", v):
             return v
         raise ValueError(f"source={v!r} is not one of {list(SOURCE_KINDS)}")
 

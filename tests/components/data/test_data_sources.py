@@ -14,7 +14,7 @@ from components.data.sources import SOURCES, UNLABELLED, open_source
 
 
 def test_registry_covers_every_kind():
-    assert set(SOURCES) == {"builtin:digits", "builtin:shapes", "imagefolder", "parquet"}
+    assert set(SOURCES) == {"builtin:digits", "builtin:shapes", "builtin:glyphs", "imagefolder", "parquet"}
 
 
 def test_digits():

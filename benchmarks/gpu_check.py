@@ -31,6 +31,7 @@ from components.data.config import PrepareConfig
 from components.data.readers import ShardDataset, epoch_batches
 from components.evaluation.evaluator import EvaluatorTask, predict
 from components.evaluation.recon import recon_metrics
+from components.tokenizer.config import fit_to_data
 from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import reconstruct
 from components.training.checkpoint import LocalCheckpointIO
@@ -75,7 +76,8 @@ def evaluator_run(cfg, loop, data, test, device) -> tuple[dict, torch.nn.Module]
 
 def tokenizer_run(cfg, loop, data, test, device, evaluator) -> dict:
     frozen = evaluator.to(device).requires_grad_(False)
-    task = TokenizerTask(cfg.model, loop, feature_fn=frozen.feature_maps)
+    model = fit_to_data(cfg.model, channels=data.meta["channels"], image_size=data.meta["image_size"])
+    task = TokenizerTask(model, loop, feature_fn=frozen.feature_maps)
     out = timed_train(task, loop=loop, data=data, device=device)
     x_rec, usage = reconstruct(task.modules["vqgan"].eval(), test.images)
     out.update(psnr=recon_metrics(x_rec, test.images)["psnr"], codebook_usage=usage.usage())

@@ -12,7 +12,7 @@ from components.evaluation.evaluator import EvaluatorConfig
 from components.generators import MODELS
 from components.prior.config import PriorConfig, PriorSamplingConfig
 from components.schema import StrictConfig
-from components.tokenizer.config import TokenizerConfig
+from components.tokenizer.config import TOKEN_GRID, TokenizerConfig
 from components.training.config import LoopConfig
 
 
@@ -29,6 +29,16 @@ class TrainTokenizerConfig(StrictConfig):
     model: TokenizerConfig
     loop: LoopConfig
     num_grid: int = Field(default=32, ge=1, le=256, description="test images in the reconstruction grid")
+    token_grid: tuple[int, int] = Field(
+        default=TOKEN_GRID, description="token grid sides (min, max) the downsampling follows the data within"
+    )
+
+    @model_validator(mode="after")
+    def _grid_range(self) -> TrainTokenizerConfig:
+        lo, hi = self.token_grid
+        if not 1 <= lo <= hi:
+            raise ValueError(f"token_grid={list(self.token_grid)} must be [min, max] with 1 <= min <= max")
+        return self
 
 
 class EncodeConfig(StrictConfig):
@@ -50,7 +60,9 @@ class EvaluateConfig(StrictConfig):
     threads: int | None = Field(default=None, ge=1, description="torch threads; null: every core")
     device: Literal["cpu", "cuda"] = "cpu"
     num_workers: int = Field(
-        default=0, ge=0, description="0: sample in the stage's process; N: on N Ray actors (a GPU each on cuda)"
+        default=0,
+        ge=0,
+        description="0: sample in the stage's process; N: on N Ray actors (a GPU each on cuda)",
     )
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per model (models/<name>): sampling options over its defaults"

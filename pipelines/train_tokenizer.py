@@ -14,15 +14,17 @@ import torch
 
 from components import catalog
 from components.config import load_stage
-from components.data.readers import ShardDataset
 from components.data.shards import read_meta
+from components.evaluation.batches import SplitImages
 from components.evaluation.evaluator import load_evaluator
-from components.evaluation.frechet import feature_stats, frechet_distance
+from components.evaluation.frechet import frechet_distance
 from components.evaluation.grid import make_grid, save_png
-from components.evaluation.recon import recon_metrics
+from components.evaluation.recon import ReconScore
 from components.evaluation.reference import load_reference
 from components.io import save_model
 from components.stages import TrainTokenizerConfig
+from components.tokenizer.base import CodeUsage
+from components.tokenizer.config import TokenizerConfig, fit_to_data
 from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN, reconstruct
 from pipelines.lineage import repo_root
@@ -52,19 +54,16 @@ class EvaluatorFeatureMaps:
         return {"model_dir": self.model_dir, "_net": None}
 
 
-def check_fits(cfg: TrainTokenizerConfig, meta: dict) -> None:
-    """Cross-check the model against the prepared data, naming the param to change."""
-    ae = cfg.model.autoencoder
-    if ae.in_channels != meta["channels"]:
-        raise ValueError(
-            f"train_tokenizer.model.autoencoder.in_channels={ae.in_channels} but the prepared images "
-            f"have {meta['channels']} channel(s)"
-        )
-    if meta["image_size"] % ae.downsample_factor:
-        raise ValueError(
-            f"train_tokenizer.model.autoencoder.downsample_factor={ae.downsample_factor} does not divide "
-            f"prepare.image_size={meta['image_size']}"
-        )
+def fit_model(cfg: TrainTokenizerConfig, meta: dict) -> TokenizerConfig:
+    """The VQGAN config sized for the prepared data (components/tokenizer/config.py: fit_to_data)."""
+    return fit_to_data(
+        cfg.model,
+        channels=meta["channels"],
+        image_size=meta["image_size"],
+        grid=cfg.token_grid,
+        key=f"{STAGE}.model.autoencoder",
+        grid_key=f"{STAGE}.token_grid",
+    )
 
 
 def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None) -> None:
@@ -72,7 +71,13 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
     cfg: TrainTokenizerConfig = sections[STAGE]
     root = repo_root()
     meta = read_meta(root / DATA)
-    check_fits(cfg, meta)
+    model = fit_model(cfg, meta)
+    f = model.autoencoder.downsample_factor
+    print(
+        f"{STAGE}: {meta['image_size']}x{meta['image_size']}x{meta['channels']} images -> "
+        f"{meta['image_size'] // f}x{meta['image_size'] // f} tokens (downsampling x{f}, "
+        f"channel_mult {list(model.autoencoder.channel_mult)})"
+    )
     cfg.loop.per_worker_batch(sections["train"].num_workers)
     evaluator_dir = root / EVALUATOR
     load_evaluator(evaluator_dir)  # fail now, not in a worker, when it is missing
@@ -82,7 +87,7 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
     needs_features = cfg.model.loss.perceptual_weight > 0
 
     def export(result, out: Path) -> dict[str, float]:
-        vqgan = result.load_module("vqgan", VQGAN(cfg.model), ema_module=TokenizerTask.ema_module)
+        vqgan = result.load_module("vqgan", VQGAN(model), ema_module=TokenizerTask.ema_module)
         metrics, grid = judge(vqgan, data_dir=root / DATA, evaluator_dir=evaluator_dir, num_grid=cfg.num_grid)
         save_model(out, vqgan.state_dict(), vqgan.config_dict())
         save_png(grid, root / GRID)
@@ -93,7 +98,7 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
         sections,
         task_factory=partial(
             TokenizerTask,
-            cfg.model,
+            model,
             cfg.loop,
             feature_fn=EvaluatorFeatureMaps(str(evaluator_dir)) if needs_features else None,
         ),
@@ -111,23 +116,22 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
 
 @torch.no_grad()
 def judge(vqgan: VQGAN, *, data_dir: Path, evaluator_dir: Path, num_grid: int):
-    """Reconstruction metrics on the test split and a grid of originals over reconstructions."""
-    test = ShardDataset(data_dir, "test")
-    x_rec, usage = reconstruct(vqgan, test.images)
-    evaluator = load_evaluator(evaluator_dir)
-    rec_stats = feature_stats(evaluator, x_rec)
+    """Reconstruction metrics on the test split, streamed batch by batch (memory: one batch), and a
+    grid of originals over reconstructions."""
+    score, usage = ReconScore(load_evaluator(evaluator_dir), keep=num_grid), CodeUsage(vqgan.codebook_size)
+    for x in SplitImages(data_dir, "test"):
+        score.update(x, reconstruct(vqgan, x, usage=usage)[0])
     reference = load_reference(evaluator_dir)
-    rfid = frechet_distance(rec_stats, reference.test)
+    rfid = frechet_distance(score.stats(), reference.test)
     metrics = {
-        **recon_metrics(x_rec, test.images),
-        "l1": float((x_rec - test.images).abs().mean()),
+        **score.metrics(),
         "rfid": rfid,
         "rfid_over_floor": rfid / max(reference.floor, 1e-12),
         "codebook_usage": usage.usage(),
         "perplexity": usage.perplexity(),
     }
-    n = min(num_grid, len(test))
+    originals, recons = score.pairs()
     rows = []
-    for i in range(0, n, 8):  # originals above their reconstructions, 8 per row
-        rows += [test.images[i : min(i + 8, n)], x_rec[i : min(i + 8, n)]]
+    for i in range(0, len(originals), 8):  # originals above their reconstructions, 8 per row
+        rows += [originals[i : i + 8], recons[i : i + 8]]
     return metrics, make_grid(torch.cat(rows), nrow=8)

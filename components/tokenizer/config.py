@@ -11,8 +11,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from components.nn.autoencoder import AutoencoderConfig
+from components.nn.autoencoder import DOWNSAMPLE_FACTORS, AutoencoderConfig
 from components.schema import StrictConfig
+
+TOKEN_GRID = (4, 8)  # token grid sides the priors are sized for: 16x16 -> 4x4, 32x32 -> 8x8
+PREFERRED_FACTOR = 4  # f = 4 where it leaves a grid in range (LlamaGen's small-image choice)
 
 QuantizerKind = Literal["vq", "gumbel", "fsq"]
 
@@ -103,6 +106,24 @@ class TokenizerConfig(StrictConfig):
     quantizer: QuantizerConfig = QuantizerConfig()
     loss: LossConfig = LossConfig()
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _implied_factor(cls, data, handler):
+        """A missing autoencoder.downsample_factor is implied by channel_mult, and stays unset (it may
+        follow the data: `levels_follow_data`)."""
+        ae = data.get("autoencoder") if isinstance(data, dict) else None
+        mult = ae.get("channel_mult") if isinstance(ae, dict) and "downsample_factor" not in ae else None
+        if not isinstance(mult, list | tuple) or not mult:
+            return handler(data)
+        cfg = handler({**data, "autoencoder": {**ae, "downsample_factor": 2 ** (len(mult) - 1)}})
+        cfg.autoencoder.model_fields_set.discard("downsample_factor")  # the user did not set it
+        return cfg
+
+    @property
+    def levels_follow_data(self) -> bool:
+        """True when autoencoder.downsample_factor was not given: the level count may follow the data."""
+        return "downsample_factor" not in self.autoencoder.model_fields_set
+
     @property
     def code_dim(self) -> int:
         """Channels of the quantized latent z_q."""
@@ -114,3 +135,56 @@ class TokenizerConfig(StrictConfig):
     @property
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
+
+
+def fit_downsampling(
+    image_size: int, *, grid: tuple[int, int] = TOKEN_GRID, prefer: int = PREFERRED_FACTOR
+) -> int | None:
+    """The factor f whose token grid image_size/f is whole and within `grid`, nearest to `prefer`; None if none."""
+    fits = [f for f in DOWNSAMPLE_FACTORS if image_size % f == 0 and grid[0] <= image_size // f <= grid[1]]
+    if not fits:
+        return None
+    return min(fits, key=lambda f: (abs(math.log2(f / prefer)), f))
+
+
+def with_levels(ae: AutoencoderConfig, factor: int) -> AutoencoderConfig:
+    """`ae` with log2(factor)+1 levels: channel_mult cut, or extended by its last entry."""
+    levels = int(math.log2(factor)) + 1
+    mult = tuple(ae.channel_mult[:levels]) + (ae.channel_mult[-1],) * max(0, levels - len(ae.channel_mult))
+    return AutoencoderConfig(**{**ae.model_dump(), "channel_mult": mult, "downsample_factor": factor})
+
+
+def fit_to_data(
+    model: TokenizerConfig,
+    *,
+    channels: int,
+    image_size: int,
+    grid: tuple[int, int] = TOKEN_GRID,
+    key: str = "autoencoder",
+    grid_key: str = "token_grid",
+) -> TokenizerConfig:
+    """`model` with its data-given sizes filled in; a set value the data contradicts is an error naming `key`.
+
+    in_channels follows the images unless set. Without an explicit downsample_factor the level count
+    follows the image size: f = 4 where the token grid image_size/f stays within `grid`, else the
+    nearest factor that does (channel_mult cut, or extended by its last entry).
+    """
+    ae = model.autoencoder
+    if "in_channels" in ae.model_fields_set and ae.in_channels != channels:
+        raise ValueError(
+            f"{key}.in_channels={ae.in_channels} but the prepared images have {channels} channel(s): "
+            f"remove the key (it follows the data) or set it to {channels}"
+        )
+    if model.levels_follow_data:
+        factor = fit_downsampling(image_size, grid=grid)
+        if factor is None:
+            raise ValueError(
+                f"no downsampling in {list(DOWNSAMPLE_FACTORS)} gives {image_size}x{image_size} images a token "
+                f"grid within {grid_key}={list(grid)}: widen it or set {key}.downsample_factor"
+            )
+        ae = with_levels(ae, factor)
+    elif image_size % ae.downsample_factor:
+        raise ValueError(
+            f"{key}.downsample_factor={ae.downsample_factor} does not divide prepare.image_size={image_size}"
+        )
+    return model.model_copy(update={"autoencoder": ae.model_copy(update={"in_channels": channels})})

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 run: setup  ## the whole default pipeline through DVC
 	@test -d .dvc || { echo "no .dvc/: run from a clone of the genpipe repository" >&2; exit 1; }
 	$(BIN)/genpipe repro
-	$(BIN)/genpipe results   # the results table in README.md and BENCHMARKS.md, from reports/
+	$(BIN)/genpipe results   # the table in README.md and BENCHMARKS.md, on the built-in default data only
 
 test: setup  ## the whole test suite (CI runs this)
 	$(BIN)/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)

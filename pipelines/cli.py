@@ -155,11 +155,15 @@ def results_command(
         bool,
         typer.Option("--check", help="write nothing; exit 1 if README/BENCHMARKS drift from the reports"),
     ] = False,
+    write_docs: Annotated[
+        bool,
+        typer.Option("--write-docs", help="rewrite the docs also when the reports come from other data"),
+    ] = False,
 ) -> None:
-    """Rewrite the results table in README.md and BENCHMARKS.md from reports/ (between the markers)."""
+    """Rewrite the results table in README.md and BENCHMARKS.md from reports/ (built-in default data only)."""
     from pipelines import results
 
-    _registry_command("results", lambda: results.main(check=check))
+    _registry_command("results", lambda: results.main(check=check, write_docs=write_docs))
 
 
 @app.command(

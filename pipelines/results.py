@@ -1,4 +1,4 @@
-"""`genpipe results [--check]`: the results table in README.md and BENCHMARKS.md, from the reports.
+"""`genpipe results [--check | --write-docs]`: the results table in README.md and BENCHMARKS.md, from the reports.
 
 The table is rendered by `pipelines.report.table` (the one renderer, also behind
 `reports/results.md`) from `reports/evaluate.json` (the judge's figures per registered model) and
@@ -6,6 +6,10 @@ The table is rendered by `pipelines.report.table` (the one renderer, also behind
 `<!-- results:begin -->` and `<!-- results:end -->` of each document, atomically. `--check` writes
 nothing and fails with one line naming the documents that drift from the reports, so a test (and
 CI) catches a table that was not regenerated after `make run`.
+
+The documents are the project's: they carry the table of the built-in default data. Reports made
+from other data (a user's own images, `builtin:glyphs`, another image size) leave them alone unless
+`--write-docs` asks; `make run` ends with `genpipe results`, so a user's run never edits tracked docs.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
+from components.data.config import PrepareConfig
 from components.generators import MODELS
 from components.io import atomic_file
 from pipelines.lineage import repo_root
@@ -80,10 +87,45 @@ def splice(text: str, content: str, *, document: str) -> str:
     return f"{head}{BEGIN}\n{content.rstrip()}\n{END}{tail}"
 
 
-def main(*, check: bool = False) -> list[str]:
-    """Rewrite (or, with `check`, compare) the documents; returns the ones that changed or drift."""
+def custom_data(root: Path) -> str | None:
+    """How the prepared data differs from the built-in default (one phrase), or None when it is the default.
+
+    Read from data/processed/meta.json (what the reports were made from), else params.yaml's `prepare`.
+    """
+    meta = root / "data/processed/meta.json"
+    if meta.is_file():
+        raw = json.loads(meta.read_text()).get("prepare", {})
+    else:
+        params = root / "params.yaml"
+        raw = (yaml.safe_load(params.read_text()) or {}).get("prepare", {}) if params.is_file() else {}
+    try:
+        cfg = PrepareConfig.model_validate(raw)
+    except ValueError:
+        return "prepare settings this genpipe cannot read"
+    default = PrepareConfig()
+    if cfg == default:
+        return None
+    changed = [k for k in PrepareConfig.model_fields if getattr(cfg, k) != getattr(default, k)]
+    return ", ".join(f"prepare.{k}={getattr(cfg, k)}" for k in changed[:3]) + (
+        ", ..." if len(changed) > 3 else ""
+    )
+
+
+def main(*, check: bool = False, write_docs: bool = False) -> list[str]:
+    """Rewrite (or, with `check`, compare) the documents; returns the ones that changed or drift.
+
+    Without `write_docs`, reports from other than the built-in default data write nothing.
+    """
     root = repo_root()
     content = block(summary(root))
+    custom = None if check or write_docs else custom_data(root)
+    if custom is not None:
+        print(
+            f"results: the reports come from {custom}, not the built-in default data: "
+            f"{', '.join(DOCUMENTS)} left alone; the table is in reports/results.md "
+            f"(`genpipe results --write-docs` puts it in the docs)"
+        )
+        return []
     stale = []
     for name in DOCUMENTS:
         path = root / name

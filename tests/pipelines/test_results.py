@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from components.data.config import PrepareConfig
 from pipelines import results
 from pipelines.lineage import ROOT_ENV
 from tests.conftest import REPO, run
@@ -97,3 +98,50 @@ def test_cli_check_fails_with_one_line(docs: Path):
     assert len(lines) == 1 and lines[0].startswith("genpipe: error: results: README.md drift")
     run(["genpipe", "results"], docs)
     assert run(["genpipe", "results", "--check"], docs).returncode == 0
+
+
+def _edit_gan_fid(docs: Path) -> None:
+    summary_path = docs / "reports/evaluate.json"
+    summary = json.loads(summary_path.read_text())
+    summary["genpipe-gan"]["fid_over_floor"] = 7.654321
+    summary_path.write_text(json.dumps(summary))
+
+
+def test_reports_from_other_data_leave_the_docs_alone(docs: Path, capsys):
+    """A user's own data (here in params.yaml) writes no tracked doc unless --write-docs asks."""
+    _edit_gan_fid(docs)
+    (docs / "params.yaml").write_text(
+        "prepare: {source: 'imagefolder:/data/pets', image_size: 32, channels: 3}\n"
+    )
+    before = {name: (docs / name).read_text() for name in results.DOCUMENTS}
+    assert results.main() == []
+    assert {name: (docs / name).read_text() for name in results.DOCUMENTS} == before
+    out = capsys.readouterr().out
+    assert "prepare.source=imagefolder:/data/pets, prepare.image_size=32, prepare.channels=3" in out
+    assert "README.md, BENCHMARKS.md left alone" in out and "--write-docs" in out
+    with pytest.raises(RuntimeError, match="drift"):  # --check still compares
+        results.main(check=True)
+    assert results.main(write_docs=True) == list(results.DOCUMENTS)
+    assert "| 7.65 |" in (docs / "README.md").read_text()
+
+
+def test_the_prepared_data_decides_over_params(docs: Path):
+    """meta.json records what the reports were made from: the default there rewrites the docs."""
+    _edit_gan_fid(docs)
+    (docs / "params.yaml").write_text("prepare: {source: 'builtin:glyphs', image_size: 32, channels: 3}\n")
+    (docs / "data/processed").mkdir(parents=True)
+    meta = {"prepare": PrepareConfig().model_dump(mode="json")}
+    (docs / "data/processed/meta.json").write_text(json.dumps(meta))
+    assert results.main() == list(results.DOCUMENTS)
+    meta["prepare"]["source"] = "builtin:shapes"
+    (docs / "data/processed/meta.json").write_text(json.dumps(meta))
+    assert results.custom_data(docs) == "prepare.source=builtin:shapes"
+
+
+def test_cli_write_docs(docs: Path):
+    _edit_gan_fid(docs)
+    (docs / "params.yaml").write_text("prepare: {source: 'builtin:shapes', channels: 3}\n")
+    proc = run(["genpipe", "results"], docs)
+    assert "left alone" in proc.stdout and "| 7.65 |" not in (docs / "README.md").read_text()
+    run(["genpipe", "results", "--write-docs"], docs)
+    assert "| 7.65 |" in (docs / "README.md").read_text()

@@ -48,6 +48,7 @@ from components.tokenizer.vqgan import VQGAN, reconstruct
 from components.training.checkpoint import LocalCheckpointIO, module_states
 from components.training.config import LoopConfig
 from components.training.loop import train
+from pipelines.score import progress_line
 
 SHAPES = PrepareConfig(source="builtin:shapes", image_size=32, channels=3)
 # "on": params.yaml's disc block with taming-transformers' weight 0.8 (the params.yaml default is 0, off);
@@ -249,7 +250,7 @@ def prior_fid(
         batch_size=ev.batch_size,
         options=ev.options.get("prior_gpt", {}),
         pr_k=ev.pr_k,
-        progress=_progress(f"{tag}: judge"),
+        progress=progress_line("judge", stage=tag),
     )
     judge_s = time.perf_counter() - tic
     out = {f"prior_{k}": v for k, v in result.metrics.items()}
@@ -264,24 +265,6 @@ def prior_fid(
     )
     print(f"{tag}: " + json.dumps(out), flush=True)
     return out
-
-
-def _progress(tag: str):
-    """A line per ~10% of the sampled set, with images/s and ETA."""
-    last = [-1]
-
-    def report(done: int, total: int, seconds: float) -> None:
-        tenth = done * 10 // total
-        if tenth == last[0] and done < total:
-            return
-        last[0] = tenth
-        rate = done / max(seconds, 1e-9)
-        print(
-            f"{tag}: {done}/{total} images | {rate:.0f} images/s | ETA {(total - done) / max(rate, 1e-9):.0f}s",
-            flush=True,
-        )
-
-    return report
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

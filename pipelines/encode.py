@@ -1,7 +1,8 @@
 """Stage `encode`: every split of data/processed -> token grids and latents in data/tokens/.
 
 Batch inference on Ray Data with the tokenizer loaded once per actor; what the GPT and MaskGIT
-priors and latent diffusion train on.
+priors and latent diffusion train on. The actors get the tokenizer's bytes and, with a
+`storage.bucket`, read a large data/processed from the bucket: no node needs the checkout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from components.data.tokens import TOKENS_SCHEMA_VERSION, encode_split, write_to
 from components.io import atomic_dir, write_json
 from components.stages import EncodeConfig
 from components.tokenizer.export import load_vqgan
+from pipelines.bucket import publish_data, use_bucket
 from pipelines.lineage import repo_root
 from pipelines.ray_start import init_ray
 from pipelines.runtime import print_config, stage_run, tracking_uri
@@ -53,8 +55,10 @@ def main(*, params: Path, dry_run: bool = False) -> None:
     if dry_run:
         print_config(sections)
         return
+    use_bucket(sections)  # before Ray starts: its endpoint reaches the read tasks
     with stage_run(STAGE, sections, data_deps=[DATA, TOKENIZER]) as run:
         init_ray(sections["ray"])
+        published = publish_data(sections, root / DATA, splits=SPLITS)  # Ray Data's read tasks read it
         counts, shards = {}, {}
         with atomic_dir(root / OUT) as tmp:
             for split in SPLITS:
@@ -65,6 +69,7 @@ def main(*, params: Path, dry_run: bool = False) -> None:
                     batch_size=cfg.batch_size,
                     num_actors=cfg.num_actors,
                     use_gpu=sections["train"].use_gpu,
+                    published=published,
                 )
                 shards[split], counts[split] = write_token_split(
                     batches,

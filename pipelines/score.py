@@ -58,7 +58,7 @@ def real_test_images(root: Path, cfg: EvaluateConfig) -> SplitImages:
     return SplitImages(root / DATA, "test", batch_size=cfg.batch_size)
 
 
-def progress_line(label: str, *, file: TextIO | None = None):
+def progress_line(label: str, *, file: TextIO | None = None, stage: str = STAGE):
     """Periodic lines with rate and ETA (a line per ~10% of the set), on stdout or `file`."""
     last = [-1]
 
@@ -70,7 +70,7 @@ def progress_line(label: str, *, file: TextIO | None = None):
         rate = done / max(seconds, 1e-9)
         eta = (total - done) / max(rate, 1e-9)
         print(
-            f"{STAGE}: {label}: {done}/{total} images | {rate:.0f} images/s | ETA {eta:.0f}s",
+            f"{stage}: {label}: {done}/{total} images | {rate:.0f} images/s | ETA {eta:.0f}s",
             file=file or sys.stdout,
             flush=True,
         )

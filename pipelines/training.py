@@ -24,7 +24,7 @@ from components.schema import StrictConfig
 from components.training.config import LoopConfig, TrainConfig
 from components.training.task import Task
 from pipelines.bucket import publish_data, use_bucket
-from pipelines.lineage import absolute, dvc_data_hash
+from pipelines.lineage import dvc_data_hash, resolve_storage
 from pipelines.ray_start import init_ray, joins_local
 from pipelines.runtime import StageRun
 from pipelines.timing import StageClock
@@ -102,7 +102,7 @@ def ray_run_name(
 
 def ray_lineage(run_name: str, sections: dict[str, StrictConfig]) -> dict[str, str]:
     """The version tags that find a model's Ray run: its name and the storage holding its checkpoints."""
-    return {"ray_run_name": run_name, "ray_storage_path": absolute(sections["train"].storage_path)}
+    return {"ray_run_name": run_name, "ray_storage_path": resolve_storage(sections["train"].storage_path)}
 
 
 def train_on_ray(
@@ -123,24 +123,22 @@ def train_on_ray(
     tokens, latent, label), the inputs of the priors and of latent diffusion. `clock` gets the marks.
     """
     from components.data.raydata import training_split
-    from components.data.tokens import token_training_split
+    from components.data.tokens import token_files, token_training_split
     from components.training.ray_adapter import fit
 
     readers = {"images": training_split, "tokens": token_training_split}
     if reader not in readers:
         raise ValueError(f"unknown reader {reader!r}; valid: {', '.join(readers)}")
     clock = clock or StageClock()  # a stage's own (the CLI's), else one for this call
-    storage_path = absolute(sections["train"].storage_path)
+    storage_path = resolve_storage(sections["train"].storage_path)
     use_bucket(sections, storage_path)  # before Ray starts: a wrong bucket costs no start-up
     clock.mark("ray_start")
     init_ray(sections["ray"])
     check_resources(sections["train"], local=joins_local(sections["ray"]))
     clock.mark("ray")
-    published = publish_data(sections, data_dir) if reader == "images" else None
-    datasets = {
-        split: readers[reader](data_dir, split, **({"published": published} if published else {}))
-        for split in ("train", "val")
-    }
+    shards = {"images": None, "tokens": partial(token_files, data_dir)}[reader]
+    published = publish_data(sections, data_dir, shards=shards)
+    datasets = {split: readers[reader](data_dir, split, published=published) for split in ("train", "val")}
     clock.mark("data")
     result = fit(
         task_factory=task_factory,

@@ -3,7 +3,10 @@
 Columns: `id` (string), `label` (int32), `tokens` (fixed-size list of int32: the h x w index grid,
 row-major) and `latent` (fixed-size list of float32: the continuous pre-quantization latent,
 (D, h, w) flattened C-order) that latent diffusion trains on. The tokenizer is loaded once per
-Ray Data actor, not once per batch.
+Ray Data actor, not once per batch, from bytes the driver sends: no node needs the model's folder.
+
+`published` (components.storage.Published, from pipelines/bucket.py) is the same folder in the
+bucket: with it, Ray Data's read tasks read the shards there, so the nodes need no copy either.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from components.data.images import DataError, pngs_to_array
 from components.data.raydata import bounded, from_columns, small, streams
 from components.data.shards import SPLITS, read_meta, shard_name, split_files
+from components.tokenizer.export import vqgan_files
 
 TOKENS_SCHEMA_VERSION = 1
 META_FILE = "meta.json"
@@ -43,11 +47,11 @@ def token_schema(*, grid: tuple[int, int], latent_dim: int) -> pa.Schema:
 class TokenizerActor:
     """Ray Data callable class: PNG batches -> token grids and latents with a tokenizer loaded once."""
 
-    def __init__(self, model_dir: str, *, channels: int, size: int, device: str = "cpu") -> None:
-        from components.tokenizer.export import load_vqgan
+    def __init__(self, files: dict[str, bytes], *, channels: int, size: int, device: str = "cpu") -> None:
+        from components.tokenizer.export import vqgan_from_files
 
         torch.set_num_threads(1)
-        self.model = load_vqgan(model_dir, device=device)
+        self.model = vqgan_from_files(files, device=device)
         self.channels, self.size, self.device = channels, size, torch.device(device)
 
     @torch.no_grad()
@@ -72,13 +76,27 @@ def encode_split(
     batch_size: int = 256,
     num_actors: int = 1,
     use_gpu: bool = False,
+    published=None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Encode one split of the prepared shards on Ray Data, yielding numpy batches in shard order."""
+    """Encode one split of the prepared shards on Ray Data, yielding numpy batches in shard order.
+
+    A split small enough for the driver is read here and handed to Ray through its object store, so
+    a cluster's nodes need neither the folder nor a bucket for it; a larger one is read by Ray
+    Data's tasks, from `published` when given.
+    """
     meta = read_meta(data_dir)
     files = [str(p) for p in split_files(data_dir, split)]
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards come out in the order they went in
-    ds = bounded(ray.data.read_parquet(files, columns=["id", "image", "label"]))  # read-ahead: bounded
+    columns = ["id", "image", "label"]
+    if published is not None:
+        names = [f"{published.path}/{name}" for name in meta["shards"][split]]
+        ds = ray.data.read_parquet(names, filesystem=published.filesystem, columns=columns)
+    elif small(files):
+        ds = ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
+    else:
+        ds = ray.data.read_parquet(files, columns=columns)
+    ds = bounded(ds)  # read-ahead: bounded
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60, and its only route warns as deprecated
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
@@ -100,7 +118,7 @@ def _encode_actors(ds, model_dir, *, meta: dict, batch_size: int, num_actors: in
         # the object store makes the core worker log an error line per encode (ray issue 53727); a
         # lost tokenizer actor fails the stage instead, and `dvc repro` re-runs it.
         max_restarts=0,
-        fn_constructor_args=(str(Path(model_dir).resolve()),),
+        fn_constructor_args=(vqgan_files(model_dir),),
         fn_constructor_kwargs={
             "channels": meta["channels"],
             "size": meta["image_size"],
@@ -224,30 +242,42 @@ def _token_batch(
 TRAINING_COLUMNS = ("tokens", "latent", "label")
 
 
-def token_training_split(tokens_dir: str | Path, split: str) -> dict[str, np.ndarray] | ray.data.Dataset:
+def token_files(tokens_dir: str | Path, split: str) -> list[Path]:
+    """The shards of one split of data/tokens, absolute (Ray's workers change directory)."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is not one of {list(SPLITS)}")
+    return [(Path(tokens_dir) / name).resolve() for name in read_token_meta(tokens_dir)["shards"][split]]
+
+
+def token_training_split(
+    tokens_dir: str | Path, split: str, *, published=None
+) -> dict[str, np.ndarray] | ray.data.Dataset:
     """What a prior or latent-diffusion stage hands to fit(): arrays when small (no Ray Data), else a
     Dataset: materialised when mid-sized, lazy (streamed per worker) when large, as in raydata.py."""
-    if split not in SPLITS:
-        raise DataError(f"split={split!r} is not one of {list(SPLITS)}")
-    meta = read_token_meta(tokens_dir)
-    if small([str(Path(tokens_dir) / name) for name in meta["shards"][split]]):
+    if small([str(f) for f in token_files(tokens_dir, split)]):
         arrays = read_tokens(tokens_dir, split)
         return {k: arrays[k] for k in TRAINING_COLUMNS} if len(arrays["label"]) else {}
+    meta = read_token_meta(tokens_dir)
     h, w = meta["grid"]
     row_bytes = h * w * (8 + 4 * meta["latent_channels"]) + 8  # int64 tokens, float32 latent, int64 label
-    return ray_token_dataset(tokens_dir, split, materialize=not streams(meta["counts"][split], row_bytes))
+    materialize = not streams(meta["counts"][split], row_bytes)
+    return ray_token_dataset(tokens_dir, split, materialize=materialize, published=published)
 
 
-def ray_token_dataset(tokens_dir: str | Path, split: str, *, materialize: bool = True) -> ray.data.Dataset:
+def ray_token_dataset(
+    tokens_dir: str | Path, split: str, *, materialize: bool = True, published=None
+) -> ray.data.Dataset:
     """One split of data/tokens as a Ray Dataset (the columns of `_token_batch`) for a Train worker."""
-    if split not in SPLITS:
-        raise DataError(f"split={split!r} is not one of {list(SPLITS)}")
+    files = [str(f) for f in token_files(tokens_dir, split)]
     meta = read_token_meta(tokens_dir)
-    files = [str((Path(tokens_dir) / name).resolve()) for name in meta["shards"][split]]  # workers cd
-    if materialize and small(files):  # read here: no Ray read tasks (see components/data/raydata.py)
+    if materialize and small(files) and published is None:  # read here: no Ray read tasks (raydata.py)
         arrays = read_tokens(tokens_dir, split)
         return from_columns({k: arrays[k] for k in TRAINING_COLUMNS})
-    ds = ray.data.read_parquet(files, columns=list(TRAINING_COLUMNS))
+    if published is None:
+        ds = ray.data.read_parquet(files, columns=list(TRAINING_COLUMNS))
+    else:  # the same shards, from the bucket
+        names = [f"{published.path}/{name}" for name in meta["shards"][split]]
+        ds = ray.data.read_parquet(names, filesystem=published.filesystem, columns=list(TRAINING_COLUMNS))
     ds = ds.map_batches(
         _token_batch,
         batch_format="numpy",

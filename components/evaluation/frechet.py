@@ -139,7 +139,7 @@ def extract_features(
 ) -> torch.Tensor:
     """Evaluator features (N, feature_dim), float32 on CPU, of images or an iterable of image batches."""
     acc: list[torch.Tensor] = []
-    _stream(evaluator, images, batch_size=batch_size, sink=acc.append)
+    stream_features(evaluator, images, batch_size=batch_size, sink=acc.append)
     if not acc:
         raise ValueError("extract_features got no images")
     return torch.cat(acc)
@@ -151,11 +151,12 @@ def feature_stats(
 ) -> FeatureStats:
     """Stream images (a tensor, or an iterable of (B, C, H, W) batches) through the evaluator's features."""
     acc = StatsAccumulator()
-    _stream(evaluator, images, batch_size=batch_size, sink=acc.update)
+    stream_features(evaluator, images, batch_size=batch_size, sink=acc.update)
     return acc.stats()
 
 
-def _stream(
+@torch.no_grad()
+def stream_features(
     evaluator: Evaluator,
     images: torch.Tensor | Iterable[torch.Tensor],
     *,

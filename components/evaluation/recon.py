@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from components.evaluation.evaluator import Evaluator
+from components.evaluation.frechet import FeatureStats, StatsAccumulator, stream_features
+
 DATA_RANGE = 2.0  # images in [-1, 1]
 
 
@@ -55,3 +58,43 @@ def recon_metrics(x: torch.Tensor, y: torch.Tensor, *, data_range: float = DATA_
         "psnr": float(psnr(x, y, data_range=data_range).mean()),
         "ssim": float(ssim(x, y, data_range=data_range).mean()),
     }
+
+
+class ReconScore:
+    """Reconstruction figures over a stream of (originals, reconstructions) batches, in one batch of
+    memory: the means of PSNR, SSIM and L1 (float64 sums, so the figure never depends on the batch
+    size), the evaluator's feature statistics of the reconstructions, and the first `keep` pairs."""
+
+    def __init__(self, evaluator: Evaluator | None = None, *, keep: int = 0) -> None:
+        self.evaluator, self.keep, self.n = evaluator, keep, 0
+        self.sums = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0}
+        self.features = StatsAccumulator()
+        self.originals: list[torch.Tensor] = []
+        self.recons: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
+        _check_pair(x_rec, x)
+        self.sums["psnr"] += float(psnr(x_rec, x).double().sum())
+        self.sums["ssim"] += float(ssim(x_rec, x).double().sum())
+        self.sums["l1"] += float((x_rec.double() - x.double()).abs().flatten(1).mean(dim=1).sum())
+        if self.evaluator is not None:
+            stream_features(self.evaluator, x_rec, batch_size=len(x_rec), sink=self.features.update)
+        room = self.keep - sum(len(t) for t in self.originals)
+        if room > 0:
+            self.originals.append(x[:room])
+            self.recons.append(x_rec[:room])
+        self.n += len(x)
+
+    def metrics(self) -> dict[str, float]:
+        """{"psnr", "ssim", "l1"}: the means over every image seen."""
+        if self.n == 0:
+            raise ValueError("no reconstructions were scored (an empty split?)")
+        return {k: v / self.n for k, v in self.sums.items()}
+
+    def stats(self) -> FeatureStats:
+        """The reconstructions' feature statistics (needs an evaluator)."""
+        return self.features.stats()
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `keep` originals and their reconstructions."""
+        return torch.cat(self.originals), torch.cat(self.recons)

@@ -88,11 +88,12 @@ class VQGAN(nn.Module):
 
 @torch.no_grad()
 def reconstruct(
-    vqgan: VQGAN, images: torch.Tensor, *, batch_size: int = 256
+    vqgan: VQGAN, images: torch.Tensor, *, batch_size: int = 256, usage: CodeUsage | None = None
 ) -> tuple[torch.Tensor, CodeUsage]:
-    """Reconstructions (N, C, H, W) in [-1, 1] on the CPU and the code usage, batch by batch on the model's device."""
+    """Reconstructions (N, C, H, W) in [-1, 1] on the CPU and the code usage, batch by batch on the
+    model's device; `usage` (else a new one) accumulates over calls."""
     device = next(vqgan.parameters()).device
-    usage, recons = CodeUsage(vqgan.codebook_size), []
+    usage, recons = usage or CodeUsage(vqgan.codebook_size), []
     for x in images.split(batch_size):
         x_rec, _, indices, _ = vqgan(x.to(device))
         recons.append(x_rec.float().clamp(-1, 1).cpu())

@@ -9,8 +9,9 @@ tests/s3.py) reached through pyarrow, boto3 and MLflow's own clients.
 `genpipe train_evaluator` then trains with `train.num_workers=2`, one worker per node, checkpoints in
 the bucket. Once a checkpoint is there, one worker node is SIGKILLed and `local-cluster.sh add`
 starts another: Ray Train restarts the worker group and the loop resumes from the bucket's
-checkpoint, in the same MLflow run. One run of the cluster serves every check (it is the suite's
-most expensive fixture).
+checkpoint, in the same MLflow run. Then `dvc repro train_prior@gpt` runs the tokenizer, encode and
+the GPT prior on the same nodes, data/tokens read from the bucket too. One run of the cluster serves
+every check (it is the suite's most expensive fixture).
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def cluster(repo_copy: Path, tmp_path: Path, s3: S3):  # noqa: F811
             **TINY["train_evaluator"],
             "loop": {**TINY["train_evaluator"]["loop"], "steps": STEPS, "val_every": 100},
         },
+        **{k: TINY[k] for k in ("train_tokenizer", "encode")},
+        "train_prior": {"gpt": TINY["train_prior"]["gpt"]},
     }
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     up = subprocess.Popen(
@@ -222,3 +225,17 @@ def test_a_stage_trains_on_isolated_nodes_from_a_bucket_and_survives_a_killed_no
     published = [k for k in keys if k.startswith(f"{prefix}/data/{md5.removesuffix('.dir')}/")]
     assert any(k.endswith("meta.json") for k in published) and any("/train-" in k for k in published)
     assert f"s3://{s3.bucket}/{prefix}/data/" in out  # publish's progress line
+
+    # The two-stage path on the same nodes: the tokenizer trains from the published images, encode's
+    # actors get the tokenizer's bytes and read the images from the bucket, and the prior trains on
+    # data/tokens published under its own DVC md5.
+    run(["dvc", "commit", "-f", "train_evaluator"], repo_copy, **env)
+    proc = run(["dvc", "repro", "train_prior@gpt"], repo_copy, **env, GENPIPE_IN_DRIVER_BYTES="0")
+    out = proc.stdout + proc.stderr
+    lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]
+    tokens = lock["encode"]["outs"][0]["md5"].removesuffix(".dir")
+    assert f"s3://{s3.bucket}/{prefix}/data/{tokens}" in out, out[-3000:]
+    assert [k for k in s3.keys(f"{prefix}/data/{tokens}/") if "/train-" in k]
+    assert "train_prior@gpt" in lock and [
+        v.run_id for v in client.search_model_versions("name = 'genpipe-gpt'")
+    ]

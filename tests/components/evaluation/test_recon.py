@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from components.evaluation.recon import psnr, recon_metrics, ssim
+from components.evaluation.recon import ReconScore, psnr, recon_metrics, ssim
 
 torch.set_num_threads(1)
 
@@ -62,3 +62,28 @@ def test_recon_metrics_and_bad_shapes() -> None:
     assert set(m) == {"psnr", "ssim"} and m["psnr"] == pytest.approx(26.0206, abs=1e-3)
     with pytest.raises(ValueError, match="one shape"):
         psnr(x, x[:2])
+
+
+def test_recon_score_streamed_equals_the_whole_set() -> None:
+    from components.evaluation.evaluator import Evaluator, EvaluatorConfig
+    from components.evaluation.frechet import feature_stats
+
+    torch.manual_seed(0)
+    net = Evaluator(EvaluatorConfig(widths=(8,), feature_dim=8), in_channels=1, num_classes=3).eval()
+    x = _images(n=37)
+    x_rec = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
+    score = ReconScore(net, keep=10)
+    for a, b in zip(x.split(8), x_rec.split(8), strict=True):  # 4 batches of 8 and one of 5
+        score.update(a, b)
+    whole = recon_metrics(x_rec, x)
+    got = score.metrics()
+    assert got["psnr"] == pytest.approx(whole["psnr"], rel=1e-5)
+    assert got["ssim"] == pytest.approx(whole["ssim"], rel=1e-5)
+    assert got["l1"] == pytest.approx(float((x_rec - x).abs().mean()), rel=1e-5)
+    stats, ref = score.stats(), feature_stats(net, x_rec)
+    assert stats.n == 37 and torch.allclose(stats.mu, ref.mu.double(), atol=1e-5)
+    torch.testing.assert_close(stats.sigma, ref.sigma.double(), rtol=1e-4, atol=1e-6)
+    originals, recons = score.pairs()
+    assert torch.equal(originals, x[:10]) and torch.equal(recons, x_rec[:10])
+    with pytest.raises(ValueError, match="no reconstructions"):
+        ReconScore().metrics()

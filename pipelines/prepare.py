@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 
 from components.config import load_stage
-from components.data.build import build_dataset
+from components.data.build import build_dataset, plan_dataset
 from components.data.config import PrepareConfig
 from components.io import write_json
 from pipelines.lineage import repo_root
@@ -44,20 +44,39 @@ def preflight(cfg: PrepareConfig) -> PrepareConfig:
         raise FileNotFoundError(f"prepare.source={cfg.source!r}: {p} does not exist")
     if cfg.source_kind == "imagefolder" and not p.is_dir():
         raise NotADirectoryError(f"prepare.source={cfg.source!r}: {p} is not a directory")
+    _check_dvc_dep(cfg, p)
     return cfg.model_copy(update={"source": f"{cfg.source_kind}:{p}"})
+
+
+def _check_dvc_dep(cfg: PrepareConfig, source: Path) -> None:
+    """A path source must be what dvc.yaml's prepare stage depends on (`${prepare.dvc_dep}`), or DVC
+    would not notice its files change."""
+    dep = Path(cfg.dvc_dep)
+    if (dep if dep.is_absolute() else repo_root() / dep).resolve() != source.resolve():
+        path = cfg.source_path
+        raise ValueError(
+            f"prepare.dvc_dep={cfg.dvc_dep!r} but prepare.source={cfg.source!r}: set prepare.dvc_dep: {path} "
+            f"(the prepare stage's DVC dependency, so DVC re-runs it when the images change)"
+        )
 
 
 def main(*, params: Path, dry_run: bool = False) -> None:
     sections = load_stage(params, "prepare")
     cfg: PrepareConfig = sections["prepare"]
     cfg = preflight(cfg)
+    plan = plan_dataset(cfg, log=print)  # every refusal that needs no pixels, before the MLflow run
     if dry_run:
         print_config(sections)
         return
     root = repo_root()
     with stage_run("prepare", sections) as run:
         report = build_dataset(
-            cfg, root / OUT_DIR, log=print, ray_from=ray_from(), start_ray=partial(init_ray, sections["ray"])
+            cfg,
+            root / OUT_DIR,
+            log=print,
+            ray_from=ray_from(),
+            start_ray=partial(init_ray, sections["ray"]),
+            plan=plan,
         )
         metrics = {k: float(report[k]) for k in METRIC_KEYS}
         write_json(root / METRICS, metrics)

@@ -218,10 +218,60 @@ def _write_all(
         "std": std,
         "content_hash": combine_hashes(hashes),
         "shards": shards,
-        "prepare": cfg.model_dump(mode="json"),
+        "prepare": recorded_settings(cfg),
     }
     write_meta(meta, out_dir=out)
     return meta
+
+
+def recorded_settings(cfg: PrepareConfig) -> dict[str, Any]:
+    """The settings meta.json records: all but `dvc_dep` (bookkeeping, not data), and the glyph
+    block only when it is the source (a default digits build keeps the bytes it had before it)."""
+    exclude = {"dvc_dep"} | (set() if cfg.source == "builtin:glyphs" else {"glyphs"})
+    return cfg.model_dump(mode="json", exclude=exclude)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked source and its split: what build_dataset writes, known before any pixel work."""
+
+    source: Source
+    labels: np.ndarray  # (N,) in record order
+    splits: dict[str, np.ndarray]  # split -> record indices
+
+
+def plan_dataset(cfg: PrepareConfig, *, log: Log = print) -> Plan:
+    """Open and check the source and plan its split; every refusal that needs no pixels happens here.
+
+    A class left without val or test images (a small class that `min_per_class` lets through) is
+    named in one warning line: its test statistics and accuracy rest on no images.
+    """
+    source = open_source(cfg)
+    labels = _check_source(source, cfg)
+    splits = stratified_split(labels, val=cfg.split.val, test=cfg.split.test, seed=cfg.seed)
+    _check_splits({s: len(v) for s, v in splits.items()}, cfg)
+    thin = _thin_classes(labels, splits, source.class_names, cfg)
+    if thin:
+        shown = ", ".join(thin[:5]) + (f" and {len(thin) - 5} more" if len(thin) > 5 else "")
+        log(
+            f"prepare: warning: {len(thin)} class(es) without val or test images (train/val/test): {shown}; "
+            f"raise prepare.min_per_class (now {cfg.min_per_class}) or add images"
+        )
+    return Plan(source=source, labels=labels, splits=splits)
+
+
+def _thin_classes(
+    labels: np.ndarray, splits: dict[str, np.ndarray], names: Sequence[str], cfg: PrepareConfig
+) -> list[str]:
+    """'name' t/v/e for each class with no test image, or no val image where val > 0."""
+    k = max(len(names), 1)
+    per = {s: np.bincount(np.maximum(labels[idx], 0), minlength=k) for s, idx in splits.items()}
+    out = []
+    for c in range(k):
+        if per["test"][c] == 0 or (cfg.split.val > 0 and per["val"][c] == 0):
+            name = _class_name(c if names else UNLABELLED, names)
+            out.append(f"{name!r} {per['train'][c]}/{per['val'][c]}/{per['test'][c]}")
+    return out
 
 
 def build_dataset(
@@ -231,20 +281,21 @@ def build_dataset(
     log: Log = print,
     ray_from: int | None = None,
     start_ray: Callable[[], None] | None = None,
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
     """Prepare cfg.source into out_dir atomically; returns the prepare metrics plus `meta`.
 
     A source of at least `ray_from` images (None: never) is converted on Ray Data, after
-    `start_ray()` (the caller's way to join or start Ray); a smaller one in this process.
+    `start_ray()` (the caller's way to join or start Ray); a smaller one in this process. `plan`:
+    plan_dataset(cfg) when the caller already checked the source (a stage, before its MLflow run).
     """
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir, log=log)
     t0 = time.perf_counter()
-    source = open_source(cfg)
-    labels = _check_source(source, cfg)
-    plan = stratified_split(labels, val=cfg.split.val, test=cfg.split.test, seed=cfg.seed)
-    _check_splits({s: len(v) for s, v in plan.items()}, cfg)
+    if plan is None:
+        plan = plan_dataset(cfg, log=log)
+    source, labels, splits = plan.source, plan.labels, plan.splits
     on_ray = ray_from is not None and len(labels) >= ray_from
     where = " on Ray Data" if on_ray else ""
     log(f"prepare: {len(labels)} images from {cfg.source}, {len(source.class_names)} classes{where}")
@@ -252,7 +303,7 @@ def build_dataset(
         start_ray()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        meta = _write_all(source, plan, cfg=cfg, out=tmp, log=log, on_ray=on_ray)
+        meta = _write_all(source, splits, cfg=cfg, out=tmp, log=log, on_ray=on_ray)
         _swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the new data on error, the previous output on success

@@ -135,6 +135,9 @@ class PrepareConfig(StrictConfig):
     shapes: ShapesConfig = ShapesConfig()
     glyphs: GlyphsConfig = GlyphsConfig()
     parquet: ParquetSourceConfig = ParquetSourceConfig()
+    # The path dvc.yaml's prepare stage depends on (`${prepare.dvc_dep}`): an imagefolder:/parquet:
+    # source's PATH, so that DVC re-runs prepare when its files change; the built-ins' code otherwise.
+    dvc_dep: str = Field(default="components/data", min_length=1)
 
     @field_validator("source")
     @classmethod

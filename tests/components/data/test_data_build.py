@@ -283,3 +283,14 @@ def test_recover_restores_a_moved_away_output(tmp_path, helpers, tiny_shapes):
     with pytest.raises(DataError):
         build_dataset(PrepareConfig(source=f"imagefolder:{tmp_path / 'nowhere'}"), out, log=lambda _: None)
     assert helpers.snapshot(out) == before and helpers.leftovers(out) == []
+
+
+def test_meta_records_the_data_settings_only():
+    """dvc_dep is bookkeeping, and the glyph block shows only for builtin:glyphs: the default
+    digits build's meta.json (hence its DVC md5) is what it was before either existed."""
+    from components.data.build import recorded_settings
+
+    digits = recorded_settings(PrepareConfig(dvc_dep="elsewhere"))
+    assert "dvc_dep" not in digits and "glyphs" not in digits and digits["shapes"]["count"] == 2000
+    glyphs = recorded_settings(PrepareConfig(source="builtin:glyphs", channels=3, glyphs={"count": 48}))
+    assert glyphs["glyphs"]["count"] == 48 and "dvc_dep" not in glyphs

@@ -1,5 +1,12 @@
 """Where a stage runs and what it ran on: the repository root, absolute paths, and the lineage tags
-(git commit and its dirty flag over the code, the params hash, the DVC hash of the data)."""
+(git commit and its dirty flag over the code, the params hash, the DVC hash of the data, the DVC
+experiment).
+
+A queued or `--temp` DVC experiment runs its stages in a throwaway copy of the repository
+(`.dvc/tmp/exps/tmpXXXX`): the stage's inputs and outputs are that copy's (`repo_root`), but what
+outlives the run, the default MLflow store and checkpoints, belongs to the user's repository
+(`user_root`), which DVC names in DVC_ROOT.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +29,52 @@ def repo_root() -> Path:
     return Path(os.environ.get(ROOT_ENV, os.getcwd())).resolve()
 
 
-def absolute(path: str | Path) -> str:
-    """An absolute path (workers change directory); URIs such as s3:// pass through."""
+#: Set by DVC for every stage it runs: the user's repository, also when the stage runs in an
+#: experiment's temporary copy (dvc/repo/experiments/queue/base.py: "not an executor tempdir root").
+DVC_ROOT_ENV = "DVC_ROOT"
+#: DVC's temporary copies of a repository for queued and `--temp` experiments, under its root.
+DVC_TEMP_COPIES = Path(".dvc", "tmp", "exps")
+
+
+def user_root() -> Path:
+    """The user's repository: where the default MLflow store and checkpoints live.
+
+    It is `repo_root()`, except in a DVC experiment's temporary copy, which sits under the user's
+    repository (`<DVC_ROOT>/.dvc/tmp/exps/`); there it is DVC_ROOT. A DVC_ROOT that does not hold
+    the working directory (a variable left over in the shell) is ignored.
+    """
+    here = repo_root()
+    named = os.environ.get(DVC_ROOT_ENV)
+    if not named:
+        return here
+    dvc_root = Path(named).resolve()
+    return dvc_root if here.is_relative_to(dvc_root / DVC_TEMP_COPIES) else here
+
+
+def absolute(path: str | Path, *, root: Path | None = None) -> str:
+    """An absolute path (workers change directory), relative ones from `root` (default: the repo root);
+    URIs such as s3:// pass through."""
     s = str(path)
     if "://" in s:
         return s
     p = Path(s).expanduser()
-    return str(p if p.is_absolute() else repo_root() / p)
+    return str(p if p.is_absolute() else (root or repo_root()) / p)
+
+
+def resolve_storage(path: str) -> str:
+    """`train.storage_path` made absolute: a relative one is in the user's repository (`user_root`),
+    so checkpoints outlive a DVC experiment's temporary copy and a later run can resume from them."""
+    return absolute(path, root=user_root())
+
+
+#: The DVC experiment a stage runs in: tag name -> the variable DVC sets for each of its stages.
+EXPERIMENT_TAGS = {"dvc.experiment": "DVC_EXP_NAME", "dvc.baseline_rev": "DVC_EXP_BASELINE_REV"}
+
+
+def experiment_tags() -> dict[str, str]:
+    """{dvc.experiment, dvc.baseline_rev} when DVC runs this stage for an experiment (`dvc exp run`,
+    queued or not), else {}: they find the MLflow runs and model versions of one experiment."""
+    return {tag: os.environ[env] for tag, env in EXPERIMENT_TAGS.items() if os.environ.get(env)}
 
 
 def params_hash(sections: dict[str, StrictConfig]) -> str:

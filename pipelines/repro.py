@@ -49,7 +49,11 @@ class StageTime:
 
 
 #: dvc arguments under which no stage runs now: no Ray instance or stage server to start for them
-NOTHING_RUNS = frozenset({"--dry", "--queue", "--run-all", "-h", "--help"})
+NOTHING_RUNS = frozenset({"--dry", "--queue", "-h", "--help"})
+#: `dvc exp run --run-all [-j N]`: the queued experiments run now, N at a time, each in DVC's temporary
+#: copy: they share the one Ray instance (Ray schedules their workers), but not the stage server,
+#: which serves one stage at a time; their interleaved logs make no per-stage summary.
+SWEEP = "--run-all"
 
 
 def main(*, params: Path, args: list[str], command: tuple[str, ...] = ("repro",)) -> int:
@@ -77,7 +81,7 @@ def main(*, params: Path, args: list[str], command: tuple[str, ...] = ("repro",)
         env["RAY_ADDRESS"] = env[SHARED_LOCAL_ENV] = address = shared
         print(f"genpipe repro: stages share the local Ray instance at {address}", flush=True)
     # Linux only: forking a process that imported torch is not safe on macOS (Objective-C runtime)
-    off = os.environ.get(SERVER_ENV) == "off" or sys.platform != "linux"
+    off = os.environ.get(SERVER_ENV) == "off" or sys.platform != "linux" or SWEEP in args
     server = None if off else start_server(env, log=repo_root() / ".genpipe")
     if server is not None:
         env[SERVER_ENV] = server.socket
@@ -88,7 +92,7 @@ def main(*, params: Path, args: list[str], command: tuple[str, ...] = ("repro",)
             server.stop()
         if ray.is_initialized():
             ray.shutdown()
-    if stages:
+    if stages and SWEEP not in args:
         table = summary(stages, root=repo_root())
         print(table)
         out = repo_root() / ".genpipe" / "last_repro.md"

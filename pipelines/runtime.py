@@ -19,7 +19,7 @@ import yaml
 
 from components.config import MlflowConfig
 from components.schema import StrictConfig
-from pipelines.lineage import absolute, dvc_data_hash, git_commit, params_hash, repo_root
+from pipelines.lineage import absolute, dvc_data_hash, experiment_tags, git_commit, params_hash, user_root
 
 #: MLflow's notes while it creates a fresh store's tables (a first run): {logger: level raised to}
 QUIET_MLFLOW = {"mlflow.store.db.utils": logging.WARNING, "alembic.runtime.migration": logging.WARNING}
@@ -27,12 +27,53 @@ QUIET_MLFLOW = {"mlflow.store.db.utils": logging.WARNING, "alembic.runtime.migra
 
 # --- MLflow -----------------------------------------------------------------------------------
 def tracking_uri(cfg: MlflowConfig) -> str:
-    """MLFLOW_TRACKING_URI, else `mlflow.tracking_uri`, else the repo's sqlite file."""
+    """MLFLOW_TRACKING_URI, else `mlflow.tracking_uri`, else the user's repository's sqlite file
+    (that of the repository a DVC experiment's temporary copy was made from: lineage.user_root)."""
     for name, level in QUIET_MLFLOW.items():  # every command finds its store here: quiet from here on
         logging.getLogger(name).setLevel(level)
-    return (
-        os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    uri = (
+        os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{user_root() / 'mlflow.db'}"
     )
+    if uri.startswith("sqlite:"):
+        safe_sqlite()
+    return uri
+
+
+#: How long a new sqlite connection waits for another process's write before "database is locked".
+#: MLflow's sessions set 20 s themselves; this covers what runs outside them (creating the tables,
+#: inspecting the engine), where pysqlite's default is 5 s.
+SQLITE_BUSY_TIMEOUT_MS = 120_000
+_sqlite_hooked = False
+
+
+def safe_sqlite() -> None:
+    """Every sqlite connection this process opens from now on (MLflow's SQLAlchemy engines) uses WAL,
+    where readers (a search, `mlflow ui`) and the one writer do not block each other, and waits for
+    other writers: concurrent stages (a sweep's experiments) share one store. benchmarks/sweep_store.py
+    measures it."""
+    global _sqlite_hooked
+    if _sqlite_hooked:
+        return
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    event.listen(Engine, "connect", _sqlite_pragmas)
+    _sqlite_hooked = True
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    import sqlite3
+
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection uses it
+    except sqlite3.OperationalError:  # a read-only or in-memory database: keep its journal mode
+        pass
+    finally:
+        cursor.close()
 
 
 @dataclass
@@ -87,13 +128,20 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        # A local store keeps artefacts beside it in the repo; a server keeps its own artifact root
-        # (a bucket on a cluster), which an explicit location here would override.
+        # A local store keeps artefacts beside it in the user's repo; a server keeps its own artifact
+        # root (a bucket on a cluster), which an explicit location here would override.
         local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-        artifacts = (repo_root() / "mlartifacts").as_uri() if local else None
-        return client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
+        artifacts = (user_root() / "mlartifacts").as_uri() if local else None
+        try:
+            return client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
+        except MlflowException:  # a concurrent stage (a sweep's other experiment) created it first
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if EXPERIMENT_KIND[0] not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
@@ -153,6 +201,7 @@ def stage_run(
         "git_commit": git_commit(),
         "params_hash": params_hash(sections),
         "dvc_data_hash": dvc_data_hash(list(data_deps)),
+        **experiment_tags(),
     }
     if resume_key:
         tags[RESUME_TAG] = resume_key

@@ -14,7 +14,18 @@ import yaml
 from components.config import load_stage
 from components.io import save_model
 from components.registry.registry import record_evaluation
-from pipelines.lineage import ROOT_ENV, git_commit, params_hash
+from pipelines.lineage import (
+    DVC_ROOT_ENV,
+    EXPERIMENT_TAGS,
+    ROOT_ENV,
+    absolute,
+    experiment_tags,
+    git_commit,
+    params_hash,
+    repo_root,
+    resolve_storage,
+    user_root,
+)
 from pipelines.promote import LINEAGE_TAGS, lineage
 from pipelines.runtime import stage_run
 from pipelines.training import finish
@@ -102,3 +113,33 @@ def test_lineage_tags_present_and_right(backend: str, request, tmp_path: Path, m
         "tokenizer_sha256": "-",
     }
     assert len(got["git_commit"]) == 40  # a real commit of the stage_root repository, not "unknown"
+
+
+def test_a_dvc_experiments_temporary_copy_records_into_the_users_repository(tmp_path: Path, monkeypatch):
+    """DVC runs a queued or --temp experiment in <repo>/.dvc/tmp/exps/tmpXXXX and names <repo> in
+    DVC_ROOT: what outlives the run (store, checkpoints) goes to <repo>, the stage's files stay its own."""
+    user = tmp_path / "repo"
+    copy = user / ".dvc" / "tmp" / "exps" / "tmpa9zv5fdq"
+    copy.mkdir(parents=True)
+    monkeypatch.setenv(ROOT_ENV, str(copy))
+    monkeypatch.delenv(DVC_ROOT_ENV, raising=False)
+    assert user_root() == copy  # no DVC: the repository is where the stage runs
+    monkeypatch.setenv(DVC_ROOT_ENV, str(user))
+    assert user_root() == user and repo_root() == copy
+    assert resolve_storage(".genpipe/ray_results") == str(user / ".genpipe/ray_results")
+    assert resolve_storage("s3://bucket/ray") == "s3://bucket/ray"  # an explicit place wins
+    assert resolve_storage(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt")
+    assert absolute("data/processed") == str(copy / "data/processed")  # the stage's inputs: the copy's
+    monkeypatch.setenv(ROOT_ENV, str(user))  # `dvc repro` / `dvc exp run` in the workspace itself
+    assert user_root() == user
+    monkeypatch.setenv(DVC_ROOT_ENV, str(tmp_path / "elsewhere"))  # left over: holds no working dir
+    assert user_root() == user
+
+
+def test_experiment_tags_name_dvcs_experiment_only_inside_one(monkeypatch):
+    for env in EXPERIMENT_TAGS.values():
+        monkeypatch.delenv(env, raising=False)
+    assert experiment_tags() == {}  # `dvc repro`, or a stage run by hand
+    monkeypatch.setenv("DVC_EXP_NAME", "sweep-1")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    assert experiment_tags() == {"dvc.experiment": "sweep-1", "dvc.baseline_rev": "a" * 40}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from mlflow import MlflowClient
 
 from components.config import load_stage
 from pipelines.ray_start import quiet_ray_logs
-from pipelines.runtime import EXPERIMENT_KIND, stage_run
+from pipelines.runtime import EXPERIMENT_KIND, SQLITE_BUSY_TIMEOUT_MS, stage_run, tracking_uri
 from pipelines.timing import StageClock
 
 
@@ -117,3 +118,37 @@ def test_every_quieted_logger_is_the_one_its_ray_module_logs_with():
     for name in QUIET_LOGS:
         module = importlib.import_module(name)
         assert module.logger.name == name, name
+
+
+def test_an_experiments_temporary_copy_logs_into_the_users_store(tmp_path, monkeypatch):
+    """A stage in DVC's temporary copy of the repo (a queued experiment) opens the user's store, beside
+    the user's artefacts, tags its run with the experiment, and every connection waits for writers."""
+    user = tmp_path / "repo"
+    copy = user / ".dvc/tmp/exps/tmp1234"
+    copy.mkdir(parents=True)
+    (copy / "params.yaml").write_text("{}\n")
+    monkeypatch.setenv("GENPIPE_ROOT", str(copy))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(user))
+    monkeypatch.setenv("DVC_EXP_NAME", "sweep-2")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "b" * 40)
+    sections = load_stage(copy / "params.yaml", "prepare")
+    assert tracking_uri(sections["mlflow"]) == f"sqlite:///{user / 'mlflow.db'}"
+    with stage_run("prepare", sections) as run:
+        run_id = run.run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{user / 'mlflow.db'}")
+    got = client.get_run(run_id)
+    assert got.data.tags["dvc.experiment"] == "sweep-2" and got.data.tags["dvc.baseline_rev"] == "b" * 40
+    assert got.info.artifact_uri.startswith((user / "mlartifacts").as_uri())
+    assert not (copy / "mlflow.db").exists() and not (copy / "mlartifacts").exists()
+    with sqlite3.connect(user / "mlflow.db") as db:  # WAL is kept in the file
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+
+    raw = create_sqlalchemy_engine(f"sqlite:///{user / 'mlflow.db'}").raw_connection()  # MLflow's engine
+    try:  # (MLflow's sessions set their own 20 s; migrations and inspection run outside them)
+        assert raw.cursor().execute("PRAGMA busy_timeout").fetchone() == (SQLITE_BUSY_TIMEOUT_MS,)
+    finally:
+        raw.close()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a named store still wins
+    assert tracking_uri(sections["mlflow"]) == "http://127.0.0.1:5000"

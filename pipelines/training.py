@@ -325,6 +325,7 @@ def train_model(
     (files `export` wrote, e.g. a reconstruction grid) logged into the run; the evaluate stage
     judges a generator's samples.
     """
+    from pipelines.estimate import estimate_lines
     from pipelines.lineage import repo_root
     from pipelines.runtime import stage_run
 
@@ -333,6 +334,10 @@ def train_model(
     data_deps = [spec.data, *spec.inputs]
     label = spec.command  # `train_zoo@vae`, or the stage itself
     run_name = ray_run_name(spec.stage, sections, data_deps=data_deps, label=label.replace("@", "-"))
+    for line in estimate_lines(
+        spec, sections, loop=loop, task_factory=task_factory, data_dir=root / spec.data
+    ):
+        print(line, flush=True)  # what it will cost, before it starts (pipelines/estimate.py)
     with stage_run(label, sections, data_deps=data_deps, resume_key=run_name) as run:
         result = train_on_ray(
             stage=label,

@@ -106,11 +106,17 @@ def write_section(rows: list[dict], bench_md: Path) -> None:
         "Curves: reports/scale.png.\n\n"
         f"{table(rows)}\n\n{ratios(rows)}\n"
     )
+    replace_section(bench_md, head, body)
+
+
+def replace_section(bench_md: Path, head: str, body: str) -> None:
+    """Replace the section of `bench_md` whose heading starts with `head` by `body` (or append it)."""
     text = bench_md.read_text() if bench_md.exists() else "# Benchmarks\n"
+    body = body.rstrip("\n") + "\n"
     if head in text:
         start = text.index(head)
         nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + body + (text[nxt + 1 :] if nxt >= 0 else "")
+        text = text[:start] + body + (text[nxt:] if nxt >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + body
     bench_md.write_text(text)

@@ -6,12 +6,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
 
@@ -64,10 +65,28 @@ def save_model(path: str | Path, state: dict[str, torch.Tensor], config: dict[st
         write_json(tmp / "config.json", config)
 
 
-def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read an exported model directory; a missing file is a one-line error naming it."""
+MODEL_FILES = ("model.safetensors", "config.json")
+
+
+def load_model(path: str | Path | Mapping[str, bytes]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an exported model directory, or the bytes of its files (`model_files`); a missing file
+    is a one-line error naming it."""
+    if isinstance(path, Mapping):
+        return load_safetensors(path["model.safetensors"]), json.loads(path["config.json"])
+    path = _exported(path)
+    return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())
+
+
+def model_files(path: str | Path) -> dict[str, bytes]:
+    """An exported model directory's files as bytes: what a Ray worker or actor on a node that has
+    no copy of the directory gets instead of its path (load_model takes either)."""
+    path = _exported(path)  # a missing file is a one-line error here, in the driver
+    return {name: (path / name).read_bytes() for name in MODEL_FILES}
+
+
+def _exported(path: str | Path) -> Path:
     path = Path(path)
-    for name in ("model.safetensors", "config.json"):
+    for name in MODEL_FILES:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} not found: is {path} an exported genpipe model?")
-    return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())
+    return path

@@ -21,7 +21,7 @@ from components.evaluation.frechet import frechet_distance
 from components.evaluation.grid import make_grid, save_png
 from components.evaluation.recon import ReconScore
 from components.evaluation.reference import load_reference
-from components.io import save_model
+from components.io import model_files, save_model
 from components.stages import TrainTokenizerConfig
 from components.tokenizer.base import CodeUsage
 from components.tokenizer.config import TokenizerConfig, fit_to_data
@@ -39,19 +39,20 @@ GRID = "reports/train_tokenizer_recon.png"
 
 
 class EvaluatorFeatureMaps:
-    """Picklable `feature_fn` for the perceptual loss: the frozen evaluator, loaded on first use."""
+    """Picklable `feature_fn` for the perceptual loss: the frozen evaluator, loaded on first use from
+    its files' bytes (components.io.model_files), so a worker on a node without models/ has it."""
 
-    def __init__(self, model_dir: str) -> None:
-        self.model_dir = model_dir
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
         self._net = None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self._net is None or next(self._net.parameters()).device != x.device:
-            self._net = load_evaluator(self.model_dir, device=x.device).requires_grad_(False)
+            self._net = load_evaluator(self.files, device=x.device).requires_grad_(False)
         return self._net.feature_maps(x)
 
     def __getstate__(self) -> dict:
-        return {"model_dir": self.model_dir, "_net": None}
+        return {"files": self.files, "_net": None}
 
 
 def fit_model(cfg: TrainTokenizerConfig, meta: dict) -> TokenizerConfig:
@@ -100,7 +101,7 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
             TokenizerTask,
             model,
             cfg.loop,
-            feature_fn=EvaluatorFeatureMaps(str(evaluator_dir)) if needs_features else None,
+            feature_fn=EvaluatorFeatureMaps(model_files(evaluator_dir)) if needs_features else None,
         ),
         loop=cfg.loop,
         export=export,

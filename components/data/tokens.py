@@ -26,7 +26,7 @@ import torch
 from components.data.images import DataError, pngs_to_array
 from components.data.raydata import bounded, from_columns, small, streams
 from components.data.shards import SPLITS, read_meta, shard_name, split_files
-from components.tokenizer.export import vqgan_files
+from components.io import model_files
 
 TOKENS_SCHEMA_VERSION = 1
 META_FILE = "meta.json"
@@ -48,10 +48,10 @@ class TokenizerActor:
     """Ray Data callable class: PNG batches -> token grids and latents with a tokenizer loaded once."""
 
     def __init__(self, files: dict[str, bytes], *, channels: int, size: int, device: str = "cpu") -> None:
-        from components.tokenizer.export import vqgan_from_files
+        from components.tokenizer.export import load_vqgan
 
         torch.set_num_threads(1)
-        self.model = vqgan_from_files(files, device=device)
+        self.model = load_vqgan(files, device=device)
         self.channels, self.size, self.device = channels, size, torch.device(device)
 
     @torch.no_grad()
@@ -118,7 +118,7 @@ def _encode_actors(ds, model_dir, *, meta: dict, batch_size: int, num_actors: in
         # the object store makes the core worker log an error line per encode (ray issue 53727); a
         # lost tokenizer actor fails the stage instead, and `dvc repro` re-runs it.
         max_restarts=0,
-        fn_constructor_args=(vqgan_files(model_dir),),
+        fn_constructor_args=(model_files(model_dir),),
         fn_constructor_kwargs={
             "channels": meta["channels"],
             "size": meta["image_size"],

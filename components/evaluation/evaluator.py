@@ -8,7 +8,7 @@ Training augments with random translations only: digits are not flip-invariant.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -228,8 +228,10 @@ def save_evaluator(evaluator: Evaluator, directory: str | Path) -> None:
     save_model(directory, evaluator.state_dict(), evaluator.to_dict())
 
 
-def load_evaluator(directory: str | Path, *, device: str | torch.device = "cpu") -> Evaluator:
-    """Rebuild an evaluator from `directory` (config.json + model.safetensors), in eval mode."""
+def load_evaluator(
+    directory: str | Path | Mapping[str, bytes], *, device: str | torch.device = "cpu"
+) -> Evaluator:
+    """Rebuild an evaluator from `directory` (config.json + model.safetensors, or their bytes), in eval mode."""
     state, config = load_model(directory)
     evaluator = Evaluator.from_dict(config)
     evaluator.load_state_dict(state)

@@ -1,0 +1,190 @@
+"""`make bench`: a streamed fit on a two-node local cluster, its data and checkpoints in the bucket
+against the same on local disk.
+
+`scripts/local-cluster.sh up --nodes 3 --head-cpus 0` (two worker nodes of 1 CPU, not isolated, so
+both can read this machine's disk) and a moto S3 server (tests/s3.py). N procedural shapes at 32x32
+RGB are prepared once and published to the bucket under their DVC md5, as a stage publishes them.
+The same fit (a tiny tokenizer, 2 Ray Train workers, one per node, STEPS x BATCH, streaming forced)
+then alternates between:
+- `disk`: the workers' read tasks read the shards from the local folder, checkpoints go to local disk;
+- `bucket`: they read the published shards through pyarrow's S3 filesystem, checkpoints go to the bucket.
+
+ROUNDS rounds, disk then bucket in each, so drifting load hits both alike; images/s over the steps
+(the fit's own clock). The figure is the ratio bucket/disk of the medians. Peak RSS of each node's
+Ray workers: /proc samples of every `ray::` process in the nodes' process groups. moto is an
+in-process Python server: a real S3 or MinIO serves reads faster, so the ratio is a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import psutil
+
+from benchmarks.scale import FORCE_STREAM, MIB, _tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "local-cluster.sh"
+N, ROUNDS, STEPS, BATCH = 20_000, 2, 150, 64
+MODES = ("disk", "bucket")
+
+
+class NodePeaks:
+    """Peak RSS of the `ray::` processes of the cluster's process groups (DIR/pids), sampled."""
+
+    def __init__(self, groups: list[int]) -> None:
+        self.groups, self.peak, self.stop = set(groups), 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for p in psutil.process_iter(["name", "cmdline"]):
+                try:
+                    if os.getpgid(p.pid) in self.groups and " ".join(p.info["cmdline"] or []).startswith(
+                        "ray::"
+                    ):
+                        self.peak = max(self.peak, p.memory_info().rss)
+                except (psutil.Error, ProcessLookupError):
+                    continue
+            self.stop.wait(0.2)
+
+    def __enter__(self) -> NodePeaks:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def fit_once(mode: str, data: Path, published, storage: str, groups: list[int]) -> dict:
+    from components.data.raydata import training_split
+    from components.tokenizer.task import TokenizerTask
+    from components.training.config import LoopConfig, TrainConfig
+    from components.training.ray_adapter import fit
+
+    loop = LoopConfig(steps=STEPS, batch_size=BATCH, lr=2e-3, log_every=50, checkpoint_every=STEPS // 3)
+    datasets = {"train": training_split(data, "train", published=published if mode == "bucket" else None)}
+    with NodePeaks(groups) as peaks:
+        t0 = time.perf_counter()
+        result = fit(
+            task_factory=partial(TokenizerTask, _tokenizer(), loop),
+            loop=loop,
+            train=TrainConfig(num_workers=2, storage_path=storage, max_failures=0),
+            run_name=f"cluster-{mode}-{time.time_ns()}",
+            datasets=datasets,
+        )
+        wall = time.perf_counter() - t0
+    assert result.data == "streamed" and len(result.nodes) == 2, (result.data, result.nodes)
+    seconds = result.clock["last_step"] - result.clock["first_step"]
+    return {
+        "mode": mode,
+        "n": N,
+        "images_per_s": round(STEPS * BATCH / seconds, 1),
+        "wall_s": round(wall, 1),
+        "worker_peak_mib": round(peaks.peak / MIB, 1),
+        "load": round(os.getloadavg()[0], 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    global N, ROUNDS, STEPS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=N)
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument(
+        "--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "genpipe-scale-cluster"
+    )
+    ap.add_argument("--no-write", action="store_true", help="print only: leave BENCHMARKS.md alone")
+    args = ap.parse_args(argv)
+    N, ROUNDS, STEPS = args.n, args.rounds, args.steps
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    os.environ.update(FORCE_STREAM, RAY_USAGE_STATS_ENABLED="0")
+
+    import ray
+
+    from components.data.build import build_dataset
+    from components.data.config import PrepareConfig
+    from components.storage import Bucket, publish
+    from pipelines.bucket import dvc_md5
+    from pipelines.ray_start import cluster_runtime_env
+    from tests.conftest import free_port
+    from tests.s3 import s3_service
+
+    data = args.work / "processed"
+    cfg = PrepareConfig(source="builtin:shapes", image_size=32, channels=3, shapes={"count": N, "size": 32})
+    build_dataset(cfg, data, log=lambda line: print(line, flush=True))
+    with s3_service(args.work / "s3") as s3:
+        os.environ.update(s3.env)
+        bucket = Bucket(name=s3.bucket, prefix="bench", endpoint_url=s3.endpoint, region=None)
+        published = publish(data, md5=dvc_md5(data), bucket=bucket, log=print)
+        folder = args.work / "cluster"
+        ports = [str(free_port()), str(free_port())]
+        cmd = [str(SCRIPT), "up", "--nodes", "3", "--head-cpus", "0", "--port", ports[0]]
+        cmd += ["--mlflow-port", ports[1], "--dir", str(folder)]
+        up = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if up.returncode:
+            raise SystemExit(f"scale_cluster: local-cluster.sh up failed\n{up.stderr[-3000:]}")
+        try:
+            os.environ.update(dict(re.findall(r"^export (\w+)=(.*)$", up.stdout, re.M)))
+            groups = [int(line.split()[0]) for line in (folder / "pids").read_text().splitlines()]
+            ray.init(runtime_env=cluster_runtime_env(), log_to_driver=False, logging_level="ERROR")
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            storage = {"disk": str(args.work / "ray"), "bucket": f"s3://{s3.bucket}/bench/ray"}
+            rows = []
+            for r in range(ROUNDS):
+                for mode in MODES:
+                    row = {"round": r, **fit_once(mode, data, published, storage[mode], groups)}
+                    print(f"scale_cluster: {json.dumps(row)}", flush=True)
+                    rows.append(row)
+            ray.shutdown()
+        finally:
+            subprocess.run([str(SCRIPT), "down", "--dir", str(folder)], capture_output=True, timeout=120)
+    median = {m: statistics.median(r["images_per_s"] for r in rows if r["mode"] == m) for m in MODES}
+    text = section(rows, median)
+    print(text)
+    if not args.no_write:
+        from benchmarks.scale_report import replace_section
+
+        replace_section(REPO / "BENCHMARKS.md", "## Scale: two nodes", text)
+
+
+def section(rows: list[dict], median: dict[str, float]) -> str:
+    lines = [
+        "## Scale: two nodes, bucket against local disk (`make bench`, `benchmarks/scale_cluster.py`)",
+        "",
+        f"{N:,} shapes at 32x32 RGB; `local-cluster.sh up --nodes 3 --head-cpus 0`: two worker nodes of 1 CPU "
+        f"on this 2-core machine, one Ray Train worker on each; a streamed fit of {STEPS} steps of {BATCH}. "
+        "`disk`: shards and checkpoints on local disk; `bucket`: shards read from the published copy and "
+        "checkpoints written to a moto S3 server (a Python process on the same cores: a floor for a real "
+        "object store). Rounds alternate the modes; images/s over the steps.",
+        "",
+        "| round | mode | images/s | wall (s) | worker peak RSS (MiB) | load 1-min |",
+        "|---:|---|---:|---:|---:|---:|",
+        *(
+            f"| {r['round']} | {r['mode']} | {r['images_per_s']:,.1f} | {r['wall_s']:,.1f} | "
+            f"{r['worker_peak_mib']:,.0f} | {r['load']} |"
+            for r in rows
+        ),
+        "",
+        f"Median images/s: disk {median['disk']:,.1f}, bucket {median['bucket']:,.1f}; "
+        f"bucket / disk = **{median['bucket'] / median['disk']:.2f}** (target >= 0.90).",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -59,12 +59,14 @@ REFERENCES = {
 
 
 def parameter_count(task_factory: Callable[[], object]) -> int:
-    """Parameters of every module the stage's task builds (on the CPU, unwrapped)."""
+    """Parameters of every module the stage's task builds (on the CPU, unwrapped); the driver's
+    random state is left as it was (its weight init draws from a forked generator)."""
     import torch
 
-    task = task_factory()
-    task.build(device=torch.device("cpu"), wrap=lambda m: m)
-    return sum(p.numel() for m in task.modules.values() for p in m.parameters())
+    with torch.random.fork_rng(devices=[]):
+        task = task_factory()
+        task.build(device=torch.device("cpu"), wrap=lambda m: m)
+        return sum(p.numel() for m in task.modules.values() for p in m.parameters())
 
 
 def input_numel(spec: ModelSpec, meta: dict) -> int:

@@ -91,3 +91,13 @@ def test_input_size_per_stage():
     assert estimate.input_numel(catalog.model("prior_gpt"), tokens) == 64
     assert estimate.input_numel(catalog.model("diffusion_latent"), tokens) == 512
     assert estimate.input_numel(catalog.model("vae"), tokens) == 3 * 32 * 32
+
+
+def test_counting_parameters_leaves_the_random_state(data):
+    import torch
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    _evaluator(*data["digits"])
+    assert torch.equal(torch.rand(4), expected)

@@ -53,7 +53,7 @@ def _check_dvc_dep(cfg: PrepareConfig, source: Path) -> None:
     would not notice its files change."""
     dep = Path(cfg.dvc_dep)
     if (dep if dep.is_absolute() else repo_root() / dep).resolve() != source.resolve():
-        path = cfg.source_path
+        path = source if cfg.source_path.startswith("~") else cfg.source_path  # DVC does not expand ~
         raise ValueError(
             f"prepare.dvc_dep={cfg.dvc_dep!r} but prepare.source={cfg.source!r}: set prepare.dvc_dep: {path} "
             f"(the prepare stage's DVC dependency, so DVC re-runs it when the images change)"

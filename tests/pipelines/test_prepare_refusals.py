@@ -57,6 +57,16 @@ def test_a_path_source_must_be_the_dvc_dependency(workspace):
     assert not (workspace / "mlflow.db").exists()
 
 
+def test_a_home_relative_source_asks_for_the_absolute_path(workspace, monkeypatch):
+    monkeypatch.setenv("HOME", str(workspace))
+    _folder(workspace, {"a": 5, "b": 5})
+    with pytest.raises(ValueError, match=f"set prepare.dvc_dep: {workspace / 'imgs'} "):
+        prepare.main(params=_params(workspace, source="imagefolder:~/imgs", dvc_dep="~/imgs"), dry_run=True)
+    prepare.main(
+        params=_params(workspace, source="imagefolder:~/imgs", dvc_dep=str(workspace / "imgs")), dry_run=True
+    )
+
+
 def test_a_class_without_test_images_is_named(workspace, capsys):
     _folder(workspace, {"a": 10, "b": 1, "c": 2})
     params = _params(workspace, source="imagefolder:imgs", dvc_dep="imgs", min_per_class=1)

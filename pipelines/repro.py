@@ -32,6 +32,8 @@ from pathlib import Path
 from pipelines.stage_socket import FOLDER_PREFIX, SERVER_ENV, SOCKET_NAME, remove_stale
 
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
+#: `dvc exp run --run-all` says this of a failed experiment and still exits 0
+FAILED_EXPERIMENTS = re.compile(r"^ERROR: Failed to reproduce experiment\(s\)")
 TIMING_LINE = re.compile(r"^(\S+): [\d.]+ s = training ([\d.]+) \+ overhead ([\d.]+) s")
 
 
@@ -168,6 +170,7 @@ def start_server(env: dict[str, str], *, log: Path) -> StageServer | None:
 def _run_dvc(cmd: list[str], *, env: dict[str, str]) -> tuple[list[StageTime], int]:
     """Stream dvc's output through, timing each `Running stage` and reading each stage's timing line."""
     stages: list[StageTime] = []
+    failed = False
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
@@ -177,6 +180,7 @@ def _run_dvc(cmd: list[str], *, env: dict[str, str]) -> tuple[list[StageTime], i
             sys.stdout.write(line)
             sys.stdout.flush()
             now = time.time()
+            failed = failed or bool(FAILED_EXPERIMENTS.match(line))
             if m := STAGE_LINE.match(line):
                 if stages and stages[-1].ended is None:
                     stages[-1].ended = now
@@ -189,7 +193,7 @@ def _run_dvc(cmd: list[str], *, env: dict[str, str]) -> tuple[list[StageTime], i
     rc = proc.wait()
     if stages and stages[-1].ended is None:
         stages[-1].ended = time.time()
-    return stages, rc
+    return stages, rc or int(failed)
 
 
 #: stage name prefix -> (report file relative to reports/, {key: format}) for the headline column

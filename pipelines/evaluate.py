@@ -3,8 +3,10 @@
 Loads `models/<model>` through the generator interface alone, samples N class-balanced images on
 fixed seeds (N = the train split's size by default) and scores them on the evaluator's features
 against the real test statistics: `reports/evaluate/<model>.json` and a grid with one row per class,
-`reports/evaluate/<model>.png`. When the model is registered, the figures go into its version's run
-and tags, and the version becomes the `challenger`. Training stages never sample this set.
+`reports/evaluate/<model>.png`. When the model is registered, the figures become metrics of its
+version's run and logged model (the MLflow Models tab's leaderboard), one JSON tag on the version and
+its model card (components/registry/card.py), and the version becomes the `challenger`. Training
+stages never sample this set.
 
 Samples stream through the judge batch by batch (components/evaluation/scorer.py): no set is held
 whole. `--dump-samples FILE.npz` writes exactly the set the stage judges (images and the labels asked
@@ -26,9 +28,10 @@ from components.evaluation.samples import SampleWriter
 from components.generators import MODELS, load_generator
 from components.io import write_json
 from components.stages import EvaluateConfig
-from pipelines.lineage import repo_root
+from pipelines.lineage import dvc_data_hash, repo_root
 from pipelines.runtime import print_config, tracking_uri
 from pipelines.score import (
+    DATA,
     EVALUATOR,
     REPORTS,
     STAGE,
@@ -149,8 +152,14 @@ def main(
     print(f"{STAGE}: {MODELS[model]}: {shown} -> {REPORTS}/{model}.json, {REPORTS}/{model}.png")
 
 
+def judged_data() -> tuple[str, str]:
+    """(name, digest) of the data the figures are measured on: data/processed (its test split) and its DVC md5."""
+    name, _, md5 = dvc_data_hash([DATA]).partition(":")
+    return name, md5
+
+
 def register_judgement(sections, *, root: Path, model: str, metrics: dict[str, float], options: dict) -> None:
-    """Figures into the registered version's run and tags (found by the weights' sha256); it becomes challenger."""
+    """Figures onto the registered version (found by the weights' sha256), its run and logged model; it becomes challenger."""
     if not sections["mlflow"].register_models:
         return
     from components.registry.registry import record_judgement
@@ -164,6 +173,7 @@ def register_judgement(sections, *, root: Path, model: str, metrics: dict[str, f
         metrics=metrics,
         options=options,
         artifact=root / REPORTS / f"{model}.png",
+        dataset=judged_data(),
     )
     if version is None:
         print(f"{STAGE}: note: models/{model} is not registered in {uri}; figures only in {REPORTS}/")

@@ -1,6 +1,6 @@
 """Registry commands: `promote MODEL...` (the champion/challenger gate), `rollback MODEL`, `models`.
 
-The gate compares the `eval.*` tags that `evaluate` writes on each version. Each model is decided
+The gate compares the figures that `evaluate` writes on each version (its `eval.figures` tag, JSON). Each model is decided
 alone, inside its lock: the rows are read, the gate decides, and the verdict goes onto the challenger
 (`promote.*` tags), into the model's history (`decision.<n>` tags) and into `reports/promote.json`
 (one entry per registered name, merged) before the lock is released. Deciding inside the lock makes a
@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from components.config import load_stage, read_params, validate_section
 from components.generators import MODELS
 from components.io import write_json
+from components.registry.card import eval_figures
 from components.registry.promote import (
     DEFAULT_BREAK_AFTER,
     DEFAULT_TIMEOUT,
@@ -34,8 +35,15 @@ from components.registry.promote import (
     registry_lock,
     rollback,
 )
-from components.registry.registry import CHALLENGER, CHAMPION, FAMILIES, list_versions, registered_name
-from pipelines.lineage import repo_root
+from components.registry.registry import (
+    CHALLENGER,
+    CHAMPION,
+    FAMILIES,
+    list_versions,
+    logged_model_tags,
+    registered_name,
+)
+from pipelines.lineage import dvc_data_hash, repo_root
 from pipelines.runtime import tracking_uri
 
 EVALUATIONS = "reports/evaluate"  # the evaluate stage's reports, one per model
@@ -55,7 +63,7 @@ LINEAGE_TAGS = (
     "ray_storage_path",
     "eval.evaluator_sha256",
     "model_sha256",
-    "weights_sha256",
+    "weights_sha256",  # these three: tags of a generator's logged model, not of the version
     "code_sha256",
     "tokenizer_sha256",
 )
@@ -112,6 +120,7 @@ def _challenger_from_report(params: Path, model: str) -> bool:
         metrics=json.loads(report.read_text()),
         options=sections["evaluate"].options.get(model, {}),
         artifact=root / EVALUATIONS / f"{model}.png",
+        dataset=tuple(dvc_data_hash(["data/processed"]).split(":", 1)),  # as evaluate.judged_data
     )
     if version is not None:
         print(
@@ -264,7 +273,8 @@ def models_table(*, params: Path) -> list[str]:
     )
     lines = [head]
     for r in rows:
-        figures = " ".join(f"{r['tags'].get(f'eval.{m}', '-'):>14}" for m in TABLE_METRICS)
+        got = eval_figures(r["tags"])
+        figures = " ".join(f"{f'{got[m]:.6g}' if m in got else '-':>14}" for m in TABLE_METRICS)
         lines.append(
             f"{r['name']:<28} v{r['version']:<6} {','.join(r['aliases']) or '-':<22} {figures}  {r['run_id']}"
         )
@@ -287,7 +297,8 @@ def lineage(*, params: Path, target: str) -> list[str]:
     if row is None:
         raise ValueError(f"no version of {name} with {'version' if alias.isdigit() else 'alias'} {alias}")
     lines = [f"{name} v{row['version']} aliases={','.join(row['aliases']) or '-'} run={row['run_id']}"]
-    lines += [f"  {key}: {row['tags'].get(key, '-')}" for key in LINEAGE_TAGS]
+    tags = {**logged_model_tags(store_uri(params), name, row["version"]), **row["tags"]}
+    lines += [f"  {key}: {tags.get(key, '-')}" for key in LINEAGE_TAGS]
     return lines
 
 

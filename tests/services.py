@@ -233,11 +233,18 @@ def chromium() -> str:
     raise AssertionError("unreachable")
 
 
-def browse(url: str, folder: Path, *, screenshot: Path | None = None, budget_ms: int = 15000) -> str:
+def browse(
+    url: str,
+    folder: Path,
+    *,
+    screenshot: Path | None = None,
+    budget_ms: int = 15000,
+    window: str = "1400,900",
+) -> str:
     """Load `url` in headless Chromium, let its scripts run `budget_ms` of virtual time; the DOM as HTML
-    (and a PNG of the window at `screenshot`)."""
+    (and a PNG of the `window` (width,height) at `screenshot`)."""
     profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=folder))
-    out = ["--dump-dom"] + ([f"--screenshot={screenshot}", "--window-size=1400,900"] if screenshot else [])
+    out = ["--dump-dom"] + ([f"--screenshot={screenshot}", f"--window-size={window}"] if screenshot else [])
     proc = subprocess.Popen(
         [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
         + [*out, url],

@@ -60,6 +60,18 @@ HEADLINE = (
 )
 
 
+#: The logged model's metrics (the Models tab's columns, in this order): the headline figures, FD / floor first.
+LEADERBOARD = (
+    "fid_over_floor",
+    "fid",
+    "cond_accuracy",
+    "precision",
+    "recall",
+    "bits_per_dim",
+    "images_per_s",
+)
+
+
 def split_tags(tags: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """A registering stage's tags -> (version tags, settings: the model's own knobs)."""
     version, settings = {}, {}
@@ -125,8 +137,9 @@ def _decision(tags: dict[str, str], aliases: list[str]) -> str:
         against = record.get("against", "none")
         over = "no earlier champion" if against == "none" else f"champion v{against}"
         verb = "Promoted to champion" if decided == "promoted" else "Kept out"
-        who = f" ({record['user']}, {record['time']})" if "user" in record else ""
-        return f"{verb} against {over}: {record.get('reason', '')} [rule: {record.get('rule', '?')}]{who}."
+        who = ", ".join(record[k] for k in ("user", "time") if k in record)
+        who = f" ({who})" if who else ""
+        return f"{verb} against {over}: {record.get('reason', '')} (rule: `{record.get('rule', '?')}`){who}."
     if "champion" in aliases:
         return "Champion (set by hand, no gate decision recorded)."
     return "Not decided yet: `genpipe promote` compares it with the champion."
@@ -148,7 +161,7 @@ def card_markdown(
     """The version's card, from its state alone (pure: the UI renders it as markdown)."""
     spec = next((m for m in catalog.MODELS if m.registered == name), None)
     title = f"### {name} v{version}: {spec.label if spec else name}"
-    lines = [title + (" · " + " · ".join(f"@{a}" for a in sorted(aliases)) if aliases else ""), ""]
+    lines = [title + (" · " + " · ".join(f"`@{a}`" for a in sorted(aliases)) if aliases else ""), ""]
     figures = eval_figures(tags)
     if figures:
         lines += _figures_table(figures) + [""]
@@ -249,10 +262,15 @@ def record_evaluation(
     metrics: dict[str, float],
     tags: dict[str, str],
     artifact: Path,
+    dataset: tuple[str, str] | None = None,
 ) -> None:
     """Evaluation figures as metrics `eval/*` of the version's run and of its logged model (the Models
     tab's leaderboard), the grid into the run, the figures as one JSON tag on the version (what the
-    gate reads), then its card; the version becomes the challenger."""
+    gate reads), then its card; the version becomes the challenger.
+
+    `dataset` (name, digest) is the data the figures were measured on: the Models tab sorts a metric
+    column only when its metrics name their dataset (MLflow 3.17).
+    """
     from mlflow.entities import Metric
 
     from components.registry.registry import CHALLENGER, logged_model_id
@@ -261,12 +279,16 @@ def record_evaluation(
     mv = client.get_model_version(name, version)
     now = int(time.time() * 1000)
     model_id = logged_model_id(mv)
-    client.log_batch(
-        mv.run_id,
-        metrics=[
-            Metric(f"{METRIC_PREFIX}{k}", float(v), now, 0, model_id=model_id) for k, v in metrics.items()
-        ],
-    )
+    on_model = {"model_id": model_id} if model_id else {}
+    if model_id and dataset:
+        on_model |= {"dataset_name": dataset[0], "dataset_digest": dataset[1]}
+    for k in [k for k in LEADERBOARD if k in metrics]:  # in this order: the Models tab's columns
+        # one call each: log_batch drops a metric's dataset (MLflow 3.17)
+        client.log_metric(mv.run_id, f"{METRIC_PREFIX}{k}", float(metrics[k]), now, 0, **on_model)
+    rest = [
+        Metric(f"{METRIC_PREFIX}{k}", float(v), now, 0) for k, v in metrics.items() if k not in LEADERBOARD
+    ]
+    client.log_batch(mv.run_id, metrics=rest)  # the rest on the run only
     client.log_artifact(mv.run_id, str(artifact), "evaluate")
     figures = json.dumps({k: float(v) for k, v in metrics.items()}, sort_keys=True)
     for k, v in {EVAL_FIGURES: figures, **tags}.items():
@@ -284,6 +306,7 @@ def record_judgement(
     metrics: dict[str, float],
     options: dict,
     artifact: Path,
+    dataset: tuple[str, str] | None = None,
 ) -> str | None:
     """The judge's figures onto the version of `name` whose weights are `model_dir`'s (by sha256),
     which becomes the challenger; its version, or None when no version holds these weights."""
@@ -309,5 +332,6 @@ def record_judgement(
         metrics=metrics,
         tags=tags,
         artifact=artifact,
+        dataset=dataset,
     )
     return found["version"]

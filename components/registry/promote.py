@@ -1,4 +1,4 @@
-"""Champion/challenger promotion: a metric gate over `eval.*` version tags, rollback, a history.
+"""Champion/challenger promotion: a metric gate over the versions' `eval.figures`, rollback, a history.
 
 MLflow aliases have no compare-and-set, so every move of `champion` happens inside a lock
 (`components.registry.locks`: an flock beside a local store, a sequence of experiments on a
@@ -17,6 +17,16 @@ from dataclasses import asdict, dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from components.registry.card import (
+    DECISION_TAG,
+    EVAL_FIGURES,
+    EVALUATOR_TAG,
+    PREVIOUS_TAG,
+    RECORD_TAG,
+    ROLLED_BACK_TAG,
+    eval_figures,
+    refresh_card,
+)
 from components.registry.locks import (  # noqa: F401 - the lock API, re-exported
     DEFAULT_BREAK_AFTER,
     DEFAULT_TIMEOUT,
@@ -31,13 +41,10 @@ from components.registry.locks import (  # noqa: F401 - the lock API, re-exporte
 )
 from components.registry.registry import CHALLENGER, CHAMPION
 
-#: Gate metrics and which way is better; figures come from the `eval.<metric>` version tags.
+#: Gate metrics and which way is better; figures come from each version's `eval.figures` tag (JSON).
 LOWER_IS_BETTER = ("fid", "fid_over_floor", "bits_per_dim")
 HIGHER_IS_BETTER = ("cond_accuracy", "precision", "recall")
 GATE_METRICS = LOWER_IS_BETTER + HIGHER_IS_BETTER
-EVALUATOR_TAG = "eval.evaluator_sha256"
-PREVIOUS_TAG = "promote.previous_champion"  # on a new champion: the version it replaced
-ROLLED_BACK_TAG = "promote.rolled_back"  # on a version that a rollback took champion from: never again
 HISTORY_PREFIX = "decision."  # registered-model tags decision.<n>: one JSON record per decision
 
 
@@ -72,12 +79,13 @@ def _rule(metric: str, margin: float) -> str:
 
 
 def _figure(version: dict, metric: str, role: str) -> float:
-    raw = version["tags"].get(f"eval.{metric}")
-    if raw is None:
+    value = eval_figures(version["tags"]).get(metric)
+    if value is None:
         raise PromotionRefused(
-            f"{version['name']} v{version['version']} ({role}) has no eval.{metric} tag: run `genpipe evaluate` on it"
+            f"{version['name']} v{version['version']} ({role}) has no {metric} in its {EVAL_FIGURES} tag: "
+            "run `genpipe evaluate` on it"
         )
-    return float(raw)
+    return value
 
 
 def decide(*, challenger: dict | None, champion: dict | None, metric: str, margin: float) -> Decision:
@@ -94,7 +102,7 @@ def decide(*, challenger: dict | None, champion: dict | None, metric: str, margi
     common |= dict(challenger=challenger["version"], challenger_value=new, evaluator_sha256=judge)
     retired = challenger["tags"].get(ROLLED_BACK_TAG)
     if retired and (champion is None or champion["version"] != challenger["version"]):
-        old = champion and champion["tags"].get(f"eval.{metric}")
+        old = champion and eval_figures(champion["tags"]).get(metric)
         return Decision(
             **common,
             champion=champion and champion["version"],
@@ -156,31 +164,35 @@ def apply(tracking_uri: str, decision: Decision, *, record: dict[str, str]) -> b
     version = client.get_model_version(decision.name, decision.challenger)
     if version.tags.get(ROLLED_BACK_TAG):
         return False  # the rollback's own record says why
-    tags = {
-        "promote.decision": "promoted" if decision.promote else "kept",
-        "promote.against": decision.champion or "none",
-        "promote.metric": decision.metric,
-        "promote.margin": f"{decision.margin:g}",
-        "promote.rule": decision.rule,
-        "promote.reason": decision.reason,
-        "promote.challenger_value": f"{decision.challenger_value:.6g}",
-        "promote.champion_value": "none"
-        if decision.champion_value is None
-        else f"{decision.champion_value:.6g}",
+    verdict = {
+        "against": decision.champion or "none",
+        "metric": decision.metric,
+        "margin": f"{decision.margin:g}",
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "challenger_value": f"{decision.challenger_value:.6g}",
+        "champion_value": "none" if decision.champion_value is None else f"{decision.champion_value:.6g}",
     }
-    same = ("promote.decision", "promote.against", "promote.metric", "promote.margin")
-    if not decision.promote and all(version.tags.get(k) == tags[k] for k in same):
+    outcome = "promoted" if decision.promote else "kept"
+    before = json.loads(version.tags.get(RECORD_TAG) or "{}")
+    same = ("against", "metric", "margin")
+    if (
+        not decision.promote
+        and version.tags.get(DECISION_TAG) == outcome
+        and all(before.get(k) == verdict[k] for k in same)
+    ):
         return False
-    tags |= {f"promote.{k}": v for k, v in record.items()}
+    tags = {DECISION_TAG: outcome, RECORD_TAG: json.dumps({**verdict, **record}, sort_keys=True)}
     if decision.promote and decision.champion is not None:
         tags[PREVIOUS_TAG] = decision.champion
     for key, value in tags.items():
         client.set_model_version_tag(decision.name, decision.challenger, key, value)
-    append_history(
-        client, decision.name, {**decision.as_record(), "decision": tags["promote.decision"], **record}
-    )
+    append_history(client, decision.name, {**decision.as_record(), "decision": outcome, **record})
     if decision.promote:
         client.set_registered_model_alias(decision.name, CHAMPION, decision.challenger)
+        if decision.champion is not None:
+            refresh_card(client, decision.name, decision.champion)  # no longer @champion
+    refresh_card(client, decision.name, decision.challenger)
     return True
 
 
@@ -201,14 +213,15 @@ def rollback(
             f"{name} champion v{now} replaced no earlier champion: nothing to roll back to"
         )
     stamp = " ".join(f"{k}={v}" for k, v in record.items())
-    tags = {"rollback.to": previous, **{f"rollback.{k}": v for k, v in record.items()}}
-    tags[ROLLED_BACK_TAG] = f"champion back to v{previous}; {stamp}".strip("; ")
-    for key, value in tags.items():
-        client.set_model_version_tag(name, now, key, value)
+    client.set_model_version_tag(
+        name, now, ROLLED_BACK_TAG, f"champion back to v{previous}; {stamp}".strip("; ")
+    )
     append_history(
         client, name, {"name": name, "decision": "rolled_back", "from": now, "to": previous, **record}
     )
     client.set_registered_model_alias(name, CHAMPION, previous)
+    for version in (now, previous):
+        refresh_card(client, name, version)
     return now, previous
 
 

@@ -10,6 +10,7 @@ pickled model is ever logged or loaded.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -23,8 +24,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from components import catalog
+from components.registry.card import record_evaluation, record_judgement  # noqa: F401 - the evaluate stage's API
 
 FAMILIES = tuple(m.family for m in catalog.MODELS)  # registered as genpipe-<family>
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -49,22 +52,39 @@ def register_version(
     """Register a logged model (`model_id`) or the run's `artifact_path` as a new version of `name`.
 
     The version keeps the run id either way: the evaluate stage logs its figures into that run. A
-    logged model is registered from its URI `models:/<model_id>`.
+    logged model is registered from its URI `models:/<model_id>`. Of `tags`, the version keeps the
+    lineage keys (`card.VERSION_TAGS`); a logged model gets the model's own settings as parameters
+    (a plain folder keeps them as tags); the stage's `metric.*` are its run's `final/*` metrics.
+    The version's description is its card (components/registry/card.py).
     """
+    from components.registry.card import refresh_card, registered_description, split_tags
+
     if (artifact_path is None) == (model_id is None):
         raise ValueError("give exactly one of artifact_path (a plain folder) or model_id (a logged model)")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
-        client.get_registered_model(name)
+        model = client.get_registered_model(name)
+        if model.description in (None, "", f"genpipe {name.removeprefix('genpipe-')}"):  # an older genpipe's
+            client.update_registered_model(name, description=registered_description(name))
     except MlflowException:
-        client.create_registered_model(name, description=f"genpipe {name.removeprefix('genpipe-')}")
+        client.create_registered_model(name, description=registered_description(name))
+    keep, settings = split_tags(tags)
+    if model_id:
+        if settings:
+            client.log_model_params(model_id, settings)
+    else:
+        keep |= settings
     source = (
         f"models:/{model_id}" if model_id else f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     )
     with _process_tracking_uri(tracking_uri):
-        version = client.create_model_version(
-            name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, model_id=model_id
-        )
+        version = client.create_model_version(name, source, run_id=run_id, tags=keep, model_id=model_id)
+    if model_id:  # what `mlflow.register_model` adds: the Models tab's "Registered models" column reads it
+        held = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+        listed, entry = json.loads(held or "[]"), {"name": name, "version": str(version.version)}
+        if entry not in listed:  # a tracking server adds it itself
+            client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
+    refresh_card(client, name, str(version.version))
     return str(version.version)
 
 
@@ -124,12 +144,14 @@ def log_generator(
     tracking_uri: str,
     run_id: str,
     model_dir: str | Path,
-    name: str = "model",
+    name: str | None = None,
     code_dir: str | Path | None = None,
 ) -> LoggedGenerator:
     """Log the exported generator in `model_dir` as a pyfunc model from code, as an output of the run.
 
-    `code_dir` is the `components` package logged with it (default: the one imported here).
+    `name` is what the experiment's Models tab lists (default: the registered name of the catalog
+    model in `model_dir`, else the folder's name); `code_dir` is the `components` package logged
+    with it (default: the one imported here).
 
     Explicit client calls, no fluent run or global tracking URI: a logged model in the run's
     experiment, the model saved locally by `mlflow.pyfunc.save_model` (no input example, so the
@@ -142,6 +164,7 @@ def log_generator(
 
     import components
     from components.generators import TOKENIZER_DIR
+    from components.registry.card import REQUEST_TAG
     from components.registry.pyfunc_model import GENERATOR_ARTIFACT
     from components.registry.serving import IMAGE, LABEL, SEED, describe, load
 
@@ -150,8 +173,12 @@ def log_generator(
     info = describe(load(str(model_dir), device="cpu"))  # also proves the folder loads
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = client.get_run(run_id).info.experiment_id
+    spec = next((m for m in catalog.MODELS if m.name == model_dir.name), None)
     logged = client.create_logged_model(
-        experiment_id=experiment_id, name=name, source_run_id=run_id, model_type="genpipe-generator"
+        experiment_id=experiment_id,
+        name=name or (spec.registered if spec else model_dir.name),
+        source_run_id=run_id,
+        model_type="genpipe-generator",
     )
     try:
         with tempfile.TemporaryDirectory(prefix="genpipe-pyfunc-") as tmp, warnings.catch_warnings():
@@ -184,7 +211,7 @@ def log_generator(
             if (model_dir / TOKENIZER_DIR).is_dir():
                 tags["tokenizer_sha256"] = tree_sha256(model_dir / TOKENIZER_DIR, "*.safetensors")
             client.log_model_artifacts(logged.model_id, str(local))
-        client.set_logged_model_tags(logged.model_id, tags)
+        client.set_logged_model_tags(logged.model_id, {**tags, REQUEST_TAG: json.dumps(info, sort_keys=True)})
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     except BaseException:
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
@@ -297,6 +324,20 @@ def logged_model_id(mv) -> str | None:
     )
 
 
+def logged_model_tags(tracking_uri: str, name: str, version: str) -> dict[str, str]:
+    """The tags of the logged model a version was registered from ({} for a plain folder)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    model_id = logged_model_id(client.get_model_version(name, version))
+    return dict(client.get_logged_model(model_id).tags) if model_id else {}
+
+
+def version_settings(*, tracking_uri: str, name: str, version: str) -> dict[str, str]:
+    """The model's own settings a training stage registered with it: its logged model's parameters."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    model_id = logged_model_id(client.get_model_version(name, version))
+    return dict(client.get_logged_model(model_id).params) if model_id else {}
+
+
 def load_pyfunc(
     *, tracking_uri: str, name: str, alias: str | None = None, version: str | None = None, cache: str | Path
 ):
@@ -335,59 +376,3 @@ def version_by_tag(*, tracking_uri: str, name: str, key: str, value: str) -> dic
     """The newest version of `name` whose tag `key` equals `value` (e.g. its model_sha256), or None."""
     matches = [r for r in list_versions(tracking_uri=tracking_uri, name=name) if r["tags"].get(key) == value]
     return matches[-1] if matches else None
-
-
-def record_evaluation(
-    *,
-    tracking_uri: str,
-    name: str,
-    version: str,
-    metrics: dict[str, float],
-    tags: dict[str, str],
-    artifact: Path,
-) -> None:
-    """Evaluation figures into the version's run (metrics `eval/*`, the grid) and onto the version (tags)."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    run_id = client.get_model_version(name, version).run_id
-    for k, v in metrics.items():
-        client.log_metric(run_id, f"eval/{k}", float(v))
-    client.log_artifact(run_id, str(artifact), "evaluate")
-    for k, v in {**{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}, **tags}.items():
-        client.set_model_version_tag(name, version, k, str(v))
-    client.set_registered_model_alias(name, CHALLENGER, version)
-
-
-def record_judgement(
-    *,
-    tracking_uri: str,
-    name: str,
-    model_dir: Path,
-    evaluator_dir: Path,
-    metrics: dict[str, float],
-    options: dict,
-    artifact: Path,
-) -> str | None:
-    """The judge's figures onto the version of `name` whose weights are `model_dir`'s (by sha256),
-    which becomes the challenger; its version, or None when no version holds these weights."""
-
-    def sha(path: Path) -> str:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-
-    found = version_by_tag(
-        tracking_uri=tracking_uri, name=name, key="model_sha256", value=sha(model_dir / "model.safetensors")
-    )
-    if found is None:
-        return None
-    tags = {
-        "eval.evaluator_sha256": sha(evaluator_dir / "model.safetensors"),
-        "eval.options": str(options or "defaults"),
-    }
-    record_evaluation(
-        tracking_uri=tracking_uri,
-        name=name,
-        version=found["version"],
-        metrics=metrics,
-        tags=tags,
-        artifact=artifact,
-    )
-    return found["version"]

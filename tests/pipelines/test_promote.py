@@ -134,6 +134,10 @@ def test_two_racing_cli_promotions_end_consistent(workspace):
     loser = next(o for o in outs if o is not winners[0])
     assert "already champion" in loser[1] and "unchanged" in loser[1], outs
     tags = rows(uri)[v2]["tags"]
-    assert _champion(uri) == v2 and tags[PREVIOUS_TAG] == v1 and tags["promote.against"] == v1
+    assert (
+        _champion(uri) == v2
+        and tags[PREVIOUS_TAG] == v1
+        and json.loads(tags["promote.record"])["against"] == v1
+    )
     entry = json.loads((root / "reports" / "promote.json").read_text())["genpipe-diffusion"]
     assert (entry["decision"], entry["champion"], entry["challenger"]) == ("promoted", v1, v2)

@@ -19,7 +19,7 @@ import yaml
 from mlflow import MlflowClient
 
 from components.catalog import GENERATORS
-from components.registry.registry import list_versions
+from components.registry.registry import list_versions, version_settings
 from pipelines.ray_start import LOCAL_RAY_ENV
 
 TINY = {
@@ -267,7 +267,8 @@ def test_train_diffusion(workspace: Path, variant: str):
     name = {"pixel": "genpipe-diffusion", "latent": "genpipe-latent-diffusion"}[variant]
     versions = list_versions(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name=name)
     assert len(versions) == 1
-    tags = versions[0]["tags"]
+    settings = version_settings(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name=name, version="1")
+    tags = {**settings, **versions[0]["tags"]}  # settings: parameters of the logged model
     assert (tags["objective"], tags["sampler"], tags["steps"], tags["guidance"]) == (
         "edm",
         "heun",
@@ -299,8 +300,11 @@ def test_train_prior(workspace: Path, kind: str):
     versions = list_versions(
         tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name=f"genpipe-prior-{kind}"
     )
-    assert len(versions) == 1 and versions[0]["tags"]["prior"] == kind
-    assert versions[0]["tags"]["guidance"] == "1.5" and versions[0]["tags"]["tokenizer_version"] == "1"
+    settings = version_settings(  # parameters of the logged model
+        tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name=f"genpipe-prior-{kind}", version="1"
+    )
+    assert len(versions) == 1 and settings["prior"] == kind
+    assert settings["guidance"] == "1.5" and versions[0]["tags"]["tokenizer_version"] == "1"
 
 
 def test_train_prior_refuses_stale_tokens(workspace: Path):
@@ -341,9 +345,11 @@ def test_train_zoo(workspace: Path, variant: str):
     if likelihood:
         bpd = generator.bits_per_dim(x, generator=torch.Generator().manual_seed(0))
         assert bpd.shape == (3,) and torch.isfinite(bpd).all() and (bpd > 0).all()
-    versions = list_versions(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", name=f"genpipe-{variant}")
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    versions = list_versions(tracking_uri=uri, name=f"genpipe-{variant}")
     assert len(versions) == 1
-    tags = versions[0]["tags"]
+    settings = version_settings(tracking_uri=uri, name=f"genpipe-{variant}", version="1")
+    tags = {**settings, **versions[0]["tags"]}  # settings: parameters of the logged model
     assert {k: tags.get(k) for k in ZOO_TAGS[variant]} == ZOO_TAGS[variant]
     assert tags["ray_run_name"].startswith(f"train_zoo-{variant}-")
 

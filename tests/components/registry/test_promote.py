@@ -3,8 +3,11 @@ over HTTP on a sqlite file and on PostgreSQL (where promotions race through the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +71,11 @@ def rows(uri: str, name: str = NAME) -> dict[str, dict]:
     return {r["version"]: r for r in list_versions(tracking_uri=uri, name=name)}
 
 
+def verdict(tags: dict[str, str]) -> dict:
+    """The promotion record on a version (tag promote.record, JSON)."""
+    return json.loads(tags["promote.record"])
+
+
 def gate(uri: str, *, metric: str = "fid_over_floor", margin: float = 0.0):
     now = list(rows(uri).values())
     by = lambda alias: next((r for r in now if alias in r["aliases"]), None)  # noqa: E731
@@ -78,7 +86,10 @@ def gate(uri: str, *, metric: str = "fid_over_floor", margin: float = 0.0):
 def empty_db(tmp_path_factory) -> Path:
     """An empty sqlite store, made once: creating one runs every schema migration (seconds each)."""
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_registered_models()
+    # In its own process: a connection this process kept open could still commit into the file after
+    # the copy (a copy once missed the last migration after a test had registered versions).
+    make = f"from mlflow import MlflowClient; MlflowClient(tracking_uri='sqlite:///{path}').search_registered_models()"
+    subprocess.run([sys.executable, "-c", make], check=True, capture_output=True)
     return path
 
 
@@ -109,8 +120,8 @@ def test_first_promotion_without_champion(store: str, tmp_path: Path):
     apply(store, decision, record=STAMP)
     assert version_by_alias(tracking_uri=store, name=NAME, alias=CHAMPION) == v1
     tags = rows(store)[v1]["tags"]
-    assert tags["promote.decision"] == "promoted" and tags["promote.against"] == "none"
-    assert tags["promote.user"] == "tester" and PREVIOUS_TAG not in tags
+    assert tags["promote.decision"] == "promoted" and verdict(tags)["against"] == "none"
+    assert verdict(tags)["user"] == "tester" and PREVIOUS_TAG not in tags
 
 
 @pytest.mark.parametrize(
@@ -162,7 +173,7 @@ def test_refusals(store: str, tmp_path: Path):
     add_evaluated(store, tmp_path, fid_over_floor=1.0, evaluator="f" * 64)
     with pytest.raises(PromotionRefused, match="different evaluators"):
         gate(store)
-    with pytest.raises(PromotionRefused, match="no eval.cond_accuracy"):
+    with pytest.raises(PromotionRefused, match="no cond_accuracy in its eval.figures"):
         gate(store, metric="cond_accuracy")
     with pytest.raises(ValueError, match="valid: .*bits_per_dim"):
         gate(store, metric="loss")
@@ -195,7 +206,8 @@ def test_rollback_restores_previous_and_refuses_without_one(store: str, tmp_path
     assert rollback(store, NAME, expected=v2, record=STAMP) == (v2, v1)
     assert version_by_alias(tracking_uri=store, name=NAME, alias=CHAMPION) == v1
     assert (
-        rows(store)[v2]["tags"]["rollback.to"] == v1 and "tester" in rows(store)[v2]["tags"][ROLLED_BACK_TAG]
+        rows(store)[v2]["tags"][ROLLED_BACK_TAG]
+        == f"champion back to v{v1}; user=tester time={STAMP['time']}"
     )
     # The rolled-back version still holds `challenger`, but the gate never promotes it again.
     decision = gate(store)
@@ -314,10 +326,10 @@ def test_racing_promotions_leave_one_consistent_champion(store: str, tmp_path: P
     tags = rows(store)[v2]["tags"]
     assert version_by_alias(tracking_uri=store, name=NAME, alias=CHAMPION) == v2
     assert (
-        tags[PREVIOUS_TAG] == v1 and tags["promote.against"] == v1 and tags["promote.decision"] == "promoted"
+        tags[PREVIOUS_TAG] == v1 and verdict(tags)["against"] == v1 and tags["promote.decision"] == "promoted"
     )
     winner = f"racer{results.index('applied')}"
-    assert tags["promote.user"] == winner
+    assert verdict(tags)["user"] == winner
 
 
 def test_stale_reason_on_this_host():

@@ -83,10 +83,13 @@ def maskgit_prior(path: Path, *, tokenizer: Path) -> Path:
     return path
 
 
-def register_tiny(root: Path, *, uri: str | None = None, pixel_only: bool = False) -> dict:
+def register_tiny(
+    root: Path, *, uri: str | None = None, pixel_only: bool = False, tags: dict[str, str] | None = None
+) -> dict:
     """`genpipe-diffusion@champion` (pixel) and `genpipe-prior-maskgit@champion` (prior + tokenizer),
     each logged as a pyfunc model from code the way the training stages log it, in the store `uri`
-    (default: a sqlite file in `root`, artefacts beside it; a server keeps its own artefact root).
+    (default: a sqlite file in `root`, artefacts beside it; a server keeps its own artefact root),
+    registered with `tags` (default: a git commit) as the training stage hands them over.
     """
     import uuid
 
@@ -111,9 +114,9 @@ def register_tiny(root: Path, *, uri: str | None = None, pixel_only: bool = Fals
         run_id = client.create_run(experiment, run_name=name).info.run_id
         logged[name] = log_generator(tracking_uri=uri, run_id=run_id, model_dir=model_dir)
         sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
-        tags = {"git_commit": "abc123", "model_sha256": sha, **logged[name].tags}
+        given = {**(tags or {"git_commit": "abc123"}), "model_sha256": sha, **logged[name].tags}
         version = register_version(
-            tracking_uri=uri, name=name, run_id=run_id, tags=tags, model_id=logged[name].model_id
+            tracking_uri=uri, name=name, run_id=run_id, tags=given, model_id=logged[name].model_id
         )
         set_alias(tracking_uri=uri, name=name, alias="champion", version=version)
     return {"uri": uri, "models": models, "logged": logged}

@@ -3,11 +3,11 @@ data is larger or richer than the params were sized for.
 
 The estimate scales a measured run of the same stage: default params on the built-in digits (16x16
 grey, 10 classes), one CPU worker on the 2-core reference machine, nothing else running
-(BENCHMARKS.md, "make run on a fresh clone", session 6). A step of a network costs about its
-parameter count times the positions it runs at, so the training time scales with
-steps x batch x parameters x values per input (pixels, tokens or latent values); workers split the
-batch. It is a rough figure: that machine's speed varied by ~20% between runs, other work on it
-slows every stage, and a GPU is much faster than the CPU it was measured on.
+(BENCHMARKS.md, "make run on a fresh clone", session 6), by steps x batch x the FLOPs of one
+training step per sample (forward and backward of every update phase, counted by torch's
+FlopCounterMode on a two-sample synthetic batch); workers split the batch. It is a rough figure:
+small networks on a CPU pay a per-step overhead that FLOPs do not see, that machine's speed varied
+by ~20% between runs, other work on it slows every stage, and a GPU is much faster.
 """
 
 from __future__ import annotations
@@ -32,49 +32,65 @@ OVERHEAD_S = 15.4  # median start-up + export per training stage at the referenc
 
 @dataclass(frozen=True)
 class Reference:
-    """A measured default run: training seconds, steps, global batch, parameters, values per input."""
+    """A measured default run: training seconds, steps, global batch, parameters, FLOPs per sample."""
 
     train_s: float
     steps: int
     batch: int
     params: int
-    numel: int
+    flops: float
 
 
-#: models/<name> -> its default run (parameters counted from the built task; numel: 1x16x16 images,
-#: 4x4 token grids, 8x4x4 latents).
+#: models/<name> -> its default run (parameters and FLOPs per sample of one training step counted as
+#: below, on 1x16x16 images, 4x4 token grids of 128 codes, 8x4x4 latents, 10 classes).
 REFERENCES = {
-    "evaluator": Reference(20.3, 500, 64, 304_682, 256),
-    "tokenizer": Reference(106.1, 600, 32, 983_849, 256),
-    "diffusion_pixel": Reference(63.1, 450, 64, 300_641, 256),
-    "diffusion_latent": Reference(17.0, 300, 128, 253_384, 128),
-    "prior_gpt": Reference(23.8, 400, 64, 433_024, 16),
-    "prior_maskgit": Reference(20.6, 400, 64, 433_280, 16),
-    "vae": Reference(16.7, 250, 64, 109_554, 256),
-    "gan": Reference(10.4, 220, 128, 276_170, 256),
-    "wgan": Reference(12.2, 160, 64, 276_170, 256),
-    "flow": Reference(23.0, 200, 128, 306_232, 256),
-    "pixelcnn": Reference(34.3, 180, 64, 128_512, 256),
+    "evaluator": Reference(20.3, 500, 64, 304_682, 57.02e6),
+    "tokenizer": Reference(106.1, 600, 32, 983_849, 315.98e6),
+    "diffusion_pixel": Reference(63.1, 450, 64, 300_641, 93.23e6),
+    "diffusion_latent": Reference(17.0, 300, 128, 253_384, 16.95e6),
+    "prior_gpt": Reference(23.8, 400, 64, 433_024, 40.11e6),
+    "prior_maskgit": Reference(20.6, 400, 64, 433_280, 42.67e6),
+    "vae": Reference(16.7, 250, 64, 109_554, 51.09e6),
+    "gan": Reference(10.4, 220, 128, 276_170, 14.89e6),
+    "wgan": Reference(12.2, 160, 64, 276_170, 28.41e6),
+    "flow": Reference(23.0, 200, 128, 306_232, 19.24e6),
+    "pixelcnn": Reference(34.3, 180, 64, 128_512, 117.44e6),
 }
 
 
-def parameter_count(task_factory: Callable[[], object]) -> int:
-    """Parameters of every module the stage's task builds (on the CPU, unwrapped); the driver's
-    random state is left as it was (its weight init draws from a forked generator)."""
+def synthetic_batch(spec: ModelSpec, meta: dict, *, n: int = 2) -> dict:
+    """`n` random training rows shaped as the stage's reader yields them (images or tokens+latents)."""
     import torch
 
+    g = torch.Generator().manual_seed(0)  # its own generator: the driver's random state is left alone
+    k = meta["num_classes"]
+    label = torch.arange(n) % k if k else torch.full((n,), -1)
+    if spec.data != catalog.TOKENS:
+        c, s = meta["channels"], meta["image_size"]
+        return {"image": torch.rand(n, c, s, s, generator=g) * 2 - 1, "label": label}
+    (h, w), d = meta["grid"], meta["latent_channels"]
+    tokens = torch.randint(0, 2, (n, h, w), generator=g)
+    return {"tokens": tokens, "latent": torch.randn(n, d, h, w, generator=g), "label": label}
+
+
+def step_cost(task_factory: Callable[[], object], batch: dict) -> tuple[int, float]:
+    """(parameters, FLOPs per sample of one training step: forward and backward of every phase).
+
+    Built on the CPU, unwrapped; the driver's random state is left as it was (the weight init and
+    the step draw from a forked generator)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = len(batch["label"])
     with torch.random.fork_rng(devices=[]):
         task = task_factory()
         task.build(device=torch.device("cpu"), wrap=lambda m: m)
-        return sum(p.numel() for m in task.modules.values() for p in m.parameters())
-
-
-def input_numel(spec: ModelSpec, meta: dict) -> int:
-    """Values per training input: image pixels, the token grid (priors) or the latent (latent diffusion)."""
-    if spec.data != catalog.TOKENS:
-        return meta["channels"] * meta["image_size"] ** 2
-    h, w = meta["grid"]
-    return h * w if spec.name.startswith("prior") else meta["latent_channels"] * h * w
+        params = sum(p.numel() for m in task.modules.values() for p in m.parameters())
+        with FlopCounterMode(display=False) as counter:
+            for phase in task.phases:
+                loss, _ = task.step(phase.name, batch, step=0)
+                loss.backward()
+    return params, counter.get_total_flops() / n
 
 
 def _duration(seconds: float) -> str:
@@ -96,17 +112,19 @@ def estimate_lines(
     if ref is None:
         return []
     meta = read_token_meta(data_dir) if spec.data == catalog.TOKENS else read_meta(data_dir)
-    params, numel = parameter_count(task_factory), input_numel(spec, meta)
+    try:
+        params, flops = step_cost(task_factory, synthetic_batch(spec, meta))
+    except Exception as err:  # the estimate must never stop a stage: training reports its own errors
+        return [f"{spec.command}: no estimate ({type(err).__name__}: {str(err).splitlines()[0][:120]})"]
     train = sections["train"]
-    scale = (
-        (loop.steps / ref.steps) * (loop.batch_size / ref.batch) * (params * numel) / (ref.params * ref.numel)
-    )
+    scale = (loop.steps / ref.steps) * (loop.batch_size / ref.batch) * (flops / ref.flops)
     seconds = ref.train_s * scale / train.num_workers
     size = f"{meta['channels']}x{meta['image_size']}x{meta['image_size']}"
     where = "GPU: far less" if train.use_gpu else f"{train.num_workers} CPU worker(s)"
     lines = [
         f"{spec.command}: estimate ~{_duration(seconds)} of training + ~{_duration(OVERHEAD_S)} start-up "
-        f"({loop.steps} steps x {loop.batch_size} of {size}, {params / 1e6:.2f}M parameters, {where}; "
+        f"({loop.steps} steps x {loop.batch_size} of {size}, {params / 1e6:.2f}M parameters, "
+        f"{flops / 1e6:.0f} MFLOP per sample, {where}; "
         f"scaled from the default's {ref.train_s:.0f} s on digits)"
     ]
     values = meta["channels"] * meta["image_size"] ** 2

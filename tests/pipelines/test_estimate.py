@@ -54,14 +54,14 @@ def test_defaults_on_digits_estimate_the_reference_run(data):
     assert len(lines) == 1  # no note: the data is what the params were sized for
     ref = estimate.REFERENCES["evaluator"]
     assert lines[0].startswith("train_evaluator: estimate ~") and _seconds(lines[0]) == round(ref.train_s)
-    assert "500 steps x 64 of 1x16x16, 0.30M parameters, 1 CPU worker(s)" in lines[0]
+    assert "500 steps x 64 of 1x16x16, 0.30M parameters, 57 MFLOP per sample, 1 CPU worker(s)" in lines[0]
 
 
-def test_the_estimate_scales_with_steps_and_data(data):
+def test_the_estimate_scales_with_steps_and_flops(data):
     base = _seconds(_evaluator(*data["digits"])[0])
     assert _seconds(_evaluator(*data["digits"], steps=2000)[0]) == pytest.approx(4 * base, rel=0.05)
-    rgb = _evaluator(*data["glyphs"])
-    assert _seconds(rgb[0]) == pytest.approx(12 * base, rel=0.05)  # 3x32x32 = 12x the values
+    rgb = _evaluator(*data["glyphs"])[0]  # 3x32x32: 4.0x the FLOPs (the first conv's input aside)
+    assert _seconds(rgb) == pytest.approx(4.04 * base, rel=0.05) and "230 MFLOP per sample" in rgb
 
 
 def test_richer_data_than_the_params_were_sized_for_is_noted(data):
@@ -73,24 +73,28 @@ def test_richer_data_than_the_params_were_sized_for_is_noted(data):
 
 
 def test_references_match_the_shipped_defaults():
-    """Each reference's parameter count is what the shipped params build on digits (else re-measure)."""
+    """Each reference's parameters and FLOPs are what the shipped params build on digits (else re-measure)."""
     zoo = load_stage(PARAMS, "train_zoo")["train_zoo"]
+    digits = {"channels": 1, "image_size": 16, "num_classes": 10}
     for variant in ("vae", "gan", "wgan", "flow", "pixelcnn"):
         spec = catalog.trained_by("train_zoo", variant)
         cfg = getattr(zoo, variant)
         factory = partial(
             catalog.recipe(spec).task, cfg.model, cfg.loop, image_shape=(1, 16, 16), num_classes=10
         )
+        params, flops = estimate.step_cost(factory, estimate.synthetic_batch(spec, digits))
         ref = estimate.REFERENCES[spec.name]
-        assert estimate.parameter_count(factory) == ref.params, variant
+        assert params == ref.params and flops == pytest.approx(ref.flops, rel=1e-3), variant
         assert (cfg.loop.steps, cfg.loop.batch_size) == (ref.steps, ref.batch), variant
 
 
-def test_input_size_per_stage():
-    tokens = {"grid": [8, 8], "latent_channels": 8, "channels": 3, "image_size": 32}
-    assert estimate.input_numel(catalog.model("prior_gpt"), tokens) == 64
-    assert estimate.input_numel(catalog.model("diffusion_latent"), tokens) == 512
-    assert estimate.input_numel(catalog.model("vae"), tokens) == 3 * 32 * 32
+def test_synthetic_batches_are_shaped_as_the_readers_rows():
+    tokens = {"grid": [8, 8], "latent_channels": 8, "channels": 3, "image_size": 32, "num_classes": 0}
+    batch = estimate.synthetic_batch(catalog.model("prior_gpt"), tokens)
+    assert batch["tokens"].shape == (2, 8, 8) and batch["latent"].shape == (2, 8, 8, 8)
+    assert batch["label"].tolist() == [-1, -1]  # unlabelled
+    image = estimate.synthetic_batch(catalog.model("vae"), {**tokens, "num_classes": 24})
+    assert image["image"].shape == (2, 3, 32, 32) and image["label"].tolist() == [0, 1]
 
 
 def test_counting_parameters_leaves_the_random_state(data):

@@ -187,8 +187,11 @@ def card_markdown(
         shown = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in sorted(training.items()))
         lines += ["", f"**Training:** {shown}."]
     if request:
-        columns = ["`label` (class 0..{}; -1: unconditional)".format(request.get("num_classes", 0) - 1)]
-        columns.append("`seed`")
+        classes = request.get("num_classes", 0)
+        label = (
+            f"class 0..{classes - 1}; -1: unconditional" if classes else "-1 or empty: an unconditional model"
+        )
+        columns = [f"`label` ({label})", "`seed`"]
         columns += [f"`{k}` (default {v})" for k, v in request.get("options", {}).items()]
         lines += [
             "",

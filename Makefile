@@ -33,6 +33,7 @@ bench: setup  ## benchmarks; figures go to BENCHMARKS.md (the diffusion part nee
 	$(BIN)/python -m benchmarks.priors
 	$(BIN)/python -m benchmarks.scale   # cost curves over 2k..1M shapes (~1-2 h on 2 cores): BENCHMARKS.md "Scale"
 	$(BIN)/python -m benchmarks.scale_cluster   # two nodes: training from the bucket vs local disk (~15 min)
+	$(BIN)/python -m benchmarks.judge_sanity   # the judge against broken sample sets on 32x32 RGB glyphs (~5 min)
 
 gpu-check: setup  ## the training loop on CUDA with bf16 autocast (see BENCHMARKS.md, "GPU check")
 	$(BIN)/python -m benchmarks.gpu_check

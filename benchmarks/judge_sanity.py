@@ -50,11 +50,11 @@ def _genpipe(*args: str, work: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def sample_sets(data: Path) -> dict[str, dict[str, np.ndarray]]:
-    """The sets above, from the train split: uint8 images (N, C, H, W) and the labels asked for."""
+def sample_sets(data: Path, split: str = "train") -> dict[str, dict[str, np.ndarray]]:
+    """The sets above, from `split`: uint8 images (N, C, H, W) and the labels asked for."""
     from components.evaluation.batches import LabelledSplit
 
-    pairs = list(LabelledSplit(data, "train"))
+    pairs = list(LabelledSplit(data, split))
     x = np.concatenate([p[0].numpy() for p in pairs])  # float32 in [-1, 1]
     y = np.concatenate([p[1].numpy() for p in pairs]).astype(np.int64)
     real = np.round((x + 1) * 127.5).clip(0, 255).astype(np.uint8)

@@ -301,3 +301,19 @@ def test_bad_image_folders_fail_in_one_line_naming_the_file(workspace):
         with pytest.raises(ValueError) as err:
             evaluate.main(params=workspace / "params.yaml", samples=folder)
         assert needle in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+
+
+def test_the_judge_catches_broken_sample_sets(workspace, capsys):
+    """benchmarks/judge_sanity.py's broken sets (noise, blank, half blank, one image per class, the
+    wrong class), from the val split, against the same images scored as they are, with this
+    workspace's weak evaluator: each is caught on FD / floor and on the figure aimed at its failure."""
+    from benchmarks.judge_sanity import check, sample_sets
+
+    rows = {}
+    for name, arrays in sample_sets(workspace / "data/processed", "val").items():
+        path = workspace / "broken" / f"{name.replace(' ', '_')}.npz"
+        path.parent.mkdir(exist_ok=True)
+        np.savez(path, **arrays)
+        rows[name] = _score(workspace, path, capsys)["metrics"]
+    assert check(rows) == [], rows
+    assert rows["wrong class"]["fid"] == pytest.approx(rows["real"]["fid"], rel=1e-9)  # FD cannot see labels

@@ -4,7 +4,7 @@ data is larger or richer than the params were sized for.
 The estimate scales a measured run of the same stage: default params on the built-in digits (16x16
 grey, 10 classes), one CPU worker on the 2-core reference machine, nothing else running
 (BENCHMARKS.md, "make run on a fresh clone", session 6), by steps x batch x the FLOPs of one
-training step per sample (forward and backward of every update phase, counted by torch's
+training step per sample (3x the forward of every update phase, counted by torch's
 FlopCounterMode on a two-sample synthetic batch); workers split the batch. It is a rough figure:
 small networks on a CPU pay a per-step overhead that FLOPs do not see, that machine's speed varied
 by ~20% between runs, other work on it slows every stage, and a GPU is much faster.
@@ -27,6 +27,7 @@ from components.training.config import LoopConfig
 SIZED_FOR = {"channels": 1, "image_size": 16, "num_classes": 10}
 RICHER = 2.0  # the note: the data has this many times the values or classes, at no more than ...
 SAME_SIZE = 2.0  # ... this many times the reference parameters
+BACKWARD = 3.0  # forward + backward ~ 3x the forward FLOPs (the backward is not run: half the counting)
 OVERHEAD_S = 15.4  # median start-up + export per training stage at the reference (session 6)
 
 
@@ -44,17 +45,17 @@ class Reference:
 #: models/<name> -> its default run (parameters and FLOPs per sample of one training step counted as
 #: below, on 1x16x16 images, 4x4 token grids of 128 codes, 8x4x4 latents, 10 classes).
 REFERENCES = {
-    "evaluator": Reference(20.3, 500, 64, 304_682, 57.02e6),
-    "tokenizer": Reference(106.1, 600, 32, 983_849, 315.98e6),
-    "diffusion_pixel": Reference(63.1, 450, 64, 300_641, 93.23e6),
-    "diffusion_latent": Reference(17.0, 300, 128, 253_384, 16.95e6),
+    "evaluator": Reference(20.3, 500, 64, 304_682, 57.17e6),
+    "tokenizer": Reference(106.1, 600, 32, 983_849, 316.19e6),
+    "diffusion_pixel": Reference(63.1, 450, 64, 300_641, 93.31e6),
+    "diffusion_latent": Reference(17.0, 300, 128, 253_384, 17.03e6),
     "prior_gpt": Reference(23.8, 400, 64, 433_024, 40.11e6),
     "prior_maskgit": Reference(20.6, 400, 64, 433_280, 42.67e6),
-    "vae": Reference(16.7, 250, 64, 109_554, 51.09e6),
-    "gan": Reference(10.4, 220, 128, 276_170, 14.89e6),
-    "wgan": Reference(12.2, 160, 64, 276_170, 28.41e6),
-    "flow": Reference(23.0, 200, 128, 306_232, 19.24e6),
-    "pixelcnn": Reference(34.3, 180, 64, 128_512, 117.44e6),
+    "vae": Reference(16.7, 250, 64, 109_554, 51.17e6),
+    "gan": Reference(10.4, 220, 128, 276_170, 19.19e6),
+    "wgan": Reference(12.2, 160, 64, 276_170, 32.58e6),
+    "flow": Reference(23.0, 200, 128, 306_232, 19.41e6),
+    "pixelcnn": Reference(34.3, 180, 64, 128_512, 117.96e6),
 }
 
 
@@ -74,7 +75,7 @@ def synthetic_batch(spec: ModelSpec, meta: dict, *, n: int = 2) -> dict:
 
 
 def step_cost(task_factory: Callable[[], object], batch: dict) -> tuple[int, float]:
-    """(parameters, FLOPs per sample of one training step: forward and backward of every phase).
+    """(parameters, FLOPs per sample of one training step: every phase's forward, x3 for its backward).
 
     Built on the CPU, unwrapped; the driver's random state is left as it was (the weight init and
     the step draw from a forked generator)."""
@@ -88,9 +89,8 @@ def step_cost(task_factory: Callable[[], object], batch: dict) -> tuple[int, flo
         params = sum(p.numel() for m in task.modules.values() for p in m.parameters())
         with FlopCounterMode(display=False) as counter:
             for phase in task.phases:
-                loss, _ = task.step(phase.name, batch, step=0)
-                loss.backward()
-    return params, counter.get_total_flops() / n
+                task.step(phase.name, batch, step=0)
+    return params, BACKWARD * counter.get_total_flops() / n
 
 
 def _duration(seconds: float) -> str:

@@ -51,7 +51,7 @@ REQUEST_TAG = "genpipe.request"  # logged-model tag: the request columns (servin
 #: The card's headline figures, in order: (key, label, digits).
 HEADLINE = (
     ("fid", "FD", 4),
-    ("fid_over_floor", "FD / floor", 3),
+    ("fid_over_floor", "FD / floor", 4),
     ("cond_accuracy", "cond. accuracy", 3),
     ("precision", "precision", 3),
     ("recall", "recall", 3),

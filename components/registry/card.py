@@ -84,10 +84,15 @@ def split_tags(tags: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def eval_figures(tags: dict[str, str]) -> dict[str, float]:
-    """The evaluation figures recorded on a version ({} when it was never evaluated)."""
+    """The evaluation figures recorded on a version ({} when it was never evaluated).
+
+    A version evaluated by an older genpipe has one tag per figure (`eval.<key>`) instead: read too,
+    so its champion can still be compared with a new challenger.
+    """
     raw = tags.get(EVAL_FIGURES)
     if not raw:
-        return {}
+        legacy = {k.removeprefix("eval."): v for k, v in tags.items() if k.startswith("eval.")}
+        return {k: float(v) for k, v in legacy.items() if k not in ("evaluator_sha256", "options")}
     try:
         figures = json.loads(raw)
     except json.JSONDecodeError:

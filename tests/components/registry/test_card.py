@@ -75,6 +75,8 @@ def test_card_says_figures_floor_grid_and_decision():
     assert "sampler heun" in text and "val/loss 0.5" in text and "`@challenger`" in text
     with pytest.raises(ValueError, match="eval.figures is not JSON"):
         eval_figures({EVAL_FIGURES: "fid=1"})
+    older = {"eval.fid_over_floor": "1.5", "eval.evaluator_sha256": "e" * 64, "eval.options": "defaults"}
+    assert eval_figures(older) == {"fid_over_floor": 1.5}  # an older genpipe's tag per figure
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,10 @@ def promote_command(
     ],
     metric: Annotated[
         str,
-        typer.Option("--metric", help="gate metric from the eval tags (fid_over_floor, cond_accuracy, ...)"),
+        typer.Option(
+            "--metric",
+            help="gate metric from the version's eval.figures (fid_over_floor, cond_accuracy, ...)",
+        ),
     ] = "fid_over_floor",
     margin: Annotated[float, typer.Option("--margin", help="how much the challenger must win by")] = 0.0,
     params: ParamsOpt = Path("params.yaml"),

@@ -213,7 +213,7 @@ def grid_url(run_id: str, path: str) -> str:
 
 def refresh_card(client: MlflowClient, name: str, version: str, *, grid: str | None = None) -> str:
     """Rebuild the version's card from its tags, run and logged model, and store it as its description."""
-    from components.registry.registry import logged_model_id
+    from components.registry.versions import logged_model_id
 
     mv = client.get_model_version(name, version)
     tags = dict(mv.tags)
@@ -281,7 +281,7 @@ def record_evaluation(
     """
     from mlflow.entities import Metric
 
-    from components.registry.registry import CHALLENGER, logged_model_id
+    from components.registry.versions import CHALLENGER, logged_model_id
 
     client = MlflowClient(tracking_uri=tracking_uri)
     mv = client.get_model_version(name, version)
@@ -319,7 +319,7 @@ def record_judgement(
     """The judge's figures onto the version of `name` whose weights are `model_dir`'s (by sha256),
     which becomes the challenger; its version, or None when no version holds these weights."""
 
-    from components.registry.registry import version_by_tag
+    from components.registry.versions import version_by_tag
 
     def sha(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()

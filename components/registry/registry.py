@@ -28,9 +28,15 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from components import catalog
 from components.registry.card import record_evaluation, record_judgement  # noqa: F401 - the evaluate stage's API
+from components.registry.versions import (  # noqa: F401 - the registry's API
+    CHALLENGER,
+    CHAMPION,
+    list_versions,
+    logged_model_id,
+    version_by_tag,
+)
 
 FAMILIES = tuple(m.family for m in catalog.MODELS)  # registered as genpipe-<family>
-CHALLENGER, CHAMPION = "challenger", "champion"
 
 
 def registered_name(family: str) -> str:
@@ -237,29 +243,6 @@ def version_by_alias(*, tracking_uri: str, name: str, alias: str) -> str | None:
         return None
 
 
-def list_versions(*, tracking_uri: str, name: str | None = None) -> list[dict]:
-    """Every version (of `name`, or of every genpipe model) with its aliases and tags."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    query = f"name='{name}'" if name else "name LIKE 'genpipe-%'"
-    rows, aliases = [], {}
-    for mv in client.search_model_versions(query):
-        if mv.name not in aliases:  # search results carry no aliases; the registered model does
-            held = client.get_registered_model(mv.name).aliases or {}
-            aliases[mv.name] = {
-                str(v): sorted(a for a, w in held.items() if str(w) == str(v)) for v in held.values()
-            }
-        rows.append(
-            {
-                "name": mv.name,
-                "version": str(mv.version),
-                "aliases": aliases[mv.name].get(str(mv.version), []),
-                "run_id": mv.run_id,
-                "tags": dict(mv.tags),
-            }
-        )
-    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
-
-
 def _model_version(client: MlflowClient, name: str, *, alias: str | None, version: str | None):
     """The ModelVersion of `name@alias` or `name` version `version`; a one-line LookupError naming what exists."""
     if (alias is None) == (version is None):
@@ -316,14 +299,6 @@ def download(
     return generator_folder(got)
 
 
-def logged_model_id(mv) -> str | None:
-    """The logged model a version was registered from (the sqlite registry keeps it only in the source)."""
-    source = str(mv.source or "")
-    return getattr(mv, "model_id", None) or (
-        source.removeprefix("models:/") if source.startswith("models:/m-") else None
-    )
-
-
 def logged_model_tags(tracking_uri: str, name: str, version: str) -> dict[str, str]:
     """The tags of the logged model a version was registered from ({} for a plain folder)."""
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -370,9 +345,3 @@ def load_pyfunc(
                 shutil.rmtree(local, ignore_errors=True)  # an incomplete copy (no MLmodel)
                 os.replace(got, local)
     return mlflow.pyfunc.load_model(str(local)), mv
-
-
-def version_by_tag(*, tracking_uri: str, name: str, key: str, value: str) -> dict | None:
-    """The newest version of `name` whose tag `key` equals `value` (e.g. its model_sha256), or None."""
-    matches = [r for r in list_versions(tracking_uri=tracking_uri, name=name) if r["tags"].get(key) == value]
-    return matches[-1] if matches else None

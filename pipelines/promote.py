@@ -163,9 +163,35 @@ def _warn(message: str) -> None:
     print(f"promote: warning: {message}", file=sys.stderr, flush=True)
 
 
+def _own_challenger(rows: list[dict], name: str) -> dict | None:
+    """The version this workspace's models/<folder> was registered as (its model_sha256), once judged.
+
+    Concurrent experiments of a sweep share one registry: each `evaluate` moves the `challenger`
+    alias to its own version, so between one experiment's evaluate and its promote the alias may name
+    another experiment's model. Deciding on the workspace's own weights keeps every experiment's
+    model in the contest; without a judged version of them, the alias decides.
+    """
+    import hashlib
+
+    folder = next((m for m, n in MODELS.items() if n == name), None)
+    weights = repo_root() / "models" / folder / "model.safetensors" if folder else None
+    if weights is None or not weights.is_file():
+        return None
+    with weights.open("rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    judged = [r for r in rows if r["tags"].get("model_sha256") == sha and eval_figures(r["tags"])]
+    return judged[-1] if judged else None
+
+
 def _decide(rows: list[dict], *, metric: str, margin: float) -> Decision:
+    own, alias = _own_challenger(rows, rows[0]["name"]) if rows else None, _by_alias(rows, CHALLENGER)
+    if own is not None and alias is not None and own["version"] != alias["version"]:
+        print(
+            f"promote: {own['name']}: deciding v{own['version']}, this workspace's model "
+            f"(the challenger alias is on v{alias['version']}, another run's)"
+        )
     decision = decide(
-        challenger=_by_alias(rows, CHALLENGER),
+        challenger=own or alias,
         champion=_by_alias(rows, CHAMPION),
         metric=metric,
         margin=margin,
@@ -209,8 +235,13 @@ def main(*, params: Path, model: str, metric: str, margin: float, dry_run: bool 
     champion = decision.challenger if decision.promote else decision.champion
     if changed:
         print(f"promote: {name}: champion is {_v(champion)} -> {REPORT}")
-    else:
-        print(f"promote: {name}: champion is {_v(champion)} (unchanged, nothing new to record)")
+        return
+    print(f"promote: {name}: champion is {_v(champion)} (unchanged, nothing new to record)")
+    path = (
+        repo_root() / REPORT
+    )  # the stage's output: a workspace (a DVC experiment's copy) without it gets one
+    if not path.is_file() or name not in json.loads(path.read_text()):
+        _report(name, {**decision.as_record(), "decision": "unchanged", **stamp})
 
 
 def main_many(

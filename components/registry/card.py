@@ -33,6 +33,8 @@ VERSION_TAGS = (
     "ray_run_name",
     "ray_storage_path",
     "tokenizer_version",
+    "dvc.experiment",  # a DVC experiment's name and baseline commit (pipelines/lineage.py)
+    "dvc.baseline_rev",
 )
 #: Handed over but kept elsewhere: the run's resume key (equal to ray_run_name) and the logged model's
 #: own hashes (weights, code, carried tokenizer) stay on the run and on the logged model.

@@ -35,9 +35,10 @@ from tests.conftest import REPO, project_env, run
 from tests.pipelines.test_stages import TINY
 from tests.s3 import S3, s3  # noqa: F401  (the session's S3 server)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # a loaded machine: 2-3x its quiet ~4 min
 
 SCRIPT = REPO / "scripts" / "local-cluster.sh"
+SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())
 STEPS = 300  # long enough to kill a node between the first checkpoint (step 20) and the end
 
 PROBE = """
@@ -109,16 +110,17 @@ def cluster(repo_copy: Path, tmp_path: Path, s3: S3):  # noqa: F811
             **TINY["train"],
             "storage_path": f"s3://{s3.bucket}/{prefix}/ray",
             "num_workers": 2,  # 1 CPU each, 1 CPU per worker node: one worker per node
+            "use_gpu": False,  # encode's params in dvc.yaml
             "max_failures": 2,
         },
-        "prepare": TINY["prepare"],
+        "prepare": {**TINY["prepare"], "dvc_dep": SHIPPED["prepare"]["dvc_dep"]},  # dvc.yaml names it
         "storage": {"bucket": s3.bucket, "prefix": prefix},
         "train_evaluator": {
             **TINY["train_evaluator"],
             "loop": {**TINY["train_evaluator"]["loop"], "steps": STEPS, "val_every": 100},
         },
         **{k: TINY[k] for k in ("train_tokenizer", "encode")},
-        "train_prior": {"gpt": TINY["train_prior"]["gpt"]},
+        "train_prior": TINY["train_prior"],  # the stage validates both variants
     }
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     up = subprocess.Popen(
@@ -237,5 +239,5 @@ def test_a_stage_trains_on_isolated_nodes_from_a_bucket_and_survives_a_killed_no
     assert f"s3://{s3.bucket}/{prefix}/data/{tokens}" in out, out[-3000:]
     assert [k for k in s3.keys(f"{prefix}/data/{tokens}/") if "/train-" in k]
     assert "train_prior@gpt" in lock and [
-        v.run_id for v in client.search_model_versions("name = 'genpipe-gpt'")
+        v.run_id for v in client.search_model_versions("name = 'genpipe-prior-gpt'")
     ]

@@ -1,8 +1,10 @@
 """`make bench`: a streamed fit on a two-node local cluster, its data and checkpoints in the bucket
 against the same on local disk.
 
-`scripts/local-cluster.sh up --nodes 3 --head-cpus 0` (two worker nodes of 1 CPU, not isolated, so
-both can read this machine's disk) and a moto S3 server (tests/s3.py). N procedural shapes at 32x32
+`scripts/local-cluster.sh up --nodes 3 --cpus 3 --head-cpus 0` (two worker nodes of 3 logical CPUs,
+not isolated, so both can read this machine's disk). Each Ray Train worker asks for 2 CPUs, so the
+two land on different nodes and each node keeps one CPU for Ray Data's read tasks: with every CPU
+held by a training worker, a streamed split's reads wait forever. and a moto S3 server (tests/s3.py). N procedural shapes at 32x32
 RGB are prepared once and published to the bucket under their DVC md5, as a stage publishes them.
 The same fit (a tiny tokenizer, 2 Ray Train workers, one per node, STEPS x BATCH, streaming forced)
 then alternates between:
@@ -81,7 +83,7 @@ def fit_once(mode: str, data: Path, published, storage: str, groups: list[int]) 
         result = fit(
             task_factory=partial(TokenizerTask, _tokenizer(), loop),
             loop=loop,
-            train=TrainConfig(num_workers=2, storage_path=storage, max_failures=0),
+            train=TrainConfig(num_workers=2, cpus_per_worker=2, storage_path=storage, max_failures=0),
             run_name=f"cluster-{mode}-{time.time_ns()}",
             datasets=datasets,
         )
@@ -98,6 +100,31 @@ def fit_once(mode: str, data: Path, published, storage: str, groups: list[int]) 
     }
 
 
+def child(args) -> None:
+    """The fits, in a process started with the cluster's environment (RAY_ADDRESS, RAY_AUTH_MODE):
+    Ray reads its authentication mode when it is imported. One JSON row per fit on stdout."""
+    import ray
+
+    from components.storage import Bucket, publish
+    from pipelines.bucket import dvc_md5
+    from pipelines.ray_start import cluster_runtime_env
+
+    data = args.work / "processed"
+    bucket = Bucket(
+        name=args.bucket, prefix="bench", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"], region=None
+    )
+    published = publish(data, md5=dvc_md5(data), bucket=bucket)  # there already: nothing uploaded
+    groups = [int(line.split()[0]) for line in (args.work / "cluster" / "pids").read_text().splitlines()]
+    ray.init(runtime_env=cluster_runtime_env(), log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    storage = {"disk": str(args.work / "ray"), "bucket": f"s3://{args.bucket}/bench/ray"}
+    for r in range(ROUNDS):
+        for mode in MODES:
+            row = {"round": r, **fit_once(mode, data, published, storage[mode], groups)}
+            print(f"scale_cluster: {json.dumps(row)}", flush=True)
+    ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     global N, ROUNDS, STEPS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,21 +135,23 @@ def main(argv: list[str] | None = None) -> None:
         "--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "genpipe-scale-cluster"
     )
     ap.add_argument("--no-write", action="store_true", help="print only: leave BENCHMARKS.md alone")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bucket", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     N, ROUNDS, STEPS = args.n, args.rounds, args.steps
+    os.environ.update(FORCE_STREAM, RAY_USAGE_STATS_ENABLED="0")
+    if args.child:
+        child(args)
+        return
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    os.environ.update(FORCE_STREAM, RAY_USAGE_STATS_ENABLED="0")
-
-    import ray
 
     from components.data.build import build_dataset
     from components.data.config import PrepareConfig
     from components.storage import Bucket, publish
     from pipelines.bucket import dvc_md5
-    from pipelines.ray_start import cluster_runtime_env
-    from tests.conftest import free_port
     from tests.s3 import s3_service
+    from tests.services import free_port
 
     data = args.work / "processed"
     cfg = PrepareConfig(source="builtin:shapes", image_size=32, channels=3, shapes={"count": N, "size": 32})
@@ -130,29 +159,40 @@ def main(argv: list[str] | None = None) -> None:
     with s3_service(args.work / "s3") as s3:
         os.environ.update(s3.env)
         bucket = Bucket(name=s3.bucket, prefix="bench", endpoint_url=s3.endpoint, region=None)
-        published = publish(data, md5=dvc_md5(data), bucket=bucket, log=print)
+        publish(data, md5=dvc_md5(data), bucket=bucket, log=print)
         folder = args.work / "cluster"
-        ports = [str(free_port()), str(free_port())]
-        cmd = [str(SCRIPT), "up", "--nodes", "3", "--head-cpus", "0", "--port", ports[0]]
-        cmd += ["--mlflow-port", ports[1], "--dir", str(folder)]
+        cmd = [
+            str(SCRIPT),
+            "up",
+            "--nodes",
+            "3",
+            "--cpus",
+            "3",
+            "--head-cpus",
+            "0",
+            "--port",
+            str(free_port()),
+        ]
+        cmd += ["--mlflow-port", str(free_port()), "--dir", str(folder)]
         up = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if up.returncode:
             raise SystemExit(f"scale_cluster: local-cluster.sh up failed\n{up.stderr[-3000:]}")
         try:
-            os.environ.update(dict(re.findall(r"^export (\w+)=(.*)$", up.stdout, re.M)))
-            groups = [int(line.split()[0]) for line in (folder / "pids").read_text().splitlines()]
-            ray.init(runtime_env=cluster_runtime_env(), log_to_driver=False, logging_level="ERROR")
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            storage = {"disk": str(args.work / "ray"), "bucket": f"s3://{s3.bucket}/bench/ray"}
-            rows = []
-            for r in range(ROUNDS):
-                for mode in MODES:
-                    row = {"round": r, **fit_once(mode, data, published, storage[mode], groups)}
-                    print(f"scale_cluster: {json.dumps(row)}", flush=True)
-                    rows.append(row)
-            ray.shutdown()
+            env = {**os.environ, **dict(re.findall(r"^export (\w+)=(.*)$", up.stdout, re.M))}
+            cmd = [sys.executable, "-m", "benchmarks.scale_cluster", "--child", "--bucket", s3.bucket]
+            cmd += ["--work", str(args.work), "--n", str(N), "--rounds", str(ROUNDS), "--steps", str(STEPS)]
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(
+                    f"scale_cluster: the fits failed\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
+                )
         finally:
             subprocess.run([str(SCRIPT), "down", "--dir", str(folder)], capture_output=True, timeout=120)
+    rows = [
+        json.loads(line.split(": ", 1)[1])
+        for line in proc.stdout.splitlines()
+        if line.startswith("scale_cluster: {")
+    ]
     median = {m: statistics.median(r["images_per_s"] for r in rows if r["mode"] == m) for m in MODES}
     text = section(rows, median)
     print(text)
@@ -166,8 +206,8 @@ def section(rows: list[dict], median: dict[str, float]) -> str:
     lines = [
         "## Scale: two nodes, bucket against local disk (`make bench`, `benchmarks/scale_cluster.py`)",
         "",
-        f"{N:,} shapes at 32x32 RGB; `local-cluster.sh up --nodes 3 --head-cpus 0`: two worker nodes of 1 CPU "
-        f"on this 2-core machine, one Ray Train worker on each; a streamed fit of {STEPS} steps of {BATCH}. "
+        f"{N:,} shapes at 32x32 RGB; `local-cluster.sh up --nodes 3 --cpus 3 --head-cpus 0`: two worker nodes of "
+        f"3 logical CPUs on this 2-core machine, one Ray Train worker of 2 CPUs on each (the third reads); a streamed fit of {STEPS} steps of {BATCH}. "
         "`disk`: shards and checkpoints on local disk; `bucket`: shards read from the published copy and "
         "checkpoints written to a moto S3 server (a Python process on the same cores: a floor for a real "
         "object store). Rounds alternate the modes; images/s over the steps.",

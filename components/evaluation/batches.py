@@ -53,7 +53,9 @@ class LabelledSplit(SplitImages):
             shard = pq.ParquetFile(path)
             missing = {"image", "label"} - set(shard.schema_arrow.names)
             if missing:
-                raise DataError(f"{path}: no {sorted(missing)[0]!r} column (columns: {shard.schema_arrow.names})")
+                raise DataError(
+                    f"{path}: no {sorted(missing)[0]!r} column (columns: {shard.schema_arrow.names})"
+                )
             for record in shard.iter_batches(batch_size=self.batch_size, columns=["image", "label"]):
                 pngs = record.column(0).to_pylist()
                 if pngs:

@@ -69,6 +69,11 @@ def ingest_options(mode: str) -> ray.data.ExecutionOptions | None:
     )
 
 
+def lazy_splits(datasets: dict[str, ray.data.Dataset | Columns]) -> list[str]:
+    """The splits that Ray Data still has to read (lazy Datasets): they need CPUs for read tasks."""
+    return [k for k, ds in datasets.items() if not isinstance(ds, dict) and not _materialized(ds)]
+
+
 def as_dataset(columns: Columns) -> ray.data.Dataset:
     """Numpy columns as a materialized Dataset (a small split beside a streamed one)."""
     return from_columns(columns) if columns else ray.data.from_items([]).materialize()

@@ -111,6 +111,34 @@ class _Spec:
     in_memory: dict[str, Any] | None = None
 
 
+def check_read_cpus(datasets: dict[str, ray.data.Dataset], train: TrainConfig) -> None:
+    """Fail with one line where a lazy split's reads could never run: the Train workers hold every CPU.
+
+    A lazy (streamed) split is read and decoded by Ray Data tasks of one CPU each, scheduled beside
+    the Train workers. Ray 2.60's Train V2 reserves nothing for them (DataConfig's exclude_resources
+    only shrinks Ray Data's own budget; it frees no CPU), so with every CPU held by a worker the reads
+    wait for ever and the fit hangs in the split coordinator. A cluster still short of the workers'
+    CPUs is left alone: check_resources (pipelines/training.py) covers it, and an autoscaler may add
+    nodes for the pending reads too.
+    """
+    lazy = streaming.lazy_splits(datasets)
+    if not lazy:
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = train.num_workers * train.cpus_per_worker
+    if total < held or total - held >= 1:
+        return
+    nodes = sorted(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive"))
+    sizes = ", ".join(f"{c:g}" for c in nodes if c > 0)
+    raise ValueError(
+        f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} "
+        f"hold {held:g} of the cluster's {total:g} CPUs (nodes of {sizes} CPUs) and the streamed "
+        f"split{'s' if len(lazy) > 1 else ''} {', '.join(lazy)} need{'' if len(lazy) > 1 else 's'} "
+        "a free CPU for Ray Data's read tasks: lower train.num_workers or train.cpus_per_worker, "
+        "or give the nodes more CPUs"
+    )
+
+
 def storage_uri(path: str) -> str:
     """Ray storage path: a URI (s3://...) as given, a local path expanded and made absolute."""
     if "://" in path:
@@ -176,6 +204,7 @@ def fit(
     )
     if in_memory is not None:
         datasets = {}
+    check_read_cpus(datasets, train)
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker

@@ -240,3 +240,25 @@ def test_prepare_stage_threshold(monkeypatch):
     monkeypatch.setenv("GENPIPE_PREPARE_RAY_FROM", "many")
     with pytest.raises(ValueError, match="GENPIPE_PREPARE_RAY_FROM='many' is not an integer image count"):
         ray_from()
+
+
+@pytest.mark.timeout(60)
+def test_streamed_split_with_every_cpu_held_is_one_line(ray_local, prepared, force_stream, tmp_path):
+    # 3 one-CPU workers on this 3-CPU instance would leave Ray Data's read tasks no CPU: the fit
+    # would hang in the split coordinator for ever. It stops before training, naming the knobs.
+    loop = LoopConfig(steps=2, batch_size=3 * 4, lr=1e-3, log_every=1, checkpoint_every=2)
+    datasets = {"train": raydata.training_split(prepared, "train")}
+    assert not isinstance(datasets["train"], MaterializedDataset)
+    with pytest.raises(ValueError) as err:
+        fit(
+            task_factory=partial(TokenizerTask, TOKENIZER, loop),
+            loop=loop,
+            train=TrainConfig(num_workers=3, storage_path=str(tmp_path / "ray"), max_failures=0),
+            run_name="starved",
+            datasets=datasets,
+        )
+    line = str(err.value)
+    assert "\n" not in line
+    for name in ("train.num_workers=3", "train.cpus_per_worker=1", "of the cluster's 3 CPUs", "split train"):
+        assert name in line
+    assert not (tmp_path / "ray").exists()  # nothing started

@@ -41,6 +41,8 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
     meta = read_meta(repo_root() / DATA)
     num_classes = meta["num_classes"]
     image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    cfg = family.fit_variant(cfg, image_shape)  # unset sizes from the data: logged and hashed as trained
+    sections = {**sections, STAGE: cfg}
     cfg.loop.per_worker_batch(sections["train"].num_workers)
     task_factory = partial(family.task, cfg.model, cfg.loop, image_shape=image_shape, num_classes=num_classes)
     phases = [p.name for p in task_factory().phases]  # builds nothing: checks the shapes before Ray starts

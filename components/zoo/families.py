@@ -28,13 +28,20 @@ class ZooFamily:
     `config` is the variant's params section: a StrictConfig with `model` (the task's config),
     `sampling` (the default options the export writes) and `loop`. `export(out, state=, config=,
     image_shape=, num_classes=, **sampling)` writes models/<name>; `knobs(model config)` are the
-    registry tags that tell two versions apart.
+    registry tags that tell two versions apart; `fit(model config, image_shape)` sets the size-like
+    params left unset (null) from the prepared images, so the logged, hashed and exported config
+    holds the values trained.
     """
 
     config: type[StrictConfig]
     task: type[Task]
     export: Callable[..., None]
     knobs: Callable[[Any], dict[str, object]]
+    fit: Callable[[Any, tuple[int, int, int]], Any] = lambda model, image_shape: model
+
+    def fit_variant(self, cfg: StrictConfig, image_shape: tuple[int, int, int]) -> StrictConfig:
+        """The variant's config with its unset size-like model params fitted to the images (C, H, W)."""
+        return cfg.model_copy(update={"model": self.fit(cfg.model, image_shape)})
 
     @property
     def sampling(self) -> type[StrictConfig]:
@@ -157,6 +164,7 @@ FLOW = ZooFamily(
     flow.FlowTask,
     flow.export,
     lambda m: {"levels": m.levels, "steps_per_level": m.steps_per_level},
+    flow.fit_levels,
 )
 PIXELCNN = ZooFamily(
     PixelCNNVariantConfig,

@@ -1,6 +1,6 @@
 """Glow: a multi-scale normalizing flow with a class-conditional prior (Kingma & Dhariwal 2018).
 
-Each of `levels` scales squeezes (C, H, W) -> (4C, H/2, W/2) (Dinh et al. 2017, sec. 3.6) and runs
+Each of `levels` scales (unset: as many as the image size allows, fit_levels) squeezes (C, H, W) -> (4C, H/2, W/2) (Dinh et al. 2017, sec. 3.6) and runs
 `steps_per_level` flow steps (Glow, table 1):
     actnorm      y = (x + b) * exp(s),   data-dependent init: zero mean, unit variance per channel,
     1x1 conv     y = W x,  W = P L (U + diag(sign * exp(log_s))) (LU form, eq. in sec. 3.2),
@@ -65,7 +65,12 @@ PROGRESS_TEMPERATURE = 0.7  # Glow's figures sample at T = 0.7
 class FlowConfig(StrictConfig):
     """Scales, steps per scale and the width of the coupling networks."""
 
-    levels: int = Field(default=2, ge=1, description="squeeze scales; H and W must divide by 2**levels")
+    levels: int | None = Field(
+        default=None,
+        ge=1,
+        description="squeeze scales; null: follows the image size (fit_levels); set: H and W must divide "
+        "by 2**levels",
+    )
     steps_per_level: int = Field(default=8, ge=1, description="K of Glow (32 there)")
     hidden_channels: int = Field(default=128, ge=4, description="coupling network width (512 in Glow)")
     class_affine: bool = Field(
@@ -75,11 +80,27 @@ class FlowConfig(StrictConfig):
     )
 
 
+def fit_levels(cfg: FlowConfig, image_shape: tuple[int, ...]) -> FlowConfig:
+    """`cfg` with `levels` fitted to the images when unset: one squeeze per halving the size allows,
+    down to a 1x1 top latent (16x16 -> 4, the measured digits setting; 32x32 -> 5; 28x28 -> 2), so
+    the class prior's mean is a whole vector. A set value is kept (Glow and FlowTask check it)."""
+    if cfg.levels is not None:
+        return cfg
+    c, h, w = check_image_shape(image_shape, multiple=1, family=FAMILY, why="")
+    n = 0
+    while h % 2 == 0 and w % 2 == 0 and min(h, w) > 1:
+        h, w, n = h // 2, w // 2, n + 1
+    if n == 0:
+        raise ValueError(f"{FAMILY}: image size {image_shape[1]}x{image_shape[2]} must be even (one squeeze)")
+    return cfg.model_copy(update={"levels": n})
+
+
 class Glow(nn.Module):
     """x (B, C, H, W) <-> latents [z_1 .. z_L]; `log_prob` gives log p(x|y) in nats, (B,)."""
 
     def __init__(self, cfg: FlowConfig, *, image_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
+        cfg = fit_levels(cfg, image_shape)
         c, h, w = check_image_shape(
             image_shape, multiple=2**cfg.levels, family=FAMILY, why=f"levels={cfg.levels} squeezes"
         )
@@ -184,6 +205,7 @@ class FlowTask(Task):
         self, model: FlowConfig, loop: LoopConfig, *, image_shape: tuple[int, int, int], num_classes: int
     ) -> None:
         super().__init__()
+        model = fit_levels(model, image_shape)
         self.cfg, self.loop, self.num_classes = model, loop, num_classes
         self.image_shape = check_image_shape(
             image_shape, multiple=2**model.levels, family=FAMILY, why=f"levels={model.levels} squeezes"

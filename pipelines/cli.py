@@ -170,11 +170,42 @@ def results_command(
     "repro",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
-def repro(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
+def repro(
+    ctx: typer.Context,
+    params: ParamsOpt = Path("params.yaml"),
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="print the stages DVC would run and each training stage's estimate; run none"
+        ),
+    ] = False,
+) -> None:
     """`dvc repro [ARGS]` with one local Ray instance shared by every stage, then a per-stage summary."""
     from pipelines.repro import main as run_repro
 
+    if dry_run:  # a bad `prepare` or tokenizer param is one line, as in a stage
+        codes = [1]
+        _registry_command(
+            "repro", lambda: codes.append(run_repro(params=params, args=list(ctx.args), dry_run=True))
+        )
+        raise typer.Exit(codes[-1])
     raise typer.Exit(run_repro(params=params, args=list(ctx.args)))
+
+
+@app.command("preset")
+def preset_command(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="a presets/NAME.yaml overlay, e.g. rgb32")],
+    params: ParamsOpt = Path("params.yaml"),
+    sets: Annotated[
+        bool, typer.Option("--sets", help="print the change as `dvc exp run -S` arguments; write nothing")
+    ] = False,
+) -> None:
+    """Merge a params preset (presets/NAME.yaml) into params.yaml, comments kept (docs/own-images.md)."""
+    from pipelines import preset
+
+    _registry_command(
+        "preset", lambda: typer.echo("\n".join(preset.main(params=params, name=name, sets=sets)))
+    )
 
 
 exp_app = typer.Typer(help="DVC experiments the way `genpipe repro` runs the pipeline.", no_args_is_help=True)

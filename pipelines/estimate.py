@@ -25,8 +25,8 @@ from components.training.config import LoopConfig
 
 #: The data every default is sized for: the built-in digits as prepared by default.
 SIZED_FOR = {"channels": 1, "image_size": 16, "num_classes": 10}
-RICHER = 2.0  # the note: the data has this many times the values or classes, at no more than ...
-SAME_SIZE = 2.0  # ... this many times the reference parameters
+RICHER = 2.0  # the note: the data has this many times the values or classes, with less than ...
+SAME_SIZE = 2.0  # ... this many times the reference's parameters and its training samples (steps x batch)
 BACKWARD = 3.0  # forward + backward ~ 3x the forward FLOPs (the backward is not run: half the counting)
 OVERHEAD_S = 15.4  # median start-up + export per training stage at the reference (session 6)
 
@@ -46,7 +46,7 @@ class Reference:
 #: below, on 1x16x16 images, 4x4 token grids of 128 codes, 8x4x4 latents, 10 classes).
 REFERENCES = {
     "evaluator": Reference(20.3, 500, 64, 304_682, 57.17e6),
-    "tokenizer": Reference(106.1, 600, 32, 983_849, 316.19e6),
+    "tokenizer": Reference(106.1, 600, 32, 983_849, 430.33e6),  # with the perceptual loss's evaluator
     "diffusion_pixel": Reference(63.1, 450, 64, 300_641, 93.31e6),
     "diffusion_latent": Reference(17.0, 300, 128, 253_384, 17.03e6),
     "prior_gpt": Reference(23.8, 400, 64, 433_024, 40.11e6),
@@ -99,6 +99,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """A stage's estimated training seconds (None: none made) and the lines that say it."""
+
+    seconds: float | None
+    lines: list[str]
+
+
 def estimate_lines(
     spec: ModelSpec,
     sections: dict[str, StrictConfig],
@@ -108,14 +116,29 @@ def estimate_lines(
     data_dir: Path,
 ) -> list[str]:
     """The estimate line, plus the note when the data outgrows the params ([] for an unknown model)."""
-    ref = REFERENCES.get(spec.name)
-    if ref is None:
+    if spec.name not in REFERENCES:
         return []
     meta = read_token_meta(data_dir) if spec.data == catalog.TOKENS else read_meta(data_dir)
+    return estimate(spec, sections, loop=loop, task_factory=task_factory, meta=meta).lines
+
+
+def estimate(
+    spec: ModelSpec,
+    sections: dict[str, StrictConfig],
+    *,
+    loop: LoopConfig,
+    task_factory: Callable[[], object],
+    meta: dict,
+) -> Estimate:
+    """The estimate for data described by `meta` (data/processed's or data/tokens' meta.json keys)."""
+    ref = REFERENCES.get(spec.name)
+    if ref is None:
+        return Estimate(None, [])
     try:
         params, flops = step_cost(task_factory, synthetic_batch(spec, meta))
     except Exception as err:  # the estimate must never stop a stage: training reports its own errors
-        return [f"{spec.command}: no estimate ({type(err).__name__}: {str(err).splitlines()[0][:120]})"]
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}" if str(err) else type(err).__name__
+        return Estimate(None, [f"{spec.command}: no estimate ({why})"])
     train = sections["train"]
     scale = (loop.steps / ref.steps) * (loop.batch_size / ref.batch) * (flops / ref.flops)
     seconds = ref.train_s * scale / train.num_workers
@@ -130,12 +153,14 @@ def estimate_lines(
     values = meta["channels"] * meta["image_size"] ** 2
     sized = SIZED_FOR["channels"] * SIZED_FOR["image_size"] ** 2
     richer = values >= RICHER * sized or meta["num_classes"] >= RICHER * SIZED_FOR["num_classes"]
-    if richer and params <= SAME_SIZE * ref.params:
+    # grown: capacity or training length (samples seen) raised for the data, as the rgb32 preset does
+    grown = max(params / ref.params, (loop.steps * loop.batch_size) / (ref.steps * ref.batch))
+    if richer and grown < SAME_SIZE:
         lines.append(
             f"{spec.command}: note: the data ({size}, {meta['num_classes']} classes) is {values / sized:.0f}x "
             f"the values per image the params were sized for (1x16x16 digits, 10 classes), at "
             f"{params / ref.params:.1f}x their parameters: expect weak samples; give "
             f"{spec.stage}{'.' + spec.variant if spec.variant else ''} more capacity and steps "
-            f"(a 32x32 RGB preset is planned: issue #21)"
+            f"(for 32x32 RGB: `genpipe preset rgb32`, docs/own-images.md)"
         )
-    return lines
+    return Estimate(seconds + OVERHEAD_S, lines)

@@ -58,13 +58,20 @@ NOTHING_RUNS = frozenset({"--dry", "--queue", "-h", "--help"})
 SWEEP = "--run-all"
 
 
-def main(*, params: Path, args: list[str], command: tuple[str, ...] = ("repro",)) -> int:
+def main(
+    *, params: Path, args: list[str], command: tuple[str, ...] = ("repro",), dry_run: bool = False
+) -> int:
     """Run `dvc COMMAND ARGS` against one shared local Ray instance; the summary; dvc's exit status.
 
     The stages' `genpipe` is this one: its bin folder goes first on their PATH, so a venv needs no
     activating (`.venv/bin/genpipe repro` works where a bare `.venv/bin/dvc repro` finds no `genpipe`).
+    `dry_run`: the stages DVC would run and each training stage's estimate instead (pipelines/plan.py).
     """
     dvc = [str(Path(sys.executable).parent / "dvc"), *command, *args]
+    if dry_run:
+        from pipelines.plan import main as plan
+
+        return plan(params=params, dvc=dvc, env=_stage_env())
     if NOTHING_RUNS & set(args):  # a dry run, or queued experiments that run later, elsewhere
         return subprocess.run(dvc, env=_stage_env()).returncode
     import ray

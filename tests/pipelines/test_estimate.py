@@ -14,7 +14,7 @@ from components.config import load_stage
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.evaluation.evaluator import EvaluatorTask
-from pipelines import estimate
+from pipelines import estimate, plan
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "params.yaml"
@@ -73,19 +73,19 @@ def test_richer_data_than_the_params_were_sized_for_is_noted(data):
 
 
 def test_references_match_the_shipped_defaults():
-    """Each reference's parameters and FLOPs are what the shipped params build on digits (else re-measure)."""
-    zoo = load_stage(PARAMS, "train_zoo")["train_zoo"]
-    digits = {"channels": 1, "image_size": 16, "num_classes": 10}
-    for variant in ("vae", "gan", "wgan", "flow", "pixelcnn"):
-        spec = catalog.trained_by("train_zoo", variant)
-        cfg = getattr(zoo, variant)
-        factory = partial(
-            catalog.recipe(spec).task, cfg.model, cfg.loop, image_shape=(1, 16, 16), num_classes=10
-        )
-        params, flops = estimate.step_cost(factory, estimate.synthetic_batch(spec, digits))
+    """Each reference's parameters and FLOPs are what the shipped params build on digits, built as
+    `genpipe repro --dry-run` builds each stage's task (pipelines/plan.py); else re-measure."""
+    images = plan.planned_meta(PARAMS)
+    assert {k: images[k] for k in ("channels", "image_size", "num_classes")} == estimate.SIZED_FOR
+    tokens = plan.token_meta(PARAMS, images)
+    assert (tokens["grid"], tokens["latent_channels"], tokens["codebook_size"]) == ([4, 4], 8, 128)
+    for spec in catalog.MODELS:
+        meta = tokens if spec.data == catalog.TOKENS else images
+        _, loop, factory = plan.stage_task(spec, PARAMS, meta)
+        params, flops = estimate.step_cost(factory, estimate.synthetic_batch(spec, meta))
         ref = estimate.REFERENCES[spec.name]
-        assert params == ref.params and flops == pytest.approx(ref.flops, rel=1e-3), variant
-        assert (cfg.loop.steps, cfg.loop.batch_size) == (ref.steps, ref.batch), variant
+        assert params == ref.params and flops == pytest.approx(ref.flops, rel=1e-3), spec.name
+        assert (loop.steps, loop.batch_size) == (ref.steps, ref.batch), spec.name
 
 
 def test_synthetic_batches_are_shaped_as_the_readers_rows():

@@ -1,6 +1,7 @@
 """Every size-like param follows the prepared data: the shipped params.yaml, with only `prepare`
-changed, validates every training stage on 16x16 grey digits and on 32x32 RGB glyphs; a set value
-the data contradicts is one line naming the param.
+changed, validates every training stage on 16x16 grey digits and on 32x32 RGB glyphs, and so does
+it with the 32x32 RGB preset applied (`genpipe preset rgb32`); a set value the data contradicts is
+one line naming the param.
 
 The stages run their real `--dry-run` checks (no Ray, no MLflow) on real prepared data, with an
 untrained evaluator in models/evaluator (the tokenizer stage loads it before any work).
@@ -20,15 +21,22 @@ from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.evaluation.evaluator import Evaluator, EvaluatorConfig, save_evaluator
 from components.prior.task import build_prior
-from pipelines import train_diffusion, train_evaluator, train_prior, train_tokenizer, train_zoo
+from components.zoo.flow import FlowTask
+from pipelines import preset, train_diffusion, train_evaluator, train_prior, train_tokenizer, train_zoo
 from pipelines.lineage import ROOT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
+GLYPHS = {"source": "builtin:glyphs", "image_size": 32, "channels": 3, "glyphs": {"count": 120}}
 DATASETS = {
     "digits": {"source": "builtin:digits", "image_size": 16, "channels": 1},
-    "glyphs": {"source": "builtin:glyphs", "image_size": 32, "channels": 3, "glyphs": {"count": 120}},
+    "glyphs": GLYPHS,
+    "glyphs+rgb32": GLYPHS,  # the shipped params with the 32x32 RGB preset applied (presets/rgb32.yaml)
 }
-GRIDS = {"digits": 4, "glyphs": 8}  # token grid sides the tokenizer's downsampling follows to
+GRIDS = {
+    "digits": 4,
+    "glyphs": 8,
+    "glyphs+rgb32": 8,
+}  # token grid sides the tokenizer's downsampling follows to
 
 
 @pytest.fixture(scope="module", params=sorted(DATASETS))
@@ -39,6 +47,9 @@ def workspace(request, tmp_path_factory):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"] = {**params["prepare"], **DATASETS[name]}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if name.endswith("+rgb32"):
+        assert preset.main(params=root / "params.yaml", name="rgb32")[-1].startswith("preset rgb32: ")
+        params = yaml.safe_load((root / "params.yaml").read_text())
     meta = build_dataset(PrepareConfig(**params["prepare"]), root / "data/processed", log=lambda _: None)[
         "meta"
     ]
@@ -139,3 +150,35 @@ def test_an_explicit_factor_is_kept_and_must_divide(workspace, tmp_path):
     assert train_tokenizer.fit_model(tok, meta).autoencoder.downsample_factor == 2
     with pytest.raises(ValueError, match=r"downsample_factor=2 does not divide prepare.image_size=17"):
         train_tokenizer.fit_model(tok, {**meta, "image_size": 17})
+
+
+def test_flow_levels_follow_the_data(workspace, capsys):
+    """Unset flow levels squeeze down to a 1x1 top latent: 4 on 16x16 (the shipped value before), 5 on
+    32x32; the dry run shows, and the task builds, the fitted value."""
+    name, root = workspace
+    size, channels = DATASETS[name]["image_size"], DATASETS[name]["channels"]
+    levels = size.bit_length() - 1
+    zoo = load_stage(root / "params.yaml", train_zoo.STAGE)[train_zoo.STAGE]
+    assert zoo.flow.model.levels is None
+    capsys.readouterr()
+    _dry_run(train_zoo, root, variant="flow")
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown[train_zoo.STAGE]["model"]["levels"] == levels
+    task = FlowTask(zoo.flow.model, zoo.flow.loop, image_shape=(channels, size, size), num_classes=24)
+    task.build(device="cpu", wrap=lambda m: m)
+    glow = task.modules["flow"]
+    assert len(glow.levels) == levels and glow.top_shape == (channels * 2 ** (levels + 1), 1, 1)
+
+
+def test_a_flow_level_count_the_size_contradicts_names_it(workspace, tmp_path):
+    name, root = workspace
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    size = DATASETS[name]["image_size"]
+    params["train_zoo"]["flow"]["model"]["levels"] = levels = size.bit_length()  # one squeeze too many
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError) as info:
+        train_zoo.main(params=path, variant="flow", dry_run=True)
+    assert str(info.value) == (
+        f"flow: image size {size}x{size} must be a multiple of {2**levels} (levels={levels} squeezes)"
+    )

@@ -25,10 +25,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (2_000, 20_000, 200_000)
@@ -70,34 +72,53 @@ def _rss(pid: int) -> tuple[int, int]:
     return fields["VmRSS"], fields["RssAnon"]
 
 
+def ray_workers(roots: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """The Ray worker processes among `roots` and their descendants: `ray::...` in their command
+    line (Ray sets it), not the raylet's agents. The raylet starts each worker in a process group of
+    its own, so a worker is found by descent from its node's processes, not by process group."""
+    found = {}
+    for root in roots:
+        try:
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:  # a root that ended
+            continue
+        for p in family:
+            try:
+                line = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if line.startswith("ray::") and not line.split()[0].endswith("Agent"):
+                found[p.pid] = p
+    return list(found.values())
+
+
 class Peaks:
-    """Samples the RSS of this process and of its descendants that are Ray workers (`ray::...`)."""
+    """Peak RSS and its private part (RssAnon) of each process `select()` names, sampled every
+    `every` s in a thread: {pid: bytes} in `rss` and `private`, the command lines each pid showed in `names`."""
 
-    def __init__(self) -> None:
-        import psutil
-
-        self.me, self.workers, self.private = psutil.Process(), {}, {}
+    def __init__(self, select: Callable[[], Iterable[psutil.Process]], *, every: float = SAMPLE_S) -> None:
+        self.select, self.every = select, every
+        self.rss: dict[int, int] = {}
+        self.private: dict[int, int] = {}
+        self.names: dict[int, set[str]] = {}  # a Ray worker's title changes: ray::IDLE, ray::<task>
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self.stop.wait(SAMPLE_S):
-            for p in [self.me, *self.me.children(recursive=True)]:
+        while not self.stop.wait(self.every):
+            for p in self.select():
                 try:
-                    name = p.name()
-                    if p.pid != self.me.pid and (not name.startswith("ray::") or name.endswith("Agent")):
-                        continue  # the raylet, GCS, dashboard and the raylet's agents are not workers
                     rss, anon = _rss(p.pid)
-                except Exception:  # noqa: BLE001 - a process that ended between listing and reading
+                    self.names.setdefault(p.pid, set()).add(" ".join(p.cmdline()).strip()[:60])
+                except (OSError, KeyError, psutil.Error):  # a process that ended between listing and reading
                     continue
-                if p.pid != self.me.pid:
-                    self.workers[p.pid] = max(self.workers.get(p.pid, 0), rss)
+                self.rss[p.pid] = max(self.rss.get(p.pid, 0), rss)
                 self.private[p.pid] = max(self.private.get(p.pid, 0), anon)
 
-    def private_peaks(self) -> tuple[int, int]:
-        """(driver, max over workers) peak private RSS in bytes."""
-        workers = [v for k, v in self.private.items() if k != self.me.pid]
-        return self.private.get(self.me.pid, 0), max(workers, default=0)
+    def peak(self, *, rss: bool = True, but: int | None = None) -> int:
+        """The largest peak RSS (or private part) over the sampled processes, `but` one pid."""
+        peaks = self.rss if rss else self.private
+        return max((v for k, v in peaks.items() if k != but), default=0)
 
     def __enter__(self) -> Peaks:
         self.thread.start()
@@ -106,6 +127,12 @@ class Peaks:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def own_peaks() -> Peaks:
+    """Peaks of this process and of the Ray workers under it (a local instance it started)."""
+    me = psutil.Process()
+    return Peaks(lambda: [me, *ray_workers([me])])
 
 
 # --- the stages (child processes) -----------------------------------------------------------------
@@ -198,8 +225,8 @@ def child(stage: str, n: int, work: Path, tokenizer: Path | None) -> dict:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    load = os.getloadavg()[0]
-    with Peaks() as peaks:
+    load, me = os.getloadavg()[0], os.getpid()
+    with own_peaks() as peaks:
         t0 = time.perf_counter()
         rate = None
         if stage == "prepare":
@@ -219,10 +246,10 @@ def child(stage: str, n: int, work: Path, tokenizer: Path | None) -> dict:
         "wall_s": round(wall, 2),
         "images_per_s": round(rate if rate is not None else images / wall, 1),
         "driver_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "worker_peak_mib": round(max(peaks.workers.values(), default=0) / MIB, 1),
-        "workers": len(peaks.workers),
-        "driver_private_mib": round(peaks.private_peaks()[0] / MIB, 1),
-        "worker_private_mib": round(peaks.private_peaks()[1] / MIB, 1),
+        "worker_peak_mib": round(peaks.peak(but=me) / MIB, 1),
+        "workers": len(peaks.rss) - (me in peaks.rss),
+        "driver_private_mib": round(peaks.private.get(me, 0) / MIB, 1),
+        "worker_private_mib": round(peaks.peak(rss=False, but=me) / MIB, 1),
         "load": [round(load, 2), round(os.getloadavg()[0], 2)],
     }
 

@@ -12,8 +12,9 @@ then alternates between:
 - `bucket`: they read the published shards through pyarrow's S3 filesystem, checkpoints go to the bucket.
 
 ROUNDS rounds, disk then bucket in each, so drifting load hits both alike; images/s over the steps
-(the fit's own clock). The figure is the ratio bucket/disk of the medians. Peak RSS of each node's
-Ray workers: /proc samples of every `ray::` process in the nodes' process groups. moto is an
+(the fit's own clock). The figure is the ratio bucket/disk of the medians. Peak RSS of the nodes'
+Ray workers: /proc samples of every `ray::` process under the nodes' `ray start` (the raylet gives
+each worker a process group of its own: a worker is found by descent, not by group). moto is an
 in-process Python server: a real S3 or MinIO serves reads faster, so the ratio is a floor.
 """
 
@@ -27,14 +28,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from functools import partial
 from pathlib import Path
 
 import psutil
 
-from benchmarks.scale import FORCE_STREAM, MIB, _tokenizer
+from benchmarks.scale import FORCE_STREAM, MIB, Peaks, _tokenizer, ray_workers
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "local-cluster.sh"
@@ -42,32 +42,17 @@ N, ROUNDS, STEPS, BATCH = 20_000, 2, 150, 64
 MODES = ("disk", "bucket")
 
 
-class NodePeaks:
-    """Peak RSS of the `ray::` processes of the cluster's process groups (DIR/pids), sampled."""
-
-    def __init__(self, groups: list[int]) -> None:
-        self.groups, self.peak, self.stop = set(groups), 0, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            for p in psutil.process_iter(["name", "cmdline"]):
-                try:
-                    if os.getpgid(p.pid) in self.groups and " ".join(p.info["cmdline"] or []).startswith(
-                        "ray::"
-                    ):
-                        self.peak = max(self.peak, p.memory_info().rss)
-                except (psutil.Error, ProcessLookupError):
-                    continue
-            self.stop.wait(0.2)
-
-    def __enter__(self) -> NodePeaks:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
+def node_workers(groups: set[int]) -> list[psutil.Process]:
+    """The Ray workers of the cluster's nodes: under the processes of the nodes' process groups
+    (`ray start` and its raylet; each worker has a process group of its own)."""
+    roots = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) in groups:
+                roots.append(p)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return ray_workers(roots)
 
 
 def fit_once(mode: str, data: Path, published, storage: str, groups: list[int]) -> dict:
@@ -78,7 +63,7 @@ def fit_once(mode: str, data: Path, published, storage: str, groups: list[int]) 
 
     loop = LoopConfig(steps=STEPS, batch_size=BATCH, lr=2e-3, log_every=50, checkpoint_every=STEPS // 3)
     datasets = {"train": training_split(data, "train", published=published if mode == "bucket" else None)}
-    with NodePeaks(groups) as peaks:
+    with Peaks(partial(node_workers, set(groups)), every=0.2) as peaks:
         t0 = time.perf_counter()
         result = fit(
             task_factory=partial(TokenizerTask, _tokenizer(), loop),
@@ -95,7 +80,9 @@ def fit_once(mode: str, data: Path, published, storage: str, groups: list[int]) 
         "n": N,
         "images_per_s": round(STEPS * BATCH / seconds, 1),
         "wall_s": round(wall, 1),
-        "worker_peak_mib": round(peaks.peak / MIB, 1),
+        "worker_peak_mib": round(peaks.peak() / MIB, 1),
+        "worker_private_mib": round(peaks.peak(rss=False) / MIB, 1),
+        "train_workers": sum(any("RayTrainWorker" in n for n in names) for names in peaks.names.values()),
         "load": round(os.getloadavg()[0], 2),
     }
 
@@ -212,11 +199,13 @@ def section(rows: list[dict], median: dict[str, float]) -> str:
         "checkpoints written to a moto S3 server (a Python process on the same cores: a floor for a real "
         "object store). Rounds alternate the modes; images/s over the steps.",
         "",
-        "| round | mode | images/s | wall (s) | worker peak RSS (MiB) | load 1-min |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| round | mode | images/s | wall (s) | worker peak RSS (MiB, max) | of it private | "
+        "Train workers sampled | load 1-min |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {r['round']} | {r['mode']} | {r['images_per_s']:,.1f} | {r['wall_s']:,.1f} | "
-            f"{r['worker_peak_mib']:,.0f} | {r['load']} |"
+            f"{r['worker_peak_mib']:,.0f} | {r['worker_private_mib']:,.0f} | {r['train_workers']} | "
+            f"{r['load']} |"
             for r in rows
         ),
         "",

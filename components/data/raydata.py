@@ -32,6 +32,11 @@ STREAM_BYTES = 1024**3  # decoded bytes of a split from which it streams instead
 # its share of the object store allows (GBs) when the consumer is slower than the reads: measured
 # on 200k 32x32 shapes, a training worker's peak RSS was 2.2x that at 20k.
 READ_AHEAD_BYTES = 256 * 1024**2
+# A lazy split's largest block (Ray Data's default: 128 MiB). A read task builds each output block in
+# its own memory before the object store takes it, and it packs the rows of several shards into one
+# block until the limit: at 20k 32x32 shapes a task's block held one shard (49 MiB), at 100k up to
+# 128 MiB, so the read workers' private memory grew with N.
+BLOCK_BYTES = 16 * 1024**2
 
 
 def threshold(name: str, default: int | None = None) -> int:
@@ -62,7 +67,9 @@ def small(files: list[str]) -> bool:
 
 
 def bounded(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """`ds` reading ahead at most READ_AHEAD_BYTES (GENPIPE_READ_AHEAD_BYTES) in the object store."""
+    """`ds` reading ahead at most READ_AHEAD_BYTES (GENPIPE_READ_AHEAD_BYTES) in the object store,
+    in blocks of at most BLOCK_BYTES (GENPIPE_BLOCK_BYTES)."""
+    ds.context.target_max_block_size = threshold("BLOCK_BYTES")
     options = ds.context.execution_options
     options.resource_limits = options.resource_limits.copy(object_store_memory=threshold("READ_AHEAD_BYTES"))
     return ds

@@ -2,10 +2,11 @@
 against the same on local disk.
 
 `scripts/local-cluster.sh up --nodes 3 --cpus 3 --head-cpus 0` (two worker nodes of 3 logical CPUs,
-not isolated, so both can read this machine's disk). Each Ray Train worker asks for 2 CPUs, so the
-two land on different nodes and each node keeps one CPU for Ray Data's read tasks: with every CPU
-held by a training worker, a streamed split's reads wait forever. and a moto S3 server (tests/s3.py). N procedural shapes at 32x32
-RGB are prepared once and published to the bucket under their DVC md5, as a stage publishes them.
+not isolated, so both can read this machine's disk) and a moto S3 server (tests/s3.py). Each Ray
+Train worker asks for 2 CPUs, so the two land on different nodes and each node keeps one CPU for
+Ray Data's read tasks (with every CPU held by a training worker fit() refuses a streamed split:
+its reads would wait for ever). N procedural shapes at 32x32 RGB are prepared once and published
+to the bucket under their DVC md5, as a stage publishes them.
 The same fit (a tiny tokenizer, 2 Ray Train workers, one per node, STEPS x BATCH, streaming forced)
 then alternates between:
 - `disk`: the workers' read tasks read the shards from the local folder, checkpoints go to local disk;

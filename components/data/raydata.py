@@ -9,7 +9,9 @@ Three sizes, three paths (`training_split`):
 - above: a lazy Dataset. Ray Data reads the Parquet and decodes per batch as each Train worker
   iterates its streaming shard, so the split is never whole in the driver or the object store.
 Each threshold has an environment override (GENPIPE_IN_DRIVER_BYTES, GENPIPE_STREAM_BYTES), so a test
-or a benchmark can force the streaming path on small data.
+or a benchmark can force the streaming path on small data. A lazy split reads ahead at most
+READ_AHEAD_BYTES, in blocks of at most BLOCK_BYTES (`bounded`; GENPIPE_READ_AHEAD_BYTES,
+GENPIPE_BLOCK_BYTES).
 """
 
 from __future__ import annotations

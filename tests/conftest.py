@@ -38,9 +38,8 @@ def run(cmd: list[str], cwd: Path, *, check: bool = True, **env: str) -> subproc
     return proc
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path) -> Path:
-    """The project's tracked and unignored files as a fresh git repository (what a clone holds)."""
+def copy_repo(dst: Path) -> Path:
+    """The project's tracked and unignored files as a fresh git repository at `dst` (what a clone holds)."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=REPO,
@@ -48,13 +47,12 @@ def repo_copy(tmp_path: Path) -> Path:
         text=True,
         check=True,
     ).stdout.split("\0")
-    dst = tmp_path / "repo"
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file() and not rel.startswith(("data/", "models/", "reports/")):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
-    # The DVC remote defaults to a folder beside the repo: keep it inside tmp_path.
+    # The DVC remote defaults to a folder beside the repo: keep it inside the copy's parent.
     for cmd in (
         ["git", "init", "-q"],
         ["git", "config", "user.email", "test@genpipe"],
@@ -64,6 +62,12 @@ def repo_copy(tmp_path: Path) -> Path:
     ):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
     return dst
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A fresh clone-like copy of this repository, one per test."""
+    return copy_repo(tmp_path / "repo")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -82,6 +83,14 @@ def model_files(path: str | Path) -> dict[str, bytes]:
     no copy of the directory gets instead of its path (load_model takes either)."""
     path = _exported(path)  # a missing file is a one-line error here, in the driver
     return {name: (path / name).read_bytes() for name in MODEL_FILES}
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of an exported model's `model.safetensors`, read in chunks: the key that ties a
+    registered version, a token set and a judged report to the same weights."""
+    weights = Path(path) / "model.safetensors"
+    with weights.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _exported(path: str | Path) -> Path:

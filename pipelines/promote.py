@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from components.config import load_stage, read_params, validate_section
 from components.generators import MODELS
-from components.io import write_json
+from components.io import weights_sha256, write_json
 from components.registry.card import eval_figures
 from components.registry.promote import (
     DEFAULT_BREAK_AFTER,
@@ -171,14 +171,11 @@ def _own_challenger(rows: list[dict], name: str) -> dict | None:
     another experiment's model. Deciding on the workspace's own weights keeps every experiment's
     model in the contest; without a judged version of them, the alias decides.
     """
-    import hashlib
-
     folder = next((m for m, n in MODELS.items() if n == name), None)
-    weights = repo_root() / "models" / folder / "model.safetensors" if folder else None
-    if weights is None or not weights.is_file():
+    model_dir = repo_root() / "models" / folder if folder else None
+    if model_dir is None or not (model_dir / "model.safetensors").is_file():
         return None
-    with weights.open("rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    sha = weights_sha256(model_dir)
     judged = [r for r in rows if r["tags"].get("model_sha256") == sha and eval_figures(r["tags"])]
     return judged[-1] if judged else None
 

@@ -17,7 +17,7 @@ from mlflow.entities import RunTag
 from components import catalog
 from components.catalog import ModelSpec
 from components.evaluation.curves import plot_curves
-from components.io import atomic_file, write_json
+from components.io import atomic_file, weights_sha256, write_json
 from components.registry.registry import log_generator, register_version, registered_name
 from components.registry.tracking import STEP_KEY, MlflowSampleSink, MlflowSink
 from components.schema import StrictConfig
@@ -272,7 +272,7 @@ def finish(
         run.log_artifacts(model_dir, "model")
     if not register_model:
         return None
-    sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    sha = weights_sha256(model_dir)
     tags = {
         **run.tags,
         **(tags or {}),

@@ -189,10 +189,10 @@ def read_token_meta(tokens_dir: str | Path) -> dict[str, Any]:
 
 def check_tokenizer(meta: dict[str, Any], tokenizer_dir: str | Path) -> None:
     """Tokens (their `meta`) must come from the tokenizer a stage will decode with (else: re-run encode)."""
-    import hashlib
+    from components.io import weights_sha256
 
     path = Path(tokenizer_dir) / "model.safetensors"
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = weights_sha256(tokenizer_dir)
     recorded = meta.get("tokenizer", {}).get("model_sha256")
     if recorded != sha:
         raise DataError(

@@ -10,7 +10,6 @@ card is rebuilt from that state after each change (registered, evaluated, decide
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -21,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components import catalog
+from components.io import weights_sha256
 
 #: The tags a registering stage hands over that stay on the version: what made it, and the keys
 #: that find it (`model_sha256`) or its inputs (`tokenizer_version`).
@@ -323,16 +323,13 @@ def record_judgement(
 
     from components.registry.versions import version_by_tag
 
-    def sha(path: Path) -> str:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-
     found = version_by_tag(
-        tracking_uri=tracking_uri, name=name, key="model_sha256", value=sha(model_dir / "model.safetensors")
+        tracking_uri=tracking_uri, name=name, key="model_sha256", value=weights_sha256(model_dir)
     )
     if found is None:
         return None
     tags = {
-        EVALUATOR_TAG: sha(evaluator_dir / "model.safetensors"),
+        EVALUATOR_TAG: weights_sha256(evaluator_dir),
         EVAL_OPTIONS: str(options or "defaults"),
     }
     record_evaluation(

@@ -24,8 +24,12 @@ run: setup  ## the whole default pipeline through DVC
 	$(BIN)/genpipe repro
 	$(BIN)/genpipe results   # the table in README.md and BENCHMARKS.md, on the built-in default data only
 
+# Two test processes: most tests wait on process and server start-up, which overlap. `loadfile` keeps
+# each test file in one process, in order, so a module's shared fixture is built once.
+PYTEST_WORKERS ?= 2
+
 test: setup  ## the whole test suite (CI runs this)
-	$(BIN)/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=20 -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup  ## benchmarks; figures go to BENCHMARKS.md (the diffusion part needs `make run` first)
 	$(BIN)/python -m benchmarks.run

@@ -36,6 +36,17 @@ GLYPH_BACKGROUNDS = ("solid", "gradient", "noise", "stripes", "checker")
 GLYPH_CLASSES = tuple("ABCDEFGHKLMNPRSTUVXYZ") + ("&", "?", "#")
 
 
+def _distinct(
+    v: tuple[str, ...], field: str, *, least: int, allowed: tuple[str, ...] = (), what: str = ""
+) -> tuple[str, ...]:
+    """`v` holds at least `least` distinct values, each in `allowed` (else a printable character)."""
+    ok = (lambda x: x in allowed) if allowed else (lambda x: len(x) == 1 and "!" <= x <= "~")
+    if [x for x in v if not ok(x)] or len(set(v)) != len(v) or len(v) < least:
+        kind = f"names from {list(allowed)}" if allowed else what
+        raise ValueError(f"{field} must be {least}+ distinct {kind}, got {list(v)}")
+    return v
+
+
 class ShapesConfig(StrictConfig):
     """The procedural shapes set (`builtin:shapes`)."""
 
@@ -47,10 +58,7 @@ class ShapesConfig(StrictConfig):
     @field_validator("classes")
     @classmethod
     def _known_shapes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [s for s in v if s not in SHAPE_NAMES]
-        if bad or len(set(v)) != len(v) or len(v) < 2:
-            raise ValueError(f"classes must be 2+ distinct names from {list(SHAPE_NAMES)}, got {list(v)}")
-        return v
+        return _distinct(v, "classes", least=2, allowed=SHAPE_NAMES)
 
 
 class GlyphsConfig(StrictConfig):
@@ -67,30 +75,17 @@ class GlyphsConfig(StrictConfig):
     @field_validator("classes")
     @classmethod
     def _printable(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [c for c in v if len(c) != 1 or not "!" <= c <= "~"]
-        if bad or len(set(v)) != len(v) or len(v) < 2:
-            raise ValueError(
-                f"classes must be 2+ distinct single printable ASCII characters (not space), got {list(v)}"
-            )
-        return v
+        return _distinct(v, "classes", least=2, what="single printable ASCII characters (not space)")
 
     @field_validator("fonts")
     @classmethod
     def _known_fonts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [f for f in v if f not in GLYPH_FONTS]
-        if bad or not v or len(set(v)) != len(v):
-            raise ValueError(f"fonts must be 1+ distinct names from {list(GLYPH_FONTS)}, got {list(v)}")
-        return v
+        return _distinct(v, "fonts", least=1, allowed=tuple(GLYPH_FONTS))
 
     @field_validator("backgrounds")
     @classmethod
     def _known_backgrounds(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [b for b in v if b not in GLYPH_BACKGROUNDS]
-        if bad or not v or len(set(v)) != len(v):
-            raise ValueError(
-                f"backgrounds must be 1+ distinct names from {list(GLYPH_BACKGROUNDS)}, got {list(v)}"
-            )
-        return v
+        return _distinct(v, "backgrounds", least=1, allowed=GLYPH_BACKGROUNDS)
 
     @field_validator("scale")
     @classmethod

@@ -251,6 +251,9 @@ def child(stage: str, n: int, work: Path, tokenizer: Path | None) -> dict:
         "driver_private_mib": round(peaks.private.get(me, 0) / MIB, 1),
         "worker_private_mib": round(peaks.peak(rss=False, but=me) / MIB, 1),
         "load": [round(load, 2), round(os.getloadavg()[0], 2)],
+        "code": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
     }
 
 

@@ -13,16 +13,19 @@ def _mib(r: dict, key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """One line per (stage, N); a `code` column (the commit each row was measured at) when rows carry it."""
+    code = any("code" in r for r in rows)
     lines = [
         "| stage | N | wall (s) | images/s | driver peak RSS (MiB) | of it private | worker peak RSS (MiB, max) "
-        "| of it private | Ray workers | load 1-min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| of it private | Ray workers | load 1-min |" + (" code |" if code else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if code else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['stage']} | {r['n']:,} | {r['wall_s']:.1f} | {r['images_per_s']:,.0f} | {_mib(r, 'driver_peak_mib')} "
             f"| {_mib(r, 'driver_private_mib')} | {_mib(r, 'worker_peak_mib')} | {_mib(r, 'worker_private_mib')} "
             f"| {r['workers']} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |"
+            + (f" {r.get('code', '-')} |" if code else "")
         )
     return "\n".join(lines)
 

@@ -262,3 +262,18 @@ def test_streamed_split_with_every_cpu_held_is_one_line(ray_local, prepared, for
     for name in ("train.num_workers=3", "train.cpus_per_worker=1", "of the cluster's 3 CPUs", "split train"):
         assert name in line
     assert not (tmp_path / "ray").exists()  # nothing started
+
+
+def test_streamed_reads_are_bounded(ray_local, prepared, monkeypatch):
+    # Read tasks of at most BLOCK_BYTES of Parquet, blocks of at most BLOCK_BYTES: with 1 byte each
+    # shard is its own read task (Ray 2.60 alone packs them into tasks of up to 128 MiB).
+    files = split_files(prepared, "train")
+    monkeypatch.delenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", raising=False)
+    lazy = raydata.ray_dataset(prepared, "train", materialize=False)
+    assert lazy.context.target_max_block_size == raydata.BLOCK_BYTES
+    assert "RAY_DATA_PARQUET_BIN_PACKING_BYTES" not in os.environ  # restored after the read was planned
+    default = lazy.materialize().num_blocks()
+    monkeypatch.setenv("GENPIPE_BLOCK_BYTES", "1")
+    tiny = raydata.ray_dataset(prepared, "train", materialize=False).materialize()
+    assert tiny.num_blocks() >= len(files) > default
+    assert tiny.count() == read_meta(prepared)["counts"]["train"]

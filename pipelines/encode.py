@@ -7,14 +7,13 @@ priors and latent diffusion train on. The actors get the tokenizer's bytes and, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from components.config import load_stage
 from components.data.shards import SPLITS, read_meta
 from components.data.tokens import TOKENS_SCHEMA_VERSION, encode_split, write_token_split
-from components.io import atomic_dir, write_json
+from components.io import atomic_dir, weights_sha256, write_json
 from components.stages import EncodeConfig
 from components.tokenizer.export import load_vqgan
 from pipelines.bucket import publish_data, use_bucket
@@ -30,7 +29,7 @@ def tokenizer_version(model_dir: Path, uri: str) -> dict[str, str]:
     """The tokenizer's content hash and, when registered, its MLflow registry version."""
     from components.registry.registry import list_versions, registered_name
 
-    sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    sha = weights_sha256(model_dir)
     name = registered_name("tokenizer")
     versions = [
         r["version"]

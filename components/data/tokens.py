@@ -24,9 +24,9 @@ import ray.data
 import torch
 
 from components.data.images import DataError, pngs_to_array
-from components.data.raydata import bounded, from_columns, small, streams
+from components.data.raydata import bounded, from_columns, read_parquet, small, streams
 from components.data.shards import SPLITS, read_meta, shard_name, split_files
-from components.io import model_files
+from components.io import model_files, weights_sha256
 
 TOKENS_SCHEMA_VERSION = 1
 META_FILE = "meta.json"
@@ -91,11 +91,11 @@ def encode_split(
     columns = ["id", "image", "label"]
     if published is not None:
         names = [f"{published.path}/{name}" for name in meta["shards"][split]]
-        ds = ray.data.read_parquet(names, filesystem=published.filesystem, columns=columns)
+        ds = read_parquet(names, filesystem=published.filesystem, columns=columns)
     elif small(files):
         ds = ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
     else:
-        ds = ray.data.read_parquet(files, columns=columns)
+        ds = read_parquet(files, columns=columns)
     ds = bounded(ds)  # read-ahead: bounded
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60, and its only route warns as deprecated
@@ -189,8 +189,6 @@ def read_token_meta(tokens_dir: str | Path) -> dict[str, Any]:
 
 def check_tokenizer(meta: dict[str, Any], tokenizer_dir: str | Path) -> None:
     """Tokens (their `meta`) must come from the tokenizer a stage will decode with (else: re-run encode)."""
-    from components.io import weights_sha256
-
     path = Path(tokenizer_dir) / "model.safetensors"
     sha = weights_sha256(tokenizer_dir)
     recorded = meta.get("tokenizer", {}).get("model_sha256")
@@ -274,10 +272,10 @@ def ray_token_dataset(
         arrays = read_tokens(tokens_dir, split)
         return from_columns({k: arrays[k] for k in TRAINING_COLUMNS})
     if published is None:
-        ds = ray.data.read_parquet(files, columns=list(TRAINING_COLUMNS))
+        ds = read_parquet(files, columns=list(TRAINING_COLUMNS))
     else:  # the same shards, from the bucket
         names = [f"{published.path}/{name}" for name in meta["shards"][split]]
-        ds = ray.data.read_parquet(names, filesystem=published.filesystem, columns=list(TRAINING_COLUMNS))
+        ds = read_parquet(names, filesystem=published.filesystem, columns=list(TRAINING_COLUMNS))
     ds = ds.map_batches(
         _token_batch,
         batch_format="numpy",

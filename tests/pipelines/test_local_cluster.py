@@ -16,6 +16,7 @@ every check (it is the suite's most expensive fixture).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -95,6 +96,27 @@ def _group(folder: Path, name: str) -> int:
     """The process group `up` or `add` recorded for the node called `name`."""
     rows = (line.split() for line in (folder / "pids").read_text().splitlines())
     return next(int(pgid) for pgid, who in rows if who == name)
+
+
+def _kill_node(folder: Path, name: str) -> None:
+    """SIGKILL every process of node `name`, as a lost machine: its group (`ray start`, the raylet)
+    and their descendants, which the raylet starts in process groups of their own (the workers)."""
+    group = _group(folder, name)
+    members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == group]
+    doomed = {p.pid: p for p in members}
+    for p in members:
+        with contextlib.suppress(psutil.Error):
+            doomed |= {c.pid: c for c in p.children(recursive=True)}
+    for p in doomed.values():
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 @pytest.fixture
@@ -179,13 +201,15 @@ def test_a_stage_trains_on_isolated_nodes_from_a_bucket_and_survives_a_killed_no
         text=True,
     )
     try:
-        # SIGKILL one worker node once a checkpoint is in the bucket; the cluster then gets a new one.
+        # SIGKILL one worker node once a checkpoint is in the bucket and Ray Train's controller has
+        # registered it (its snapshot: a checkpoint uploaded but not yet registered is not resumed
+        # from, and the restarted workers would start afresh); the cluster then gets a new node.
         deadline = time.monotonic() + 300
-        while not [k for k in s3.keys(f"{prefix}/ray/") if "/checkpoint_" in k]:
+        while not [k for k in s3.keys(f"{prefix}/ray/") if k.endswith("/checkpoint_manager_snapshot.json")]:
             assert stage.poll() is None, stage.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint reached the bucket"
             time.sleep(0.2)
-        os.killpg(_group(folder, "node-2"), signal.SIGKILL)
+        _kill_node(folder, "node-2")
         _script("add", "--dir", str(folder), env=project_env(**env))
         out, _ = stage.communicate(timeout=600)
     finally:

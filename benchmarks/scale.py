@@ -3,8 +3,9 @@
 For each N in SIZES: `prepare` (the stage's build, on Ray Data from GENPIPE_PREPARE_RAY_FROM images),
 a streamed training run (a tiny tokenizer, fixed steps and batch, so images/s compares across N; the
 streaming path forced by its thresholds), `encode` (every split, with that tokenizer) and
-evaluate-like statistics (one streaming pass: running sums of a fixed 64-d projection of every
-image, its mean and covariance). BIG (1M) runs `prepare` and `encode` only.
+the judge's passes over the real data (`stats`: `train_evaluator`'s export, i.e. test accuracy
+and the evaluator's feature statistics of train and test in running sums, then the test features
+`evaluate` streams for precision/recall). BIG (1M) runs `prepare` and `encode` only.
 
 Each (N, stage) runs in a fresh process with its own local Ray (2 CPUs), so peaks do not carry over.
 Peak RSS is measured, not estimated: the driver's from getrusage (its whole life), each Ray worker's
@@ -29,8 +30,8 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import psutil
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (2_000, 20_000, 200_000)
@@ -39,7 +40,6 @@ STAGES = ("prepare", "train", "encode", "stats")
 BIG_STAGES = ("prepare", "encode")
 SAMPLE_S = 0.1
 STEPS, BATCH = 200, 64  # the streamed fit: 12,800 images whatever N
-FEATURES = 64  # the statistics pass: a fixed random projection of each image to this many features
 FORCE_STREAM = {"GENPIPE_IN_DRIVER_BYTES": "0", "GENPIPE_STREAM_BYTES": "0"}
 MIB = 1024**2
 
@@ -200,23 +200,28 @@ def _encode(n: int, work: Path, tokenizer: Path) -> int:
 
 
 def _stats(n: int, work: Path) -> int:
-    """Mean and covariance of a fixed projection of every image, in one streaming pass (running sums)."""
-    from components.data.raydata import ray_dataset
-    from components.data.shards import SPLITS
+    """The judge's passes over the real data, as the stages run them: `train_evaluator`'s export (test
+    accuracy, then the evaluator's feature statistics of train and test as running sums) and the test
+    features `evaluate` streams for precision/recall. An untrained evaluator of the default size: the
+    cost is the same; the figures are not the point."""
+    from components.data.shards import read_meta
+    from components.evaluation.batches import SplitImages
+    from components.evaluation.evaluator import Evaluator, EvaluatorConfig
+    from components.evaluation.scorer import real_features
+    from pipelines.train_evaluator import export
 
-    proj = np.random.default_rng(0).standard_normal((3 * 32 * 32, FEATURES)) / math.sqrt(3 * 32 * 32)
-    s, ss, count = np.zeros(FEATURES), np.zeros((FEATURES, FEATURES)), 0
-    for split in SPLITS:
-        ds = ray_dataset(work / "processed", split, materialize=False)
-        for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
-            f = batch["image"].reshape(len(batch["image"]), -1).astype(np.float64) @ proj  # (B, FEATURES)
-            s += f.sum(0)
-            ss += f.T @ f
-            count += len(f)
-    mean = s / count
-    cov = (ss - count * np.outer(mean, mean)) / max(count - 1, 1)
-    assert np.isfinite(cov).all()
-    return count
+    classes = read_meta(work / "processed")["num_classes"]
+    torch.manual_seed(0)
+    evaluator = Evaluator(EvaluatorConfig(), in_channels=3, num_classes=classes).eval()
+    shutil.rmtree(work / "evaluator", ignore_errors=True)
+    metrics = export(evaluator, data_dir=work / "processed", out=work / "evaluator")
+    assert math.isfinite(metrics["fid_floor"]), metrics
+    test = SplitImages(work / "processed", "test")
+    features = real_features(evaluator, test, batch_size=256)
+    assert features.shape[0] == len(test), (features.shape, len(test))
+    return len(SplitImages(work / "processed", "train")) + 3 * len(
+        test
+    )  # test: accuracy, statistics, features
 
 
 def child(stage: str, n: int, work: Path, tokenizer: Path | None) -> dict:

@@ -26,6 +26,7 @@ import ray.data
 
 from components.data.images import pngs_to_array
 from components.data.shards import read_meta, split_files
+from components.training import ray_trims
 
 DECODE_BATCH = 256  # rows decoded per task call: bounds float memory when images are large
 IN_DRIVER_BYTES = 64 * 1024**2  # Parquet bytes of a split read in the driver instead of by Ray tasks
@@ -81,18 +82,20 @@ def read_parquet(paths: list[str], **kwargs) -> ray.data.Dataset:
     """ray.data.read_parquet whose read tasks each take at most BLOCK_BYTES of Parquet.
 
     Ray 2.60 packs the files into read tasks of up to 128 MiB of Parquet rows each
-    (RAY_DATA_PARQUET_BIN_PACKING_BYTES, read when the Dataset is made), all in the task's memory at
-    once: the read workers' private memory grew with N until a split held 128 MiB (stats over 32x32
-    shapes: 174 MiB at 20k, 305 MiB at 200k). A value the user set wins.
+    (RAY_DATA_PARQUET_BIN_PACKING_BYTES, private, read when the Dataset is made), all in the task's
+    memory at once: the read workers' private memory grew with N until a split held 128 MiB (32x32
+    shapes: 174 MiB at 20k, 305 MiB at 200k). The knob is Ray-internal, so it is the version-gated
+    trim `parquet_read_tasks` (components/training/ray_trims.py). A value the user set wins.
     """
     key = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
     saved = os.environ.get(key)
-    os.environ[key] = saved or str(threshold("BLOCK_BYTES"))
+    if saved is None and ray_trims.enabled("parquet_read_tasks"):
+        os.environ[key] = str(threshold("BLOCK_BYTES"))
     try:
         return ray.data.read_parquet(paths, **kwargs)
     finally:
         if saved is None:
-            os.environ.pop(key)
+            os.environ.pop(key, None)
 
 
 def streams(rows: int, row_bytes: int) -> bool:

@@ -22,6 +22,12 @@ The trims:
   is logged under a logger named by its source file, outside the `ray.train` logger.
 - `quiet_logs`: Ray's noise on a default run, silenced logger by logger (`QUIET_LOGS`; never a
   blanket redirect), in the driver and, through a worker setup hook, in every Ray worker.
+- `parquet_read_tasks`: Ray Data's read tasks of Parquet capped at `raydata.BLOCK_BYTES` through its
+  private `RAY_DATA_PARQUET_BIN_PACKING_BYTES` (128 MiB in 2.60, all in one task's memory: the
+  read workers' memory grew with the split; `components/data/raydata.read_parquet`).
+
+Not every hook is about start-up: the last one bounds memory. Off, or on another Ray, it is stock
+Ray Data's packing (correct, more memory per read task).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ TRIMS = (
     "autoscaling_coordinator",
     "report_log",
     "quiet_logs",
+    "parquet_read_tasks",
 )
 
 log = logging.getLogger("genpipe")

@@ -277,3 +277,16 @@ def test_streamed_reads_are_bounded(ray_local, prepared, monkeypatch):
     tiny = raydata.ray_dataset(prepared, "train", materialize=False).materialize()
     assert tiny.num_blocks() >= len(files) > default
     assert tiny.count() == read_meta(prepared)["counts"]["train"]
+
+
+def test_the_read_task_cap_is_a_trim_that_can_be_turned_off(ray_local, prepared, monkeypatch):
+    # The cap goes through a Ray-internal variable, so it is a version-gated trim: off, Ray packs its
+    # own read tasks. Each read task of these small shards makes one block.
+    files = [str(f) for f in split_files(prepared, "train")]
+    monkeypatch.delenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", raising=False)
+    monkeypatch.setenv("GENPIPE_BLOCK_BYTES", "1")
+    capped = raydata.read_parquet(files).materialize().num_blocks()
+    monkeypatch.setenv("GENPIPE_RAY_TRIMS_OFF", "parquet_read_tasks")
+    stock = raydata.read_parquet(files).materialize().num_blocks()
+    assert capped == len(files) > stock
+    assert "RAY_DATA_PARQUET_BIN_PACKING_BYTES" not in os.environ

@@ -179,6 +179,18 @@ def _evaluate_options(config: EvaluateConfig) -> None:
 SECTION_CHECKS = {"train_prior": _prior_knobs, "evaluate": _evaluate_options}
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} of a nested mapping (lists are leaves): the dotted keys of `dvc exp run -S`,
+    MLflow params and presets."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def read_params(path: str | Path) -> dict[str, Any]:
     """Read a params file as a dict, with a one-line error for a missing or malformed file."""
     path = Path(path)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from components.config import ParamsError, validate_all
+from components.config import ParamsError, flatten, validate_all
 from components.io import atomic_file
 from pipelines.lineage import repo_root
 
@@ -57,17 +57,6 @@ def _load(y, path: Path) -> Any:
         return y.load(path.read_text())
     except Exception as err:  # ruamel's parser and scanner errors
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a.b.c": leaf} of a nested mapping; lists are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _plain(value: Any) -> Any:

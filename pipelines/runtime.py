@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from components.config import MlflowConfig
+from components.config import MlflowConfig, flatten
 from components.schema import StrictConfig
 from pipelines.lineage import absolute, dvc_data_hash, experiment_tags, git_commit, params_hash, user_root
 
@@ -35,8 +35,26 @@ def tracking_uri(cfg: MlflowConfig) -> str:
         os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{user_root() / 'mlflow.db'}"
     )
     if uri.startswith("sqlite:"):
+        check_sqlite_leftovers(uri)
         safe_sqlite()
     return uri
+
+
+def check_sqlite_leftovers(uri: str) -> None:
+    """A sqlite store whose file is gone while its write-ahead log remains (`rm mlflow.db` with
+    mlflow.db-wal beside it): a process that still holds the old store (`mlflow ui`, a stage) keeps
+    writing that log, which a new file beside it shares ("disk I/O error"). One line, nothing opened."""
+    from components.registry.locks import local_store_path
+
+    path = local_store_path(uri)
+    if path is None or path.exists():
+        return
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists():
+        raise FileNotFoundError(
+            f"{path} is missing but its log {wal.name} remains: stop anything still using the old store "
+            f"(mlflow ui, a running stage), then remove {wal.name} and {path.name}-shm for a fresh store"
+        )
 
 
 #: How long a new sqlite connection waits for another process's write before "database is locked".
@@ -96,7 +114,7 @@ class StageRun:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        flat = [Param(k, v) for k, v in _flatten(params).items()]
+        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         client = MlflowClient(tracking_uri=self.tracking_uri)
         for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
             client.log_batch(self.run_id, params=flat[i : i + 100])
@@ -110,17 +128,6 @@ class StageRun:
         from mlflow import MlflowClient
 
         MlflowClient(tracking_uri=self.tracking_uri).log_artifacts(self.run_id, str(path), artifact_path)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = str(v)[:6000]
-    return out
 
 
 # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces), not its runs table.

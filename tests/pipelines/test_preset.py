@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ParamsError, validate_all
+from components.config import ParamsError, flatten, validate_all
 from pipelines import preset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,17 +26,13 @@ def params(tmp_path) -> Path:
     return path
 
 
-def _leaves(tree: dict) -> dict:
-    return preset.flatten(tree)
-
-
 def test_rgb32_changes_only_its_keys_and_keeps_the_file(params):
     overlay = yaml.safe_load((REPO / "presets" / "rgb32.yaml").read_text())
     before_text = params.read_text()
-    before = _leaves(yaml.safe_load(before_text))
+    before = flatten(yaml.safe_load(before_text))
     lines = preset.main(params=params, name="rgb32")
-    after = _leaves(yaml.safe_load(params.read_text()))
-    wanted = _leaves(overlay)
+    after = flatten(yaml.safe_load(params.read_text()))
+    wanted = flatten(overlay)
     assert {k: after[k] for k in wanted} == wanted  # every preset value landed
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {k for k in wanted if before[k] != wanted[k]} and set(after) == set(before)
@@ -78,7 +74,7 @@ def test_sets_are_the_same_change_for_dvc_exp_run(params):
         assert flag == "-S"
         values[key] = yaml.safe_load(raw)
     preset.main(params=params, name="rgb32")
-    after = _leaves(yaml.safe_load(params.read_text()))
+    after = flatten(yaml.safe_load(params.read_text()))
     assert values == {k: after[k] for k in values}
 
 

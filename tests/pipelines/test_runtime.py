@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -152,3 +153,27 @@ def test_an_experiments_temporary_copy_logs_into_the_users_store(tmp_path, monke
         raw.close()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a named store still wins
     assert tracking_uri(sections["mlflow"]) == "http://127.0.0.1:5000"
+
+
+def test_a_store_removed_without_its_write_ahead_log_is_one_line(tmp_path, monkeypatch):
+    # `rm mlflow.db` leaves mlflow.db-wal when a process still holds the store: a new file beside that
+    # log gives "disk I/O error" later, so the store is refused before anything opens it.
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    cfg = load_stage(Path(__file__).parents[2] / "params.yaml", "prepare")["mlflow"]
+    uri = tracking_uri(cfg)
+    holder = sqlite3.connect(db)  # another process's open store, in WAL mode with a write pending
+    holder.execute("PRAGMA journal_mode = WAL")
+    holder.execute("CREATE TABLE t (x)")
+    holder.commit()
+    assert (tmp_path / "mlflow.db-wal").exists()
+    db.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        tracking_uri(cfg)
+    line = str(err.value)
+    assert "\n" not in line and "mlflow.db-wal" in line and str(db) in line
+    assert not db.exists()  # nothing opened it
+    holder.close()
+    for leftover in tmp_path.glob("mlflow.db-*"):
+        leftover.unlink()
+    assert tracking_uri(cfg) == uri  # a fresh store is fine

@@ -39,6 +39,7 @@ def quiet_ray_logs() -> None:
     from components.training import ray_trims
 
     ray_trims.quiet_logs()  # Ray-internal loggers: named in the one module that may name them
+    ray_trims.paced_scheduler()  # Ray Data's scheduling loop: no busy loop while backpressured
     # Ray Data's DatasetManager (a split dataset) passes an option Ray Data itself deprecated
     warnings.filterwarnings("ignore", message=r".*ExecutionOptions.exclude_resources. is deprecated")
 

@@ -78,8 +78,9 @@ def bounded(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
-def read_parquet(paths: list[str], **kwargs) -> ray.data.Dataset:
-    """ray.data.read_parquet whose read tasks each take at most BLOCK_BYTES of Parquet.
+def read_parquet(paths: list[str], *, task_bytes: int | None = None, **kwargs) -> ray.data.Dataset:
+    """ray.data.read_parquet whose read tasks each take at most `task_bytes` (default BLOCK_BYTES)
+    of Parquet, at least one file each.
 
     Ray 2.60 packs the files into read tasks of up to 128 MiB of Parquet rows each
     (RAY_DATA_PARQUET_BIN_PACKING_BYTES, private, read when the Dataset is made), all in the task's
@@ -90,12 +91,27 @@ def read_parquet(paths: list[str], **kwargs) -> ray.data.Dataset:
     key = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
     saved = os.environ.get(key)
     if saved is None and ray_trims.enabled("parquet_read_tasks"):
-        os.environ[key] = str(threshold("BLOCK_BYTES"))
+        os.environ[key] = str(max(1, task_bytes or threshold("BLOCK_BYTES")))
     try:
         return ray.data.read_parquet(paths, **kwargs)
     finally:
         if saved is None:
             os.environ.pop(key, None)
+
+
+def image_task_bytes(files: list[str], rows: int, row_bytes: int) -> int:
+    """Parquet bytes per read task so that a task's images, decoded, are about BLOCK_BYTES.
+
+    PNGs compress 10-40x (32x32 shapes: ~360 bytes a PNG, 12 KiB decoded), so a task of BLOCK_BYTES
+    of Parquet would hand one decode task ~500 MiB of images: a read-ahead far past
+    READ_AHEAD_BYTES, decoded in one burst on the CPUs training needs. At least one file a task."""
+    stored = sum(Path(f).stat().st_size for f in files)
+    return max(1, threshold("BLOCK_BYTES") * stored // max(1, rows * row_bytes))
+
+
+def decoded_row_bytes(meta: dict) -> int:
+    """Bytes of one decoded row of a prepared split: a float32 image and an int64 label."""
+    return 4 * meta["channels"] * meta["image_size"] ** 2 + 8
 
 
 def streams(rows: int, row_bytes: int) -> bool:
@@ -136,8 +152,7 @@ def training_split(
     if small([str(p) for p in split_files(data_dir, split)]):
         return read_columns(data_dir, split)
     meta = read_meta(data_dir)
-    row_bytes = 4 * meta["channels"] * meta["image_size"] ** 2 + 8  # float32 image + int64 label
-    materialize = not streams(meta["counts"][split], row_bytes)
+    materialize = not streams(meta["counts"][split], decoded_row_bytes(meta))
     return ray_dataset(data_dir, split, materialize=materialize, published=published)
 
 
@@ -150,11 +165,14 @@ def ray_dataset(
     if materialize and small(files) and published is None:
         columns = read_columns(data_dir, split)
         return from_columns(columns) if columns else ray.data.from_items([]).materialize()
+    task_bytes = image_task_bytes(files, meta["counts"][split], decoded_row_bytes(meta))
     if published is None:
-        ds = read_parquet(files, columns=["image", "label"])
+        ds = read_parquet(files, task_bytes=task_bytes, columns=["image", "label"])
     else:  # the same shards, from the bucket: meta.json's names under the published folder
         names = [f"{published.path}/{name}" for name in meta["shards"][split]]
-        ds = read_parquet(names, filesystem=published.filesystem, columns=["image", "label"])
+        ds = read_parquet(
+            names, task_bytes=task_bytes, filesystem=published.filesystem, columns=["image", "label"]
+        )
     ds = ds.map_batches(
         decode_batch,
         batch_format="numpy",

@@ -316,6 +316,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     clock = {"worker": time.time()}  # the stage's timing line: when this process began to work
     spec: _Spec = config["spec"]
     ray_trims.quiet_report_log()
+    ray_trims.paced_scheduler()  # a streamed split's scheduling loop runs in this process
     torch.set_num_threads(spec.train.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

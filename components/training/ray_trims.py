@@ -22,11 +22,17 @@ The trims:
   is logged under a logger named by its source file, outside the `ray.train` logger.
 - `quiet_logs`: Ray's noise on a default run, silenced logger by logger (`QUIET_LOGS`; never a
   blanket redirect), in the driver and, through a worker setup hook, in every Ray worker.
+- `paced_scheduler`: Ray Data's scheduling loop (StreamingExecutor) waits PACE_S after a step while
+  its consumer has blocks waiting. Stock, a backpressured execution (read-ahead full, finished
+  tasks whose output it may not read yet: `ray.wait` returns at once) loops without pause, a busy
+  thread in the consuming process, which for a streamed split is the Train worker: at 200k images
+  the streamed fit ran at half its 20k rate on 2 cores (BENCHMARKS.md, "Scale"). An idle consumer
+  (nothing queued) gets the stock loop.
 - `parquet_read_tasks`: Ray Data's read tasks of Parquet capped at `raydata.BLOCK_BYTES` through its
   private `RAY_DATA_PARQUET_BIN_PACKING_BYTES` (128 MiB in 2.60, all in one task's memory: the
   read workers' memory grew with the split; `components/data/raydata.read_parquet`).
 
-Not every hook is about start-up: the last one bounds memory. Off, or on another Ray, it is stock
+Not every hook is about start-up: the last two bound CPU and memory. Off, or on another Ray, it is stock
 Ray Data's packing (correct, more memory per read task).
 """
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -47,8 +54,10 @@ TRIMS = (
     "autoscaling_coordinator",
     "report_log",
     "quiet_logs",
+    "paced_scheduler",
     "parquet_read_tasks",
 )
+PACE_S = 0.02  # the scheduling loop's pause while its consumer has blocks (ray.wait's timeout: 0.1 s)
 
 log = logging.getLogger("genpipe")
 _noticed: list[str] = []
@@ -120,6 +129,32 @@ def quiet_logs() -> None:
             logger.setLevel(level)
         if messages and not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(*messages))
+
+
+def paced_scheduler() -> None:
+    """Ray Data's scheduling loop pauses PACE_S after each step while its consumer has blocks
+    waiting, in this process (idempotent). Called in the driver, each Train worker and every
+    worker's setup hook: the loop runs where a Dataset is consumed (a Train worker, a split
+    coordinator, the driver)."""
+    if not enabled("paced_scheduler"):
+        return
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:
+        return
+    step = StreamingExecutor._scheduling_loop_step
+    if getattr(step, "genpipe_paced", False):
+        return
+
+    @functools.wraps(step)
+    def paced_step(self, topology) -> bool:
+        go_on = step(self, topology)
+        if go_on and not self._shutdown and not self._consumer_idling():
+            time.sleep(PACE_S)  # the consumer has work: no hurry to re-check a full read-ahead
+        return go_on
+
+    paced_step.genpipe_paced = True
+    StreamingExecutor._scheduling_loop_step = paced_step
 
 
 def has_state_api() -> bool:

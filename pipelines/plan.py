@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 from components import catalog
@@ -80,48 +79,29 @@ def _evaluator_features(params: Path, meta: dict) -> Callable:
 
 
 def stage_task(spec: ModelSpec, params: Path, meta: dict) -> tuple[dict, object, Callable[[], object]]:
-    """(sections, loop, task factory) of `spec`'s training stage, built as the stage builds them."""
+    """(sections, loop, task factory) of `spec`'s training stage: its module's own `task_for`, with an
+    untrained evaluator's features for the perceptual loss and unit latent statistics (same FLOPs)."""
+    from pipelines import train_diffusion, train_evaluator, train_prior, train_tokenizer, train_zoo
     from pipelines.training import variant_sections
 
     sections = load_stage(params, spec.stage)
     cfg = sections[spec.stage]
     if spec.variant is not None:
         cfg, sections = variant_sections(sections, spec)
-    classes = meta["num_classes"]
-    image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
     if spec.name == "evaluator":
-        from components.evaluation.evaluator import EvaluatorTask
-
-        task = partial(EvaluatorTask, cfg.model, cfg.loop, in_channels=meta["channels"], num_classes=classes)
+        task = train_evaluator.task_for(cfg, meta)
     elif spec.name == "tokenizer":
-        from components.tokenizer.task import TokenizerTask
-        from pipelines.train_tokenizer import fit_model
-
-        features = _evaluator_features(params, meta) if cfg.model.loss.perceptual_weight > 0 else None
-        task = partial(TokenizerTask, fit_model(cfg, meta), cfg.loop, feature_fn=features)
+        model = train_tokenizer.fit_model(cfg, meta)
+        task = train_tokenizer.task_for(cfg, model, _evaluator_features(params, meta))
     elif spec.stage == "train_diffusion":
-        from components.diffusion.task import DiffusionTask
-        from pipelines.train_diffusion import resolve_backbone
-
-        if spec.variant == "latent":
-            (h, _), d = meta["grid"], meta["latent_channels"]
-            model = resolve_backbone(cfg, variant="latent", channels=d, num_classes=classes, size=h)
-            inputs = {"input_key": "latent", "latent_mean": [0.0] * d, "latent_std": [1.0] * d}
-        else:
-            model = resolve_backbone(
-                cfg, variant="pixel", channels=image_shape[0], num_classes=classes, size=image_shape[1]
-            )
-            inputs = {"input_key": "image", "image_shape": image_shape}
-        task = partial(DiffusionTask, model, cfg.loop, sampling=cfg.sampling, num_classes=classes, **inputs)
+        model, latent = train_diffusion.network(cfg, spec.variant, meta)
+        if latent is not None:
+            latent |= {"mean": [0.0] * latent["shape"][0], "std": [1.0] * latent["shape"][0]}
+        task = train_diffusion.task_for(cfg, model, meta, latent)
     elif spec.stage == "train_prior":
-        from components.prior.task import PriorTask
-
-        grid, codes = tuple(meta["grid"]), meta["codebook_size"]
-        task = partial(PriorTask, cfg.model, cfg.loop, grid=grid, codebook_size=codes, num_classes=classes)
+        task = train_prior.task_for(cfg, meta)
     else:  # train_zoo
-        family = catalog.recipe(spec)
-        cfg = family.fit_variant(cfg, image_shape)
-        task = partial(family.task, cfg.model, cfg.loop, image_shape=image_shape, num_classes=classes)
+        cfg, task = train_zoo.task_for(cfg, spec, meta)
     cfg.loop.per_worker_batch(sections["train"].num_workers)
     return sections, cfg.loop, task
 
@@ -139,8 +119,9 @@ def _model_of(stage: str) -> ModelSpec | None:
 
 
 def stage_estimate(spec: ModelSpec, params: Path, metas: dict[str, Callable[[], dict]]) -> Estimate:
-    sections, loop, task = stage_task(spec, params, metas[spec.data]())
-    return estimate(spec, sections, loop=loop, task_factory=task, meta=metas[spec.data]())
+    meta = metas[spec.data]()
+    sections, loop, task = stage_task(spec, params, meta)
+    return estimate(spec, sections, loop=loop, task_factory=task, meta=meta)
 
 
 def _duration(seconds: float) -> str:

@@ -9,6 +9,7 @@ the EMA weights; the evaluate stage judges the samples.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from components import catalog
 from components.config import load_stage
 from components.data.shards import read_meta
 from components.data.tokens import check_tokenizer, read_token_meta
+from components.diffusion.config import DiffusionConfig
 from components.diffusion.generator import export as export_diffusion
 from components.diffusion.task import DiffusionTask
 from components.evaluation.moments import ChannelMoments
@@ -34,7 +36,7 @@ TOKENIZER = catalog.TOKENIZER
 
 def resolve_backbone(
     cfg: DiffusionVariantConfig, *, variant: str, channels: int, num_classes: int, size: int
-):
+) -> DiffusionConfig:
     """The model config with the backbone's data-given sizes filled in; a set value that disagrees is an error."""
     backbone = cfg.model.backbone
     given = {"in_channels": channels, "num_classes": num_classes}
@@ -51,6 +53,33 @@ def resolve_backbone(
             f"{'latent grid' if variant == 'latent' else 'images'}: use fewer levels"
         )
     return cfg.model.model_copy(update={"backbone": backbone.model_copy(update=given)})
+
+
+def network(cfg: DiffusionVariantConfig, variant: str, meta: dict) -> tuple[DiffusionConfig, dict | None]:
+    """(the model config sized for the data, the latent's shape and compression or None for pixels)."""
+    classes, image_shape = meta["num_classes"], (meta["channels"], meta["image_size"], meta["image_size"])
+    if variant != "latent":
+        size = image_shape[1]
+        return resolve_backbone(
+            cfg, variant=variant, channels=image_shape[0], num_classes=classes, size=size
+        ), None
+    (h, w), d = meta["grid"], meta["latent_channels"]
+    model = resolve_backbone(cfg, variant=variant, channels=d, num_classes=classes, size=h)
+    return model, {"shape": [d, h, w], "compression": d * h * w / math.prod(image_shape)}
+
+
+def task_for(
+    cfg: DiffusionVariantConfig, model: DiffusionConfig, meta: dict, latent: dict | None
+) -> partial[DiffusionTask]:
+    """The stage's task factory for `network`'s model; a latent needs its per-channel "mean" and "std"."""
+    inputs = (
+        {"input_key": "latent", "latent_mean": latent["mean"], "latent_std": latent["std"]}
+        if latent
+        else {"input_key": "image", "image_shape": (meta["channels"], meta["image_size"], meta["image_size"])}
+    )
+    return partial(
+        DiffusionTask, model, cfg.loop, sampling=cfg.sampling, num_classes=meta["num_classes"], **inputs
+    )
 
 
 def latent_stats(tokens_dir: Path, *, batch_rows: int = 4096) -> tuple[list[float], list[float]]:
@@ -80,32 +109,14 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
         check_tokenizer(meta, root / TOKENIZER)
     num_classes = meta["num_classes"]
     image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
-    latent = None
-    if variant == "latent":
-        (h, w), d = meta["grid"], meta["latent_channels"]
-        model = resolve_backbone(cfg, variant=variant, channels=d, num_classes=num_classes, size=h)
-        latent = {
-            "shape": [d, h, w],
-            "compression": d * h * w / (image_shape[0] * image_shape[1] * image_shape[2]),
-        }
-    else:
-        model = resolve_backbone(
-            cfg, variant=variant, channels=image_shape[0], num_classes=num_classes, size=image_shape[1]
-        )
+    model, latent = network(cfg, variant, meta)
     cfg.loop.per_worker_batch(sections["train"].num_workers)
     if dry_run:
         print_config(sections)
         return
     if latent is not None:
         latent["mean"], latent["std"] = latent_stats(root / spec.data)
-    inputs = (
-        {"input_key": "latent", "latent_mean": latent["mean"], "latent_std": latent["std"]}
-        if latent
-        else {"input_key": "image", "image_shape": image_shape}
-    )
-    task_factory = partial(
-        DiffusionTask, model, cfg.loop, sampling=cfg.sampling, num_classes=num_classes, **inputs
-    )
+    task_factory = task_for(cfg, model, meta, latent)
 
     def export(result, out: Path) -> dict[str, float]:
         state = result.module_states(ema_module=DiffusionTask.ema_module)["denoiser"]

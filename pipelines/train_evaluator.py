@@ -29,6 +29,13 @@ SPEC = catalog.model("evaluator")
 DATA = SPEC.data
 
 
+def task_for(cfg: TrainEvaluatorConfig, meta: dict) -> partial[EvaluatorTask]:
+    """The stage's task factory on data described by `meta` (the stage and `genpipe repro --dry-run`)."""
+    return partial(
+        EvaluatorTask, cfg.model, cfg.loop, in_channels=meta["channels"], num_classes=meta["num_classes"]
+    )
+
+
 def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None) -> None:
     sections = load_stage(params, STAGE)
     cfg: TrainEvaluatorConfig = sections[STAGE]
@@ -49,7 +56,7 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
     metrics = train_model(
         SPEC,
         sections,
-        task_factory=partial(EvaluatorTask, cfg.model, cfg.loop, **shape),
+        task_factory=task_for(cfg, meta),
         loop=cfg.loop,
         export=export_evaluator,
         clock=clock,

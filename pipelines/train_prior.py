@@ -17,6 +17,7 @@ from components.config import load_stage
 from components.data.tokens import check_tokenizer, read_token_meta
 from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
+from components.stages import PriorVariantConfig
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config
 from pipelines.timing import StageClock
@@ -24,6 +25,18 @@ from pipelines.training import train_model, variant_sections
 
 STAGE = "train_prior"
 DATA, TOKENIZER = catalog.TOKENS, catalog.TOKENIZER
+
+
+def task_for(cfg: PriorVariantConfig, meta: dict) -> partial[PriorTask]:
+    """The stage's task factory on token data described by `meta` (the stage and `genpipe repro --dry-run`)."""
+    return partial(
+        PriorTask,
+        cfg.model,
+        cfg.loop,
+        grid=tuple(meta["grid"]),
+        codebook_size=meta["codebook_size"],
+        num_classes=meta["num_classes"],
+    )
 
 
 def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock | None = None) -> None:
@@ -38,9 +51,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
     if dry_run:
         print_config(sections)
         return
-    task_factory = partial(
-        PriorTask, cfg.model, cfg.loop, grid=grid, codebook_size=codebook_size, num_classes=num_classes
-    )
+    task_factory = task_for(cfg, meta)
 
     def export(result, out: Path) -> dict[str, float]:
         export_prior(

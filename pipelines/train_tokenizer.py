@@ -7,6 +7,7 @@ downloaded. Reconstructions of the test split are compared with the real test st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -67,6 +68,15 @@ def fit_model(cfg: TrainTokenizerConfig, meta: dict) -> TokenizerConfig:
     )
 
 
+def task_for(
+    cfg: TrainTokenizerConfig, model: TokenizerConfig, features: Callable | None
+) -> partial[TokenizerTask]:
+    """The stage's task factory for `model` (fit_model's); `features` serve the perceptual loss, when on."""
+    return partial(
+        TokenizerTask, model, cfg.loop, feature_fn=features if cfg.model.loss.perceptual_weight > 0 else None
+    )
+
+
 def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None) -> None:
     sections = load_stage(params, STAGE)
     cfg: TrainTokenizerConfig = sections[STAGE]
@@ -85,7 +95,6 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
     if dry_run:
         print_config(sections)
         return
-    needs_features = cfg.model.loss.perceptual_weight > 0
 
     def export(result, out: Path) -> dict[str, float]:
         vqgan = result.load_module("vqgan", VQGAN(model), ema_module=TokenizerTask.ema_module)
@@ -97,12 +106,7 @@ def main(*, params: Path, dry_run: bool = False, clock: StageClock | None = None
     metrics = train_model(
         SPEC,
         sections,
-        task_factory=partial(
-            TokenizerTask,
-            model,
-            cfg.loop,
-            feature_fn=EvaluatorFeatureMaps(model_files(evaluator_dir)) if needs_features else None,
-        ),
+        task_factory=task_for(cfg, model, EvaluatorFeatureMaps(model_files(evaluator_dir))),
         loop=cfg.loop,
         export=export,
         artifacts=(root / GRID,),

@@ -14,9 +14,11 @@ from functools import partial
 from pathlib import Path
 
 from components import catalog
+from components.catalog import ModelSpec
 from components.config import load_stage
 from components.data.shards import read_meta
 from components.schema import StrictConfig
+from components.training.task import Task
 from components.zoo.families import ZooFamily
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config
@@ -34,6 +36,17 @@ def tags(variant: str, cfg: StrictConfig) -> dict[str, str]:
     return {"family": spec.family} | {k: str(v) for k, v in knobs.items()}
 
 
+def task_for(cfg: StrictConfig, spec: ModelSpec, meta: dict) -> tuple[StrictConfig, partial[Task]]:
+    """(the variant's config with its unset sizes fitted to the data, its task factory): the stage and
+    `genpipe repro --dry-run` both build them here."""
+    family: ZooFamily = catalog.recipe(spec)
+    image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    cfg = family.fit_variant(cfg, image_shape)
+    return cfg, partial(
+        family.task, cfg.model, cfg.loop, image_shape=image_shape, num_classes=meta["num_classes"]
+    )
+
+
 def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock | None = None) -> None:
     spec = catalog.trained_by(STAGE, variant)
     family: ZooFamily = catalog.recipe(spec)
@@ -41,10 +54,9 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
     meta = read_meta(repo_root() / DATA)
     num_classes = meta["num_classes"]
     image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
-    cfg = family.fit_variant(cfg, image_shape)  # unset sizes from the data: logged and hashed as trained
+    cfg, task_factory = task_for(cfg, spec, meta)  # unset sizes from the data: logged and hashed as trained
     sections = {**sections, STAGE: cfg}
     cfg.loop.per_worker_batch(sections["train"].num_workers)
-    task_factory = partial(family.task, cfg.model, cfg.loop, image_shape=image_shape, num_classes=num_classes)
     phases = [p.name for p in task_factory().phases]  # builds nothing: checks the shapes before Ray starts
     if dry_run:
         print_config(sections)

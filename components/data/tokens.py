@@ -26,7 +26,7 @@ import torch
 from components.data.images import DataError, pngs_to_array
 from components.data.raydata import bounded, from_columns, read_parquet, small, streams
 from components.data.shards import SPLITS, read_meta, shard_name, split_files
-from components.io import model_files, weights_sha256
+from components.io import model_files, release_freed_memory, weights_sha256
 
 TOKENS_SCHEMA_VERSION = 1
 META_FILE = "meta.json"
@@ -56,6 +56,7 @@ class TokenizerActor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        release_freed_memory()  # the last batch's tensors: a long split must not grow this actor
         x = torch.from_numpy(pngs_to_array(list(batch["image"]), channels=self.channels, size=self.size))
         z = self.model.encode_latents(x.to(self.device))  # (B, D, h, w)
         indices = self.model.quantizer(z).indices  # (B, h, w)

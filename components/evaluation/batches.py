@@ -14,6 +14,7 @@ import torch
 
 from components.data.images import DataError, pngs_to_array
 from components.data.shards import read_meta, split_files
+from components.io import release_freed_memory
 
 BATCH = 256  # images decoded per batch: bounds memory, matches the evaluator's default batch
 
@@ -43,6 +44,7 @@ class SplitImages:
                 pngs = record.column(0).to_pylist()
                 if pngs:
                     yield torch.from_numpy(pngs_to_array(pngs, channels=self.channels, size=self.size))
+                release_freed_memory()
 
 
 class LabelledSplit(SplitImages):
@@ -62,6 +64,7 @@ class LabelledSplit(SplitImages):
                     images = pngs_to_array(pngs, channels=self.channels, size=self.size)
                     labels = record.column(1).to_numpy(zero_copy_only=False).astype("int64")
                     yield torch.from_numpy(images), torch.from_numpy(labels)
+                release_freed_memory()
 
 
 def batches_of(images: torch.Tensor | Iterable[torch.Tensor], *, batch_size: int) -> Iterable[torch.Tensor]:

@@ -219,9 +219,8 @@ def _stats(n: int, work: Path) -> int:
     test = SplitImages(work / "processed", "test")
     features = real_features(evaluator, test, batch_size=256)
     assert features.shape[0] == len(test), (features.shape, len(test))
-    return len(SplitImages(work / "processed", "train")) + 3 * len(
-        test
-    )  # test: accuracy, statistics, features
+    train = SplitImages(work / "processed", "train")
+    return len(train) + 3 * len(test)  # the test split is read thrice: accuracy, statistics, features
 
 
 def child(stage: str, n: int, work: Path, tokenizer: Path | None) -> dict:

@@ -32,8 +32,8 @@ The trims:
   private `RAY_DATA_PARQUET_BIN_PACKING_BYTES` (128 MiB in 2.60, all in one task's memory: the
   read workers' memory grew with the split; `components/data/raydata.read_parquet`).
 
-Not every hook is about start-up: the last two bound CPU and memory. Off, or on another Ray, it is stock
-Ray Data's packing (correct, more memory per read task).
+Not every hook is about start-up: the last two bound CPU and memory. Off, or on another Ray, each
+is stock Ray Data (correct, with a busier scheduling thread or more memory per read task).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ GENPIPE_BLOCK_BYTES).
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -40,6 +41,9 @@ READ_AHEAD_BYTES = 256 * 1024**2
 # block until the limit: at 20k 32x32 shapes a task's block held one shard (49 MiB), at 100k up to
 # 128 MiB, so the read workers' private memory grew with N.
 BLOCK_BYTES = 16 * 1024**2
+# Parquet files a footer reader lists (Ray 2.60 starts 32 per read, a process each; an actor reads
+# its files' footers 10 at a time with up to 128 requests in flight).
+FOOTERS_PER_ACTOR = 64
 
 
 def threshold(name: str, default: int | None = None) -> int:
@@ -80,22 +84,32 @@ def bounded(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 def read_parquet(paths: list[str], *, task_bytes: int | None = None, **kwargs) -> ray.data.Dataset:
     """ray.data.read_parquet whose read tasks each take at most `task_bytes` (default BLOCK_BYTES)
-    of Parquet, at least one file each.
+    of Parquet, at least one file each, and whose listing starts one footer reader per
+    FOOTERS_PER_ACTOR files.
 
     Ray 2.60 packs the files into read tasks of up to 128 MiB of Parquet rows each
     (RAY_DATA_PARQUET_BIN_PACKING_BYTES, private, read when the Dataset is made), all in the task's
     memory at once: the read workers' private memory grew with N until a split held 128 MiB (32x32
-    shapes: 174 MiB at 20k, 305 MiB at 200k). The knob is Ray-internal, so it is the version-gated
-    trim `parquet_read_tasks` (components/training/ray_trims.py). A value the user set wins.
+    shapes: 174 MiB at 20k, 305 MiB at 200k). It also lists the files by reading their footers on
+    32 actors per read (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS), a worker process each: on a two-node
+    cluster of 1-CPU nodes a three-file split waited ~45 s for them. Both knobs are Ray-internal, so
+    they are the version-gated trims `parquet_read_tasks` and `parquet_footer_actors`
+    (components/training/ray_trims.py). A value the user set wins.
     """
-    key = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
-    saved = os.environ.get(key)
-    if saved is None and ray_trims.enabled("parquet_read_tasks"):
-        os.environ[key] = str(max(1, task_bytes or threshold("BLOCK_BYTES")))
+    knobs = {}
+    if ray_trims.enabled("parquet_read_tasks"):
+        knobs["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = max(1, task_bytes or threshold("BLOCK_BYTES"))
+    if ray_trims.enabled("parquet_footer_actors"):
+        # Its module also reads the variable once, at import, as the default of every later read:
+        # imported first, it keeps Ray's own default.
+        importlib.import_module("ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer")
+        knobs["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = min(32, -(-len(paths) // FOOTERS_PER_ACTOR))
+    knobs = {key: str(value) for key, value in knobs.items() if key not in os.environ}
+    os.environ.update(knobs)
     try:
         return ray.data.read_parquet(paths, **kwargs)
     finally:
-        if saved is None:
+        for key in knobs:
             os.environ.pop(key, None)
 
 

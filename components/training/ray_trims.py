@@ -31,8 +31,12 @@ The trims:
 - `parquet_read_tasks`: Ray Data's read tasks of Parquet capped at `raydata.BLOCK_BYTES` through its
   private `RAY_DATA_PARQUET_BIN_PACKING_BYTES` (128 MiB in 2.60, all in one task's memory: the
   read workers' memory grew with the split; `components/data/raydata.read_parquet`).
+- `parquet_footer_actors`: Ray Data's Parquet listing reads the files' footers on one actor per
+  `raydata.FOOTERS_PER_ACTOR` files, not 32 actors for any read (its private
+  `RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`): each is a worker process, ~45 s of start-ups for a
+  three-file split on a cluster of 1-CPU nodes.
 
-Not every hook is about start-up: the last two bound CPU and memory. Off, or on another Ray, each
+Not every hook is about start-up: `paced_scheduler` and `parquet_read_tasks` bound CPU and memory. Off, or on another Ray, each
 is stock Ray Data (correct, with a busier scheduling thread or more memory per read task).
 """
 
@@ -56,6 +60,7 @@ TRIMS = (
     "quiet_logs",
     "paced_scheduler",
     "parquet_read_tasks",
+    "parquet_footer_actors",
 )
 PACE_S = 0.02  # the scheduling loop's pause while its consumer has blocks (ray.wait's timeout: 0.1 s)
 

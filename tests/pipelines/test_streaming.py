@@ -9,6 +9,7 @@ the train split in bounded shards with the streamed tokenizer.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from functools import partial
@@ -26,13 +27,21 @@ from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.data.shards import read_meta, read_split, split_files
 from components.data.streaming import StreamedShard
-from components.data.tokens import encode_split, write_token_split
+from components.data.tokens import (
+    TOKENS_SCHEMA_VERSION,
+    encode_split,
+    read_tokens,
+    token_training_split,
+    write_token_split,
+)
 from components.io import save_model
+from components.storage import Bucket, publish
 from components.tokenizer.config import TokenizerConfig
 from components.tokenizer.task import TokenizerTask
 from components.tokenizer.vqgan import VQGAN
 from components.training.config import LoopConfig, TrainConfig
 from components.training.ray_adapter import fit
+from tests.s3 import s3, s3_env  # noqa: F401  (the session's S3 server)
 
 N, SHARD_ROWS, BATCH = 600, 64, 32
 FORCE_STREAM = {"GENPIPE_IN_DRIVER_BYTES": "0", "GENPIPE_STREAM_BYTES": "0"}
@@ -66,13 +75,15 @@ def _snapshot(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3):  # noqa: F811
     saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # report() returns fast (default poll: 2 s)
     if ray.is_initialized():
         ray.shutdown()
     # 2 one-CPU Train workers plus one CPU for the Ray Data tasks that feed them.
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    # The session's S3 server's key and endpoint reach every worker, as on a cluster's nodes.
+    env = {"env_vars": s3.env}
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False, runtime_env=env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -169,7 +180,13 @@ def test_streamed_and_in_memory_fits_both_train(fits):
         assert any(k.startswith("val/") for k in result.metrics)
 
 
-def test_encode_streams_in_bounded_shards(fits, prepared, tmp_path, force_stream):
+def test_encode_streams_in_bounded_shards_a_bucket_serves_back(
+    fits,
+    prepared,
+    tmp_path,
+    s3_env,  # noqa: F811
+    force_stream,
+):
     _, result = fits["streamed"]
     vqgan = result.load_module("vqgan", VQGAN(TOKENIZER), ema_module=TokenizerTask.ema_module)
     save_model(tmp_path / "tokenizer", vqgan.state_dict(), vqgan.config_dict())
@@ -186,6 +203,36 @@ def test_encode_streams_in_bounded_shards(fits, prepared, tmp_path, force_stream
         [pq.read_table(out / name, columns=["id"]).column("id").to_numpy() for name in names]
     )
     assert ids.tolist() == read_split(prepared, "train").column("id").to_pylist()  # in shard order
+
+    # What a prior reads on a node that has only the bucket: the tokens published under a DVC md5,
+    # read by Ray Data's tasks from there, equal to the folder's rows.
+    (out / "meta.json").write_text(
+        json.dumps(
+            {
+                "schema_version": TOKENS_SCHEMA_VERSION,
+                "grid": [4, 4],
+                "latent_channels": 4,
+                "counts": {"train": rows, "val": 0, "test": 0},
+                "shards": {"train": names, "val": [], "test": []},
+            }
+        )
+    )
+    bucket = Bucket(name=s3_env.bucket, prefix="tokens", endpoint_url=s3_env.endpoint, region="us-east-1")
+    remote = publish(out, md5=hashlib.md5(str(tmp_path).encode()).hexdigest() + ".dir", bucket=bucket)
+    assert {k.rsplit("/", 1)[-1] for k in s3_env.keys(f"tokens/data/{remote.path.rsplit('/', 1)[-1]}/")} >= {
+        *names,
+        "meta.json",
+    }
+    lazy = token_training_split(out, "train", published=remote)
+    assert not isinstance(lazy, MaterializedDataset)  # forced to stream: read tasks, not the driver
+    got = {
+        k: np.concatenate([b[k] for b in lazy.iter_batches(batch_format="numpy")])
+        for k in ("tokens", "label")
+    }
+    local = read_tokens(out, "train")
+    order = lambda a: np.lexsort(a["tokens"].reshape(len(a["label"]), -1).T)  # noqa: E731
+    for key in ("tokens", "label"):
+        assert np.array_equal(got[key][order(got)], local[key][order(local)]), key
 
 
 def test_a_bad_image_on_ray_is_one_line_naming_it(ray_local, tmp_path):
@@ -290,3 +337,28 @@ def test_the_read_task_cap_is_a_trim_that_can_be_turned_off(ray_local, prepared,
     stock = raydata.read_parquet(files).materialize().num_blocks()
     assert capped == len(files) > stock
     assert "RAY_DATA_PARQUET_BIN_PACKING_BYTES" not in os.environ
+
+
+def _footer_readers() -> int:
+    """FooterReader actors this Ray instance has started, live or dead (Ray Data's Parquet listing)."""
+    from ray._private import state  # tests may read Ray internals
+
+    return sum(a["ActorClassName"] == "FooterReader" for a in state.actors().values())
+
+
+def test_a_parquet_read_starts_footer_readers_for_its_files_not_thirty_two(ray_local, prepared, monkeypatch):
+    # Ray 2.60 lists Parquet files by reading their footers on a pool of 32 actors per read, a
+    # process start each: ~1 min of a 1-CPU node for a three-file split. The trim sizes the pool by
+    # the files; off, Ray's 32 come back.
+    files = [str(f) for f in split_files(prepared, "train")]
+    assert len(files) <= raydata.FOOTERS_PER_ACTOR
+    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
+    before = _footer_readers()
+    trimmed = raydata.read_parquet(files).materialize().count()  # count() alone lists no footers
+    started = _footer_readers() - before
+    assert trimmed == read_meta(prepared)["counts"]["train"] and started == 1
+    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
+    monkeypatch.setenv("GENPIPE_RAY_TRIMS_OFF", "parquet_footer_actors")
+    before = _footer_readers()
+    assert raydata.read_parquet(files).materialize().count() == trimmed
+    assert _footer_readers() - before == 32

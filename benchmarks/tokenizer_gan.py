@@ -34,6 +34,7 @@ from components.config import load_stage
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.data.readers import ShardDataset, epoch_batches
+from components.data.shards import image_shape
 from components.evaluation.evaluator import EvaluatorTask, load_evaluator, predict, save_evaluator
 from components.evaluation.frechet import feature_stats, frechet_distance
 from components.evaluation.judge import judge
@@ -202,7 +203,7 @@ def prior_fid(
     encode_s = time.perf_counter() - tic
     grid = tuple(train_cols["tokens"].shape[1:])
     num_classes = data.meta["num_classes"]
-    image_shape = (data.meta["channels"], data.meta["image_size"], data.meta["image_size"])
+    shape = image_shape(data.meta)
 
     # train_prior gpt in this process: the stage's task, model and loop (global batch on one worker)
     cfg = load_stage(params, "train_prior")["train_prior"].gpt
@@ -229,7 +230,7 @@ def prior_fid(
         grid=grid,
         codebook_size=vqgan.codebook_size,
         num_classes=num_classes,
-        image_shape=image_shape,
+        image_shape=shape,
         tokenizer_dir=folder / "tokenizer",
     )
     shutil.rmtree(folder / "checkpoints")

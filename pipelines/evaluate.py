@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from components.config import load_stage
+from components.data.shards import image_shape
 from components.evaluation.evaluator import load_evaluator
 from components.evaluation.grid import make_grid, save_png
 from components.evaluation.judge import judge
@@ -68,10 +69,10 @@ def main(
     meta, device = setup(cfg, root=root, workers=cfg.num_workers > 0)
     generator = load_generator(root / "models" / model, device=device)
     evaluator = load_evaluator(root / EVALUATOR, device=device)
-    if tuple(generator.image_shape) != (meta["channels"], meta["image_size"], meta["image_size"]):
+    if tuple(generator.image_shape) != image_shape(meta):
         raise ValueError(
             f"models/{model} makes images of shape {tuple(generator.image_shape)} but the prepared data is "
-            f"{(meta['channels'], meta['image_size'], meta['image_size'])}: retrain it on this data"
+            f"{image_shape(meta)}: retrain it on this data"
         )
     options = cfg.options.get(model, {})
     try:  # params validation checked names and ranges; the model checks them against its defaults

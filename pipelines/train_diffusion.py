@@ -18,7 +18,7 @@ import torch
 
 from components import catalog
 from components.config import load_stage
-from components.data.shards import read_meta
+from components.data.shards import image_shape, read_meta
 from components.data.tokens import check_tokenizer, read_token_meta
 from components.diffusion.config import DiffusionConfig
 from components.diffusion.generator import export as export_diffusion
@@ -57,15 +57,13 @@ def resolve_backbone(
 
 def network(cfg: DiffusionVariantConfig, variant: str, meta: dict) -> tuple[DiffusionConfig, dict | None]:
     """(the model config sized for the data, the latent's shape and compression or None for pixels)."""
-    classes, image_shape = meta["num_classes"], (meta["channels"], meta["image_size"], meta["image_size"])
+    classes, shape = meta["num_classes"], image_shape(meta)
     if variant != "latent":
-        size = image_shape[1]
-        return resolve_backbone(
-            cfg, variant=variant, channels=image_shape[0], num_classes=classes, size=size
-        ), None
+        size = shape[1]
+        return resolve_backbone(cfg, variant=variant, channels=shape[0], num_classes=classes, size=size), None
     (h, w), d = meta["grid"], meta["latent_channels"]
     model = resolve_backbone(cfg, variant=variant, channels=d, num_classes=classes, size=h)
-    return model, {"shape": [d, h, w], "compression": d * h * w / math.prod(image_shape)}
+    return model, {"shape": [d, h, w], "compression": d * h * w / math.prod(shape)}
 
 
 def task_for(
@@ -75,7 +73,7 @@ def task_for(
     inputs = (
         {"input_key": "latent", "latent_mean": latent["mean"], "latent_std": latent["std"]}
         if latent
-        else {"input_key": "image", "image_shape": (meta["channels"], meta["image_size"], meta["image_size"])}
+        else {"input_key": "image", "image_shape": image_shape(meta)}
     )
     return partial(
         DiffusionTask, model, cfg.loop, sampling=cfg.sampling, num_classes=meta["num_classes"], **inputs
@@ -108,7 +106,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
     if variant == "latent":  # latents from another tokenizer would decode to nonsense
         check_tokenizer(meta, root / TOKENIZER)
     num_classes = meta["num_classes"]
-    image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    shape = image_shape(meta)
     model, latent = network(cfg, variant, meta)
     cfg.loop.per_worker_batch(sections["train"].num_workers)
     if dry_run:
@@ -125,7 +123,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
             denoiser_state=state,
             model=model,
             sampling=cfg.sampling,
-            image_shape=image_shape,
+            image_shape=shape,
             num_classes=num_classes,
             latent=latent,
             tokenizer_dir=root / TOKENIZER if latent else None,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from components import catalog
 from components.config import load_stage
+from components.data.shards import image_shape
 from components.data.tokens import check_tokenizer, read_token_meta
 from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
@@ -46,7 +47,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
     meta = read_token_meta(root / DATA)
     check_tokenizer(meta, root / TOKENIZER)
     grid, codebook_size, num_classes = tuple(meta["grid"]), meta["codebook_size"], meta["num_classes"]
-    image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    shape = image_shape(meta)
     cfg.loop.per_worker_batch(sections["train"].num_workers)
     if dry_run:
         print_config(sections)
@@ -62,7 +63,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
             grid=grid,
             codebook_size=codebook_size,
             num_classes=num_classes,
-            image_shape=image_shape,
+            image_shape=shape,
             tokenizer_dir=root / TOKENIZER,
         )
         return {k: float(v) for k, v in result.metrics.items() if k.startswith(("val/", "main/"))}

@@ -16,7 +16,7 @@ from pathlib import Path
 from components import catalog
 from components.catalog import ModelSpec
 from components.config import load_stage
-from components.data.shards import read_meta
+from components.data.shards import image_shape, read_meta
 from components.schema import StrictConfig
 from components.training.task import Task
 from components.zoo.families import ZooFamily
@@ -40,11 +40,9 @@ def task_for(cfg: StrictConfig, spec: ModelSpec, meta: dict) -> tuple[StrictConf
     """(the variant's config with its unset sizes fitted to the data, its task factory): the stage and
     `genpipe repro --dry-run` both build them here."""
     family: ZooFamily = catalog.recipe(spec)
-    image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
-    cfg = family.fit_variant(cfg, image_shape)
-    return cfg, partial(
-        family.task, cfg.model, cfg.loop, image_shape=image_shape, num_classes=meta["num_classes"]
-    )
+    shape = image_shape(meta)
+    cfg = family.fit_variant(cfg, shape)
+    return cfg, partial(family.task, cfg.model, cfg.loop, image_shape=shape, num_classes=meta["num_classes"])
 
 
 def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock | None = None) -> None:
@@ -53,7 +51,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
     cfg, sections = variant_sections(load_stage(params, STAGE), spec)
     meta = read_meta(repo_root() / DATA)
     num_classes = meta["num_classes"]
-    image_shape = (meta["channels"], meta["image_size"], meta["image_size"])
+    shape = image_shape(meta)
     cfg, task_factory = task_for(cfg, spec, meta)  # unset sizes from the data: logged and hashed as trained
     sections = {**sections, STAGE: cfg}
     cfg.loop.per_worker_batch(sections["train"].num_workers)
@@ -68,7 +66,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
             out,
             state=result.module_states(ema_module=name)[name],
             config=cfg.model,
-            image_shape=image_shape,
+            image_shape=shape,
             num_classes=num_classes,
             **cfg.sampling.model_dump(),
         )

@@ -94,6 +94,11 @@ def write_meta(meta: dict[str, Any], *, out_dir: Path) -> None:
     (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
 
 
+def image_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of a prepared data set's images, from its meta.json."""
+    return meta["channels"], meta["image_size"], meta["image_size"]
+
+
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
     """meta.json of a prepared directory, with its schema version checked."""
     path = Path(data_dir) / META_FILE

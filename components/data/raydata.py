@@ -16,7 +16,6 @@ GENPIPE_BLOCK_BYTES).
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
@@ -96,21 +95,9 @@ def read_parquet(paths: list[str], *, task_bytes: int | None = None, **kwargs) -
     they are the version-gated trims `parquet_read_tasks` and `parquet_footer_actors`
     (components/training/ray_trims.py). A value the user set wins.
     """
-    knobs = {}
-    if ray_trims.enabled("parquet_read_tasks"):
-        knobs["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = max(1, task_bytes or threshold("BLOCK_BYTES"))
-    if ray_trims.enabled("parquet_footer_actors"):
-        # Its module also reads the variable once, at import, as the default of every later read:
-        # imported first, it keeps Ray's own default.
-        importlib.import_module("ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer")
-        knobs["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = min(32, -(-len(paths) // FOOTERS_PER_ACTOR))
-    knobs = {key: str(value) for key, value in knobs.items() if key not in os.environ}
-    os.environ.update(knobs)
-    try:
+    bytes_ = task_bytes or threshold("BLOCK_BYTES")
+    with ray_trims.parquet_reads(len(paths), task_bytes=bytes_, footers_per_actor=FOOTERS_PER_ACTOR):
         return ray.data.read_parquet(paths, **kwargs)
-    finally:
-        for key in knobs:
-            os.environ.pop(key, None)
 
 
 def image_task_bytes(files: list[str], rows: int, row_bytes: int) -> int:

@@ -42,6 +42,7 @@ is stock Ray Data (correct, with a busier scheduling thread or more memory per r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -243,3 +244,27 @@ def _trimmed_class() -> type:
             return super()._initialize_and_run_controller(**kwargs)
 
     return TrimmedTrainer
+
+
+@contextlib.contextmanager
+def parquet_reads(files: int, *, task_bytes: int, footers_per_actor: int):
+    """While a `ray.data.read_parquet` of `files` files is planned: read tasks of at most
+    `task_bytes` of Parquet (trim `parquet_read_tasks`) and one footer reader per `footers_per_actor`
+    files (trim `parquet_footer_actors`), through Ray Data's private environment variables, which it
+    reads when the Dataset is made. A variable the user set wins; the others are removed after."""
+    knobs = {}
+    if enabled("parquet_read_tasks"):
+        knobs["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = max(1, task_bytes)
+    if enabled("parquet_footer_actors"):
+        # Its module also reads the variable once, at import, as the default of every later read:
+        # imported first, it keeps Ray's own default.
+        import ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer  # noqa: F401
+
+        knobs["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = min(32, -(-max(1, files) // footers_per_actor))
+    knobs = {key: str(value) for key, value in knobs.items() if key not in os.environ}
+    os.environ.update(knobs)
+    try:
+        yield
+    finally:
+        for key in knobs:
+            os.environ.pop(key, None)

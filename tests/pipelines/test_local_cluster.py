@@ -191,21 +191,16 @@ def test_a_stage_trains_on_isolated_nodes_from_a_bucket_and_survives_a_killed_no
     env, nodes, folder, prefix = cluster
     assert {"RAY_ADDRESS", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI"} <= set(env) and len(set(nodes)) == 3
 
-    # Each worker node sees neither the checkout nor the test's files, and runs the code genpipe ships.
-    probe = subprocess.run(
+    # Each worker node sees neither the checkout nor the test's files, and runs the code genpipe ships
+    # (the probe asks while the stage starts: its tasks take no CPU).
+    probe = subprocess.Popen(
         [sys.executable, "-c", PROBE],
         cwd=REPO,
         env=project_env(**env, PATHS=json.dumps([str(REPO / "components"), str(repo_copy / "params.yaml")])),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    workers = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert len(workers) == 2, workers
-    for seen in workers.values():
-        assert seen["seen"] == [] and "runtime_resources/py_modules_files" in seen["code"], seen
-
     stage = subprocess.Popen(
         ["genpipe", "train_evaluator"],
         cwd=repo_copy,
@@ -215,6 +210,13 @@ def test_a_stage_trains_on_isolated_nodes_from_a_bucket_and_survives_a_killed_no
         text=True,
     )
     try:
+        out, err = probe.communicate(timeout=300)
+        assert probe.returncode == 0, err[-3000:]
+        workers = json.loads(out.strip().splitlines()[-1])
+        assert len(workers) == 2, workers
+        for seen in workers.values():
+            assert seen["seen"] == [] and "runtime_resources/py_modules_files" in seen["code"], seen
+
         # SIGKILL one worker node once a checkpoint is in the bucket and Ray Train's controller has
         # registered it (its snapshot: a checkpoint uploaded but not yet registered is not resumed
         # from, and the restarted workers would start afresh); the cluster then gets a new node.
@@ -227,8 +229,9 @@ def test_a_stage_trains_on_isolated_nodes_from_a_bucket_and_survives_a_killed_no
         _script("add", "--dir", str(folder), env=project_env(**env))
         out, _ = stage.communicate(timeout=600)
     finally:
-        if stage.poll() is None:
-            stage.kill()
+        for proc in (probe, stage):
+            if proc.poll() is None:
+                proc.kill()
     assert stage.returncode == 0, out[-4000:]
     assert "train_evaluator: 2 workers on 2 nodes" in out
     resumed = re.search(r"train_evaluator: resumed run \S+ from step (\d+)", out)

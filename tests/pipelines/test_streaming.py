@@ -140,54 +140,48 @@ def test_streamed_shard_epochs(ray_local, prepared, force_stream):
 
 
 @pytest.fixture(scope="module")
-def fits(ray_local, prepared, tmp_path_factory):
-    """The same tokenizer training, streamed on 2 workers and in memory on 1."""
-    root = tmp_path_factory.mktemp("fits")
+def streamed_fit(ray_local, prepared, tmp_path_factory):
+    """(the splits, the fit) of a tokenizer trained on per-worker streamed shards on 2 workers (the
+    in-memory path is every stage test's)."""
     loop = LoopConfig(steps=16, batch_size=BATCH, lr=2e-3, log_every=4, checkpoint_every=16)
-    results = {}
-    for mode, workers, env in (("streamed", 2, FORCE_STREAM), ("in_memory", 1, {})):
-        saved = {k: os.environ.get(k) for k in FORCE_STREAM}
-        os.environ.update(env)
-        try:
-            datasets = {split: raydata.training_split(prepared, split) for split in ("train", "val")}
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        results[mode] = (
-            datasets,
-            fit(
-                task_factory=partial(TokenizerTask, TOKENIZER, loop),
-                loop=loop,
-                train=TrainConfig(num_workers=workers, storage_path=str(root / "ray"), max_failures=0),
-                run_name=f"stream-{mode}",
-                datasets=datasets,
-                shuffle_buffer=128,
-            ),
-        )
-    return results
+    saved = {k: os.environ.get(k) for k in FORCE_STREAM}
+    os.environ.update(FORCE_STREAM)
+    try:
+        datasets = {split: raydata.training_split(prepared, split) for split in ("train", "val")}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    result = fit(
+        task_factory=partial(TokenizerTask, TOKENIZER, loop),
+        loop=loop,
+        train=TrainConfig(
+            num_workers=2, storage_path=str(tmp_path_factory.mktemp("fits") / "ray"), max_failures=0
+        ),
+        run_name="stream-streamed",
+        datasets=datasets,
+        shuffle_buffer=128,
+    )
+    return datasets, result
 
 
-def test_streamed_and_in_memory_fits_both_train(fits):
-    datasets, streamed = fits["streamed"]
+def test_a_streamed_fit_trains(streamed_fit):
+    datasets, streamed = streamed_fit
     assert not isinstance(datasets["train"], MaterializedDataset)  # the driver never held the split
     assert streamed.data == "streamed"
-    columns, in_memory = fits["in_memory"]
-    assert isinstance(columns["train"], dict) and in_memory.data == "in_memory"
-    # 16 steps of 32 over 420 rows: both runs crossed an epoch boundary
-    for result in (streamed, in_memory):
-        assert result.state()["step"] == 16 and result.state()["epoch"] >= 1
-        assert all(math.isfinite(v) for v in result.metrics.values())
-        assert any(k.startswith("val/") for k in result.metrics)
+    # 16 steps of 32 over 420 rows on 2 workers: the run crossed an epoch boundary
+    assert streamed.state()["step"] == 16 and streamed.state()["epoch"] >= 1
+    assert all(math.isfinite(v) for v in streamed.metrics.values())
+    assert any(k.startswith("val/") for k in streamed.metrics)
 
 
 def test_encode_streams_in_bounded_shards_a_bucket_serves_back(
-    fits,
+    streamed_fit,
     prepared,
     tmp_path,
     s3_env,  # noqa: F811
     force_stream,
 ):
-    _, result = fits["streamed"]
+    _, result = streamed_fit
     vqgan = result.load_module("vqgan", VQGAN(TOKENIZER), ema_module=TokenizerTask.ema_module)
     save_model(tmp_path / "tokenizer", vqgan.state_dict(), vqgan.config_dict())
     out = tmp_path / "tokens"
@@ -326,19 +320,6 @@ def test_streamed_reads_are_bounded(ray_local, prepared, monkeypatch):
     assert tiny.count() == read_meta(prepared)["counts"]["train"]
 
 
-def test_the_read_task_cap_is_a_trim_that_can_be_turned_off(ray_local, prepared, monkeypatch):
-    # The cap goes through a Ray-internal variable, so it is a version-gated trim: off, Ray packs its
-    # own read tasks. Each read task of these small shards makes one block.
-    files = [str(f) for f in split_files(prepared, "train")]
-    monkeypatch.delenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", raising=False)
-    monkeypatch.setenv("GENPIPE_BLOCK_BYTES", "1")
-    capped = raydata.read_parquet(files).materialize().num_blocks()
-    monkeypatch.setenv("GENPIPE_RAY_TRIMS_OFF", "parquet_read_tasks")
-    stock = raydata.read_parquet(files).materialize().num_blocks()
-    assert capped == len(files) > stock
-    assert "RAY_DATA_PARQUET_BIN_PACKING_BYTES" not in os.environ
-
-
 def _footer_readers() -> int:
     """FooterReader actors this Ray instance has started, live or dead (Ray Data's Parquet listing)."""
     from ray._private import state  # tests may read Ray internals
@@ -346,19 +327,22 @@ def _footer_readers() -> int:
     return sum(a["ActorClassName"] == "FooterReader" for a in state.actors().values())
 
 
-def test_a_parquet_read_starts_footer_readers_for_its_files_not_thirty_two(ray_local, prepared, monkeypatch):
-    # Ray 2.60 lists Parquet files by reading their footers on a pool of 32 actors per read, a
-    # process start each: ~1 min of a 1-CPU node for a three-file split. The trim sizes the pool by
-    # the files; off, Ray's 32 come back.
+def test_parquet_reads_are_trims_that_can_be_turned_off(ray_local, prepared, monkeypatch):
+    # Both caps go through Ray-internal variables, so they are version-gated trims. Read tasks: at
+    # most BLOCK_BYTES of Parquet (each of these small shards its own task, so one block each); off,
+    # Ray packs them. The listing: Ray 2.60 reads the files' footers on 32 actors per read, a process
+    # start each (~1 min of a 1-CPU node for a three-file split); trimmed, one per 64 files.
     files = [str(f) for f in split_files(prepared, "train")]
     assert len(files) <= raydata.FOOTERS_PER_ACTOR
-    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
+    for key in ("RAY_DATA_PARQUET_BIN_PACKING_BYTES", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GENPIPE_BLOCK_BYTES", "1")
     before = _footer_readers()
-    trimmed = raydata.read_parquet(files).materialize().count()  # count() alone lists no footers
-    started = _footer_readers() - before
-    assert trimmed == read_meta(prepared)["counts"]["train"] and started == 1
-    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
-    monkeypatch.setenv("GENPIPE_RAY_TRIMS_OFF", "parquet_footer_actors")
+    capped = raydata.read_parquet(files).materialize()  # count() alone lists no footers
+    assert capped.num_blocks() == len(files) and _footer_readers() - before == 1
+    monkeypatch.setenv("GENPIPE_RAY_TRIMS_OFF", "parquet_read_tasks,parquet_footer_actors")
     before = _footer_readers()
-    assert raydata.read_parquet(files).materialize().count() == trimmed
-    assert _footer_readers() - before == 32
+    stock = raydata.read_parquet(files).materialize()
+    assert stock.num_blocks() < len(files) and _footer_readers() - before == 32
+    assert stock.count() == capped.count() == read_meta(prepared)["counts"]["train"]
+    assert not {"RAY_DATA_PARQUET_BIN_PACKING_BYTES", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"} & set(os.environ)

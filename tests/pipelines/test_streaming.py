@@ -313,10 +313,9 @@ def test_streamed_reads_are_bounded(ray_local, prepared, monkeypatch):
     lazy = raydata.ray_dataset(prepared, "train", materialize=False)
     assert lazy.context.target_max_block_size == raydata.BLOCK_BYTES
     assert "RAY_DATA_PARQUET_BIN_PACKING_BYTES" not in os.environ  # restored after the read was planned
-    default = lazy.materialize().num_blocks()
-    monkeypatch.setenv("GENPIPE_BLOCK_BYTES", "1")
+    monkeypatch.setenv("GENPIPE_BLOCK_BYTES", "1")  # (uncapped, Ray packs them: the next test)
     tiny = raydata.ray_dataset(prepared, "train", materialize=False).materialize()
-    assert tiny.num_blocks() >= len(files) > default
+    assert tiny.num_blocks() >= len(files)
     assert tiny.count() == read_meta(prepared)["counts"]["train"]
 
 

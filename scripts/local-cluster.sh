@@ -76,7 +76,12 @@ down() {
   done
   while read -r pgid _; do kill -KILL -- "-$pgid" 2>/dev/null || true; done <"$pids"
   local temp; temp=$(cat "$dir/temp" 2>/dev/null || true)
-  [[ $temp == */genpipe-ray-* ]] && rm -rf "$temp"  # Ray's sessions: sockets, its own logs
+  if [[ $temp == */genpipe-ray-* ]]; then
+    # Ray's workers run in process groups of their own and exit once their raylet is gone: wait
+    # for them (up to 5 s), then remove the sessions (sockets, Ray's own logs).
+    for _ in $(seq 20); do pgrep -f -- "$temp" >/dev/null || break; sleep 0.25; done
+    rm -rf "$temp"
+  fi
   rm -f "$pids" "$dir/env" "$dir/temp" "$dir/conf"
   say "stopped"
 }

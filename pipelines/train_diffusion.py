@@ -59,8 +59,9 @@ def network(cfg: DiffusionVariantConfig, variant: str, meta: dict) -> tuple[Diff
     """(the model config sized for the data, the latent's shape and compression or None for pixels)."""
     classes, shape = meta["num_classes"], image_shape(meta)
     if variant != "latent":
-        size = shape[1]
-        return resolve_backbone(cfg, variant=variant, channels=shape[0], num_classes=classes, size=size), None
+        return resolve_backbone(
+            cfg, variant=variant, channels=shape[0], num_classes=classes, size=shape[1]
+        ), None
     (h, w), d = meta["grid"], meta["latent_channels"]
     model = resolve_backbone(cfg, variant=variant, channels=d, num_classes=classes, size=h)
     return model, {"shape": [d, h, w], "compression": d * h * w / math.prod(shape)}

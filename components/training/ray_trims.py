@@ -36,8 +36,9 @@ The trims:
   `RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`): each is a worker process, ~45 s of start-ups for a
   three-file split on a cluster of 1-CPU nodes.
 
-Not every hook is about start-up: `paced_scheduler` and `parquet_read_tasks` bound CPU and memory. Off, or on another Ray, each
-is stock Ray Data (correct, with a busier scheduling thread or more memory per read task).
+Not every hook is about start-up: `paced_scheduler` and `parquet_read_tasks` bound CPU and memory.
+Off, or on another Ray, each is stock Ray Data (correct, with a busier scheduling thread, more
+memory per read task, or 32 footer readers per read).
 """
 
 from __future__ import annotations

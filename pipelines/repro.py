@@ -17,6 +17,7 @@ figures), printed and written to .genpipe/last_repro.md.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -183,7 +184,7 @@ def _run_dvc(cmd: list[str], *, env: dict[str, str]) -> tuple[list[StageTime], i
     )
     assert proc.stdout is not None
     try:
-        for line in proc.stdout:
+        for line in _lines_while_running(proc):
             sys.stdout.write(line)
             sys.stdout.flush()
             now = time.time()
@@ -201,6 +202,33 @@ def _run_dvc(cmd: list[str], *, env: dict[str, str]) -> tuple[list[StageTime], i
     if stages and stages[-1].ended is None:
         stages[-1].ended = time.time()
     return stages, rc or int(failed)
+
+
+def _lines_while_running(proc: subprocess.Popen, *, grace_s: float = 2.0):
+    """`proc`'s output lines until it has exited and its pipe has been quiet for `grace_s`.
+
+    Not until EOF: `dvc exp run --run-all` starts queue workers that inherit its stdout and may
+    outlive it (a celery worker idled for minutes after the queue was done), so EOF can come long
+    after dvc itself has finished."""
+    buffered, decode = "", codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    fd = proc.stdout.fileno()
+    quiet_since = None
+    while True:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break  # EOF
+            buffered += decode(chunk)
+            *lines, buffered = buffered.split("\n")
+            yield from (line + "\n" for line in lines)
+            quiet_since = None
+        elif proc.poll() is not None:
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= grace_s:
+                break
+    if buffered:
+        yield buffered
 
 
 #: stage name prefix -> (report file relative to reports/, {key: format}) for the headline column

@@ -108,7 +108,7 @@ def score_batch(
     f = evaluator.features(images.to(next(evaluator.parameters()).device)).float()  # (B, feature_dim)
     correct = 0
     if accuracy and labels is not None:
-        predicted = evaluator.head(f).argmax(dim=1).cpu()  # = evaluator(x): the same forward
+        predicted = evaluator.classify(f).argmax(dim=1).cpu()  # = evaluator(x), from one forward
         correct = int((predicted == labels.cpu()).sum())
     images = images.cpu()
     if labels is None:

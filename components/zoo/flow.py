@@ -16,7 +16,13 @@ Likelihood: the change of variables log p(x|y) = log p(z|y) + log|det dz/dx| on 
 8-bit images are dequantized uniformly into bins of width 1/128 (Theis et al. 2016), so with
 D = C H W, bits/dim = (-log p(x) + D log 128) / (D log 2) (dequantized_bits_per_dim in
 components/evaluation/likelihood.py, which accounts for the [-1, 1] scaling and the 256 levels).
-Sampling draws every latent at temperature T (z = mu + T sigma eps, Glow sec. 5).
+Sampling draws every latent at temperature T (z = mu + T sigma eps, Glow sec. 5). A coupling's
+inverse divides by its scale, and a latent the flow never met can drive that scale to 0 in float32
+(sigmoid underflows): on glyphs, 7 of 480 samples at T = 0.5 became inf, then NaN, at the finest
+level (issue #21). Sampling therefore bounds every inverse step's output to +-SAMPLE_BOUND
+(NaN -> 0): a sample that ran away comes out finite (on glyphs, mostly saturated), and the judge
+scores it as the failure it is, instead of non-finite pixels that stop the evaluation. Data never
+gets near the bound.
 
 Option `class_affine`: a per-class, per-pixel affine (ClassAffine) before the first squeeze, its
 shift initialised to minus the class-mean image; log|det| = sum of its log-scales, so the likelihood
@@ -60,6 +66,7 @@ from components.zoo.flow_layers import (
 
 FAMILY = "flow"
 PROGRESS_TEMPERATURE = 0.7  # Glow's figures sample at T = 0.7
+SAMPLE_BOUND = 1e4  # |activation| where sampling stops following a runaway inverse (data: tens at most)
 
 
 class FlowConfig(StrictConfig):
@@ -161,8 +168,14 @@ class Glow(nn.Module):
         *,
         n: int,
         pick: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+        bound: float | None = None,
     ) -> torch.Tensor:
-        """x from latents chosen by pick(index, mean, log_std): index 0..L-1 as `forward` lists them."""
+        """x from latents chosen by pick(index, mean, log_std): index 0..L-1 as `forward` lists them.
+        `bound`: clamp each step's output to +-bound, NaN to 0 (sampling; None: the exact inverse)."""
+
+        def held(h: torch.Tensor) -> torch.Tensor:
+            return h if bound is None else torch.nan_to_num(h, nan=0.0).clamp(-bound, bound)
+
         mean, log_std = self._top(y, n)
         shape = (n, *self.top_shape)
         h = pick(len(self.levels) - 1, mean.expand(shape), log_std.expand(shape))
@@ -171,9 +184,9 @@ class Glow(nn.Module):
                 mean, log_std = self.priors[i](h, y)
                 h = torch.cat([pick(i, mean, log_std), h], dim=1)
             for step in reversed(self.levels[i]):
-                h = step.inverse(h, y)
+                h = held(step.inverse(h, y))
             h = unsqueeze(h)
-        return h if self.class_affine is None else self.class_affine.inverse(h, y)
+        return h if self.class_affine is None else held(self.class_affine.inverse(h, y))
 
     def invert(self, zs: list[torch.Tensor], y: torch.Tensor | None) -> torch.Tensor:
         """x from given latents (the exact inverse of `forward`)."""
@@ -188,7 +201,7 @@ class Glow(nn.Module):
             eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
             return mean + temperature * torch.exp(log_std) * eps
 
-        return self.inverse(y, n=n, pick=draw).clamp(-1, 1)
+        return self.inverse(y, n=n, pick=draw, bound=SAMPLE_BOUND).clamp(-1, 1)
 
 
 def _bpd(log_px: torch.Tensor, num_dims: int) -> torch.Tensor:

@@ -113,7 +113,7 @@ def test_feature_stats_streams_images_through_the_evaluator() -> None:
     net = Evaluator.from_config(cfg, in_channels=1, num_classes=3)  # left in train mode on purpose
     x = torch.rand(40, 1, 16, 16) * 2 - 1
     f = extract_features(net, x, batch_size=16)
-    assert f.shape == (40, 10) and net.training
+    assert f.shape == (40, net.feature_dim) and net.feature_dim == 10 + 4 and net.training
     s_tensor = feature_stats(net, x, batch_size=16)
     s_iter = feature_stats(net, iter(x.split(7)))
     with torch.no_grad():

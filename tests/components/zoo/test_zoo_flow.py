@@ -57,6 +57,25 @@ def test_inverse_and_log_determinant_match_autograd(levels, class_affine) -> Non
     assert abs(logdet.item()) > 0.1  # a non-trivial map
 
 
+def test_a_runaway_inverse_samples_finite_images() -> None:
+    """A coupling whose scale underflows to 0 for what it is given (as the glyph flow's finest level
+    did for some latents at T = 0.5) divides by zero on the way back: sampling still gives finite
+    images in [-1, 1], while the exact inverse stays exact."""
+    cfg = FlowConfig(levels=2, steps_per_level=2, hidden_channels=8)
+    flow = _random_glow(cfg, shape=(3, 8, 8), num_classes=3).eval()
+    coupling = flow.levels[0][1].coupling
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    zs, _, _ = flow(x, y)
+    torch.testing.assert_close(flow.invert(zs, y), x)
+    flow, zs = flow.float(), [z.float() for z in zs]
+    with torch.no_grad():
+        coupling.conv_out.bias[coupling.conv_out.bias.shape[0] // 2 :] = -300.0  # sigmoid(s + 2) == 0
+    assert not torch.isfinite(flow.invert(zs, y)).all()  # the plain inverse runs away
+    images = flow.sample(y, n=6, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(images).all() and images.abs().max() <= 1
+
+
 def test_actnorm_initialises_from_the_first_batch() -> None:
     norm = ActNorm(3)
     x = torch.randn(64, 3, 4, 4) * torch.tensor([2.0, 0.5, 1.0])[:, None, None] + 3

@@ -116,7 +116,9 @@ def test_a_dump_of_the_stage_set_rescores_to_the_stage_figures(workspace, dump, 
     for key in FIGURES:
         assert result["metrics"][key] == pytest.approx(stage[key], rel=1e-9, abs=1e-12), key
     # an untrained model: precision and recall may well be 0 (the real test split scores 1 below)
-    assert stage["fid"] > stage["fid_floor"] > 0 and 0 <= stage["precision"] <= 1 and 0 <= stage["recall"] <= 1
+    assert (
+        stage["fid"] > stage["fid_floor"] > 0 and 0 <= stage["precision"] <= 1 and 0 <= stage["recall"] <= 1
+    )
 
 
 def test_uint8_images_and_an_image_folder_score_alike(workspace, dump, capsys):

@@ -98,6 +98,15 @@ def latent_stats(tokens_dir: Path, *, batch_rows: int = 4096) -> tuple[list[floa
     return moments.mean().tolist(), moments.std().clamp_min(1e-6).tolist()
 
 
+def latent_scaling(tokens_dir: Path, model: DiffusionConfig) -> tuple[list[float], list[float]]:
+    """The per-channel (mean, std) stored with a latent model: `DiffusionTask` and the generator map a
+    latent z to (z - mean) / std, which has the spread `model.sigma_data` that the preconditioner and
+    the noise levels assume (0.5: pixels in [-1, 1]), as EDM2 (Karras et al. 2024) scales its latents.
+    Unit-std latents gave the model twice the spread its sigmas were set for."""
+    mean, std = latent_stats(tokens_dir)
+    return mean, [s / model.sigma_data for s in std]
+
+
 def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock | None = None) -> None:
     spec = catalog.trained_by(STAGE, variant)
     cfg, sections = variant_sections(load_stage(params, STAGE), spec)
@@ -114,7 +123,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
         print_config(sections)
         return
     if latent is not None:
-        latent["mean"], latent["std"] = latent_stats(root / spec.data)
+        latent["mean"], latent["std"] = latent_scaling(root / spec.data, model)
     task_factory = task_for(cfg, model, meta, latent)
 
     def export(result, out: Path) -> dict[str, float]:

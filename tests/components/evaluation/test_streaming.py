@@ -13,13 +13,16 @@ from PIL import Image
 from components.data.images import encode_png
 from components.data.shards import SCHEMA_VERSION, write_meta, write_shards
 from components.data.tokens import TOKENS_SCHEMA_VERSION, read_tokens, write_token_split
+from components.diffusion.config import DiffusionConfig
+from components.diffusion.task import DiffusionTask
 from components.evaluation.batches import SplitImages
 from components.evaluation.evaluator import Evaluator, EvaluatorConfig
 from components.evaluation.frechet import StatsAccumulator
 from components.evaluation.moments import ChannelMoments
 from components.evaluation.reference import compute_reference, reference_from_data
 from components.evaluation.scorer import SampleScorer, check_images
-from pipelines.train_diffusion import latent_stats
+from components.training.config import LoopConfig
+from pipelines.train_diffusion import latent_scaling, latent_stats
 
 N = 53  # prime: no batch size below divides it
 BATCHES = [1, 4, 7, N, 100]  # a batch of 1, sizes that leave a short last batch, one batch, more than N
@@ -111,7 +114,8 @@ def test_reference_streamed_from_shards_equals_the_one_shot_reference(prepared):
         assert streamed.floor == pytest.approx(whole.floor, rel=1e-4)
 
 
-def test_latent_stats_stream_shards_to_the_one_shot_statistics(tmp_path):
+def _latent_shards(tmp_path) -> torch.Tensor:
+    """A token split of 29 rows in 4 shards whose latents' channels have std 1..4 and mean 5."""
     grid, d, n = (2, 3), 4, 29
     rng = np.random.default_rng(3)
     latent = (rng.normal(size=(n, d, *grid)) * np.arange(1, d + 1)[None, :, None, None] + 5).astype(
@@ -131,7 +135,11 @@ def test_latent_stats_stream_shards_to_the_one_shot_statistics(tmp_path):
         json.dumps({**meta, "shards": {"train": names, "val": [], "test": []}})
     )
     assert len(names) == 4  # 8 + 8 + 8 + 5 rows
-    z = torch.from_numpy(read_tokens(tmp_path, "train")["latent"]).double()
+    return torch.from_numpy(read_tokens(tmp_path, "train")["latent"]).double()
+
+
+def test_latent_stats_stream_shards_to_the_one_shot_statistics(tmp_path):
+    z = _latent_shards(tmp_path)
     want_mean, want_std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
     for rows in (1, 3, 1000):
         mean, std = latent_stats(tmp_path, batch_rows=rows)
@@ -160,3 +168,28 @@ def test_the_scorer_gives_one_figure_set_whatever_the_batches():
         assert got["cond_accuracy"] == pytest.approx(want) and got["num_samples"] == 31
         for key in ("fid", "precision", "recall"):
             assert got[key] == pytest.approx(figures[-1][key], rel=1e-5, abs=1e-9), key
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_latent_models_learn_latents_at_the_spread_their_sigmas_assume(tmp_path, sigma_data):
+    """EDM's preconditioner and noise levels assume data of std sigma_data (pixels in [-1, 1]: 0.5);
+    the stored standardisation must bring every latent channel there, and the generator's inverse
+    (z * std + mean) must give the latents back."""
+    z = _latent_shards(tmp_path)
+    model = DiffusionConfig(sigma_data=sigma_data, backbone={"in_channels": 4, "channels": 8})
+    mean, std = latent_scaling(tmp_path, model)
+    task = DiffusionTask(
+        model,
+        LoopConfig(steps=1, batch_size=8, lr=1e-3),
+        input_key="latent",
+        latent_mean=mean,
+        latent_std=std,
+    )
+    x0, _ = task._inputs({"latent": z.float(), "label": torch.zeros(len(z))})
+    spread = x0.double().std(dim=(0, 2, 3))
+    torch.testing.assert_close(spread, torch.full_like(spread, sigma_data), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        x0.double().mean(dim=(0, 2, 3)), torch.zeros(4, dtype=torch.double), atol=1e-5, rtol=0
+    )
+    back = x0 * torch.tensor(std).reshape(1, -1, 1, 1) + torch.tensor(mean).reshape(1, -1, 1, 1)
+    torch.testing.assert_close(back.double(), z, rtol=0, atol=1e-4)

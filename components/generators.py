@@ -37,6 +37,7 @@ class Generator(Protocol):
     num_classes: int  # 0: unconditional
     image_shape: tuple[int, int, int]  # (C, H, W)
     default_options: dict[str, Any]  # the family's sampling knobs with their trained defaults
+    device: torch.device  # where its weights are: a caller's torch.Generator must be there too
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """`options` over the defaults, every name and value checked (one-line errors); samples nothing."""

@@ -15,18 +15,19 @@ import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
 import torch
 
 from components.data.images import DataError, pngs_to_array
-from components.data.raydata import bounded, from_columns, read_parquet, small, streams
 from components.data.shards import SPLITS, read_meta, shard_name, split_files
 from components.io import model_files, release_freed_memory, weights_sha256
+
+if TYPE_CHECKING:  # Ray only where Ray Data runs: reading the format needs none (benchmarks/gpu_train.py)
+    import ray.data
 
 TOKENS_SCHEMA_VERSION = 1
 META_FILE = "meta.json"
@@ -85,6 +86,10 @@ def encode_split(
     a cluster's nodes need neither the folder nor a bucket for it; a larger one is read by Ray
     Data's tasks, from `published` when given.
     """
+    import ray.data
+
+    from components.data.raydata import bounded, read_parquet, small
+
     meta = read_meta(data_dir)
     files = [str(p) for p in split_files(data_dir, split)]
     ctx = ray.data.DataContext.get_current()
@@ -109,6 +114,8 @@ def encode_split(
 
 def _encode_actors(ds, model_dir, *, meta: dict, batch_size: int, num_actors: int, use_gpu: bool):
     """`ds` mapped through a pool of TokenizerActor, each loading the tokenizer once."""
+    import ray.data
+
     return ds.map_batches(
         TokenizerActor,
         batch_size=batch_size,
@@ -253,6 +260,8 @@ def token_training_split(
 ) -> dict[str, np.ndarray] | ray.data.Dataset:
     """What a prior or latent-diffusion stage hands to fit(): arrays when small (no Ray Data), else a
     Dataset: materialised when mid-sized, lazy (streamed per worker) when large, as in raydata.py."""
+    from components.data.raydata import small, streams
+
     if small([str(f) for f in token_files(tokens_dir, split)]):
         arrays = read_tokens(tokens_dir, split)
         return {k: arrays[k] for k in TRAINING_COLUMNS} if len(arrays["label"]) else {}
@@ -267,6 +276,8 @@ def ray_token_dataset(
     tokens_dir: str | Path, split: str, *, materialize: bool = True, published=None
 ) -> ray.data.Dataset:
     """One split of data/tokens as a Ray Dataset (the columns of `_token_batch`) for a Train worker."""
+    from components.data.raydata import bounded, from_columns, read_parquet, small
+
     files = [str(f) for f in token_files(tokens_dir, split)]
     meta = read_token_meta(tokens_dir)
     if materialize and small(files) and published is None:  # read here: no Ray read tasks (raydata.py)

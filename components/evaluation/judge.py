@@ -103,7 +103,7 @@ def run_job(
 
 
 def _device(generator: Generator) -> torch.device:
-    return torch.device(getattr(generator, "device", "cpu"))
+    return torch.device(generator.device)
 
 
 @torch.no_grad()

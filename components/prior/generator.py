@@ -98,6 +98,7 @@ class PriorGenerator:
         image_shape: tuple[int, int, int],
     ) -> None:
         self.model, self.vqgan, self.kind, self.grid = model, vqgan, kind, tuple(grid)
+        self.device = next(model.parameters()).device
         self.num_classes = num_classes
         self.image_shape = tuple(image_shape)
         self.default_options: dict[str, Any] = sampling.options(kind)

@@ -186,7 +186,7 @@ def predict(generator: Generator, table: pd.DataFrame) -> pd.DataFrame:
     calls = sampling_calls(table, generator)  # every row checked before any sampling
     images: list[str | None] = [None] * len(table)
     labels = [UNCONDITIONAL] * len(table)
-    device = torch.device(getattr(generator, "device", "cpu"))
+    device = torch.device(generator.device)
     for seed, labelled, options, rows in calls:
         ask = _labels(table, rows, num_classes=generator.num_classes) if labelled else len(rows)
         rng = torch.Generator(device=device).manual_seed(seed)

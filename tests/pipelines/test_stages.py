@@ -418,3 +418,43 @@ def test_report(workspace: Path):
     assert summary["genpipe-diffusion"]["train_seconds"] > 0
     table = (workspace / "reports/results.md").read_text().splitlines()
     assert table[0].startswith("| family | model | FD |") and len(table) == 2 + len(MODEL_NAMES)
+
+
+def test_gpu_train_trains_and_judges_each_family_without_ray_mlflow_or_dvc(workspace: Path, tmp_path: Path):
+    """benchmarks/gpu_train.py, the run a lent GPU machine (PyTorch, no Ray, MLflow or DVC) makes on a
+    workspace: each family built as its stage builds it, trained, exported, judged. On the CPU here."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from components.generators import load_generator
+
+    families = ("diffusion_pixel", "diffusion_latent", "prior_gpt", "prior_maskgit")
+    driver = (
+        "import sys\n"
+        "for name in ('ray', 'mlflow', 'dvc'): sys.modules[name] = None  # as on the GPU machine\n"
+        "from benchmarks.gpu_train import main\n"
+        f"for model in {families!r}:\n"
+        f"    main(['--workspace', {str(workspace)!r}, '--model', model, '--device', 'cpu', '--steps', '2',\n"
+        f"          '--num-samples', '12', '--judge', '{{}}', '--out', {str(tmp_path)!r}])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", driver], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for model in families:
+        report = json.loads((tmp_path / f"{model}.json").read_text())
+        assert report["train"]["steps"] == 2 and math.isfinite(report["train"]["val/loss"])
+        (judged,) = report["judged"]
+        assert (
+            judged["n"] == 12
+            and math.isfinite(judged["fid_over_floor"])
+            and 0 <= judged["cond_accuracy"] <= 1
+        )
+        assert (tmp_path / f"{model}.png").read_bytes()[:4] == b"\x89PNG"
+        with tarfile.open(tmp_path / f"{model}.tar") as tar:
+            tar.extractall(tmp_path / "exports", filter="data")
+        generator = load_generator(tmp_path / "exports" / model)  # `genpipe evaluate` loads it as its own
+        assert generator.image_shape == (1, 16, 16) and generator.num_classes == 10
+        x = generator.sample(torch.tensor([0, 9]), generator=torch.Generator().manual_seed(0))
+        assert x.shape == (2, 1, 16, 16) and x.min() >= -1 and x.max() <= 1

@@ -88,3 +88,17 @@ def test_the_command_is_one_line_on_error(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("genpipe: error: preset: unknown preset 'nope'; available: ")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_gpu_preset_goes_on_top_of_rgb32(params):
+    """`genpipe preset rgb32 && genpipe preset rgb32-gpu`: both overlays land and the result validates."""
+    preset.main(params=params, name="rgb32")
+    preset.main(params=params, name="rgb32-gpu")
+    after = flatten(yaml.safe_load(params.read_text()))
+    rgb, gpu = (
+        flatten(yaml.safe_load((REPO / "presets" / f"{n}.yaml").read_text())) for n in ("rgb32", "rgb32-gpu")
+    )
+    assert {k: after[k] for k in gpu} == gpu  # the GPU overlay wins where both set a key
+    assert {k: after[k] for k in rgb if k not in gpu} == {k: v for k, v in rgb.items() if k not in gpu}
+    assert after["train.use_gpu"] is True and after["evaluate.device"] == "cuda"
+    validate_all(params)

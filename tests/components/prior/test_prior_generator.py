@@ -44,9 +44,8 @@ def test_round_trip_gives_identical_samples_and_images_in_range(helpers, tmp_pat
     assert (out / TOKENIZER_DIR / "model.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["family"] == "prior"
     gen = load_generator(out)
-    assert isinstance(
-        gen, Generator
-    )  # `device` too: the judge draws its RNG there (a CPU one failed on CUDA)
+    # the protocol includes `device`: the judge draws its RNG there (a CPU one failed on CUDA)
+    assert isinstance(gen, Generator)
     assert gen.device == torch.device("cpu")
     assert gen.num_classes == CLASSES and gen.image_shape == IMAGE
     expected = {"temperature": 1.0, "top_k": 8, "top_p": 1.0, "guidance": 2.0}

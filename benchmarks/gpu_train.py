@@ -48,6 +48,7 @@ from components.training.checkpoint import LocalCheckpointIO, module_states
 from components.training.loop import train
 
 EVALUATOR = catalog.model("evaluator").folder
+JUDGE_BATCH = 512  # evaluate.batch_size's default
 FAMILIES = ("diffusion_pixel", "diffusion_latent", "prior_gpt", "prior_maskgit")
 
 
@@ -160,15 +161,22 @@ def judged(model_dir: Path, ws: Path, *, device, options: dict, n: int | None) -
     meta = read_meta(ws / catalog.IMAGES)
     n = n or meta["counts"]["train"]
     generator.check_options(options)
+    # One batch first, unscored: CUDA's warm-up (kernel choice, allocator) would count in images/s.
+    labels = (
+        torch.arange(min(JUDGE_BATCH, n)) % generator.num_classes
+        if generator.num_classes
+        else min(JUDGE_BATCH, n)
+    )
+    generator.sample(labels, generator=torch.Generator(device=generator.device).manual_seed(0), **options)
     result = judge(
         generator,
         evaluator=evaluator,
-        test_images=SplitImages(ws / catalog.IMAGES, "test", batch_size=512),
+        test_images=SplitImages(ws / catalog.IMAGES, "test", batch_size=JUDGE_BATCH),
         test_stats=reference.test,
         floor=reference.floor,
         n=n,
         seed=0,
-        batch_size=512,
+        batch_size=JUDGE_BATCH,
         options=options,
     )
     return {**result.metrics, "options": options, "n": n}, result.grid

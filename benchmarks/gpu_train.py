@@ -200,6 +200,15 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_train: --device cuda but torch sees no CUDA device")
+    spec = catalog.model(args.model)
+    needed = ["params.yaml", catalog.IMAGES, EVALUATOR, spec.data] + (
+        [catalog.TOKENIZER] if spec.data != catalog.IMAGES else []
+    )
+    missing = [name for name in dict.fromkeys(needed) if not (args.workspace / name).exists()]
+    if missing:
+        raise SystemExit(
+            f"gpu_train: {args.workspace} lacks {', '.join(missing)}: run `genpipe repro` there first"
+        )
     torch.backends.cudnn.benchmark = True
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"model": args.model, "device": str(device), "sets": args.set}

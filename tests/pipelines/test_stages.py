@@ -442,6 +442,20 @@ def test_gpu_train_trains_and_judges_each_family_without_ray_mlflow_or_dvc(works
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", driver], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    bare = tmp_path / "bare"  # a folder without the stages' outputs: one line naming what it lacks
+    refused = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_train", "--workspace", str(bare), "--model", "prior_gpt"]
+        + ["--device", "cpu", "--steps", "1", "--out", str(tmp_path / "none")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1 and not (tmp_path / "none").exists()
+    assert refused.stderr.strip().splitlines() == [
+        f"gpu_train: {bare} lacks params.yaml, data/processed, models/evaluator, data/tokens, "
+        "models/tokenizer: run `genpipe repro` there first"
+    ]
     for model in families:
         report = json.loads((tmp_path / f"{model}.json").read_text())
         assert report["train"]["steps"] == 2 and math.isfinite(report["train"]["val/loss"])

@@ -160,7 +160,7 @@ def train_ddpm(
 ) -> tuple[Generator, dict]:
     """params.yaml's train_diffusion.pixel with objective ddpm, trained in this process; (generator, facts)."""
     from components.config import load_stage
-    from pipelines.train_diffusion import resolve_backbone
+    from components.diffusion.sizing import resolve_backbone
 
     cfg = load_stage(params, "train_diffusion")["train_diffusion"].pixel
     ds = ShardDataset(data, "train")

@@ -24,6 +24,7 @@ import json
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ from components.evaluation.evaluator import load_evaluator
 from components.evaluation.grid import make_grid, save_png
 from components.evaluation.judge import judge
 from components.evaluation.reference import load_reference
-from components.generators import load_generator
+from components.generators import balanced_labels, load_generator
+from components.io import write_json
 from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
 from components.training.checkpoint import LocalCheckpointIO, module_states
@@ -69,7 +71,8 @@ def with_sets(params: Path, sets: list[str], out: Path) -> Path:
 
 
 def recipe(name: str, params: Path, ws: Path):
-    """(task factory, loop, train columns, val columns, export(state, folder)) as the model's stage builds them."""
+    """(task factory, loop, {"train", "val"} columns, export(module states, folder), EMA module name),
+    as the model's stage builds them."""
     spec = catalog.model(name)
     cfg = getattr(load_stage(params, spec.stage)[spec.stage], spec.variant)
     tokenizer_dir = ws / catalog.TOKENIZER
@@ -153,33 +156,33 @@ def fit(factory, loop, columns, *, device, steps: int, ckpt: Path | None) -> dic
     )
 
 
-def judged(model_dir: Path, ws: Path, *, device, options: dict, n: int | None) -> tuple[dict, torch.Tensor]:
-    """The evaluate stage's figures for the exported model (its trained defaults, overridden by `options`)."""
+def judged(
+    model_dir: Path, ws: Path, *, device, judgements: list[dict], n: int | None
+) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The evaluate stage's figures for the exported model, once per options in `judgements` (each over
+    the trained defaults); the model, the evaluator and the reference are loaded once."""
     generator = load_generator(model_dir, device=device)
     evaluator = load_evaluator(ws / EVALUATOR, device=device).float()
     reference = load_reference(ws / EVALUATOR)
-    meta = read_meta(ws / catalog.IMAGES)
-    n = n or meta["counts"]["train"]
-    generator.check_options(options)
+    n = n or read_meta(ws / catalog.IMAGES)["counts"]["train"]
     # One batch first, unscored: CUDA's warm-up (kernel choice, allocator) would count in images/s.
-    labels = (
-        torch.arange(min(JUDGE_BATCH, n)) % generator.num_classes
-        if generator.num_classes
-        else min(JUDGE_BATCH, n)
-    )
-    generator.sample(labels, generator=torch.Generator(device=generator.device).manual_seed(0), **options)
-    result = judge(
-        generator,
-        evaluator=evaluator,
-        test_images=SplitImages(ws / catalog.IMAGES, "test", batch_size=JUDGE_BATCH),
-        test_stats=reference.test,
-        floor=reference.floor,
-        n=n,
-        seed=0,
-        batch_size=JUDGE_BATCH,
-        options=options,
-    )
-    return {**result.metrics, "options": options, "n": n}, result.grid
+    labels = balanced_labels(min(JUDGE_BATCH, n), num_classes=generator.num_classes)
+    rng = torch.Generator(device=generator.device).manual_seed(0)
+    generator.sample(labels, generator=rng, **generator.check_options(judgements[0]))
+    for options in judgements:
+        generator.check_options(options)
+        result = judge(
+            generator,
+            evaluator=evaluator,
+            test_images=SplitImages(ws / catalog.IMAGES, "test", batch_size=JUDGE_BATCH),
+            test_stats=reference.test,
+            floor=reference.floor,
+            n=n,
+            seed=0,
+            batch_size=JUDGE_BATCH,
+            options=options,
+        )
+        yield {**result.metrics, "options": options, "n": n}, result.grid
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -241,14 +244,13 @@ def main(argv: list[str] | None = None) -> dict:
         with tarfile.open(args.out / f"{args.model}.tar", "w") as tar:
             tar.add(folder, arcname=args.model)
         report["judged"] = []
-        for i, options in enumerate(args.judge or ["{}"]):
-            metrics, grid = judged(
-                folder, args.workspace, device=device, options=json.loads(options), n=args.num_samples
-            )
+        judgements = [json.loads(options) for options in args.judge or ["{}"]]
+        results = judged(folder, args.workspace, device=device, judgements=judgements, n=args.num_samples)
+        for i, (options, (metrics, grid)) in enumerate(zip(judgements, results, strict=True)):
             report["judged"].append(metrics)
             if i == 0:
                 save_png(make_grid(grid, nrow=10), args.out / f"{args.model}.png")
-            (args.out / f"{args.model}.json").write_text(json.dumps(report, indent=2))
+            write_json(args.out / f"{args.model}.json", report)
             print(
                 f"gpu_train: {args.model} {options}: "
                 + json.dumps(

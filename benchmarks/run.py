@@ -62,8 +62,8 @@ def diffusion_task(variant: str = "pixel") -> TaskFactory:
 
     def factory(meta: dict, loop: LoopConfig) -> Callable[[], Task]:
         from components.config import load_stage
+        from components.diffusion.sizing import resolve_backbone
         from components.diffusion.task import DiffusionTask
-        from pipelines.train_diffusion import resolve_backbone
 
         cfg = getattr(load_stage(PARAMS, "train_diffusion")["train_diffusion"], variant)
         size = meta["image_size"]

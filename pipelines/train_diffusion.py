@@ -16,13 +16,7 @@ from components.config import load_stage
 from components.data.shards import image_shape, read_meta
 from components.data.tokens import check_tokenizer, read_token_meta
 from components.diffusion.generator import export as export_diffusion
-from components.diffusion.sizing import (  # noqa: F401 - re-exported: plan.py, tests and benchmarks use them here
-    latent_scaling,
-    latent_stats,
-    network,
-    resolve_backbone,
-    task_for,
-)
+from components.diffusion.sizing import latent_scaling, network, task_for
 from components.diffusion.task import DiffusionTask
 from pipelines.lineage import repo_root
 from pipelines.runtime import print_config

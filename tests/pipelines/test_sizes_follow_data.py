@@ -19,6 +19,7 @@ import yaml
 from components.config import load_stage
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
+from components.diffusion.sizing import resolve_backbone
 from components.evaluation.evaluator import Evaluator, EvaluatorConfig, save_evaluator
 from components.prior.task import build_prior
 from components.zoo.flow import FlowTask
@@ -111,7 +112,7 @@ def test_token_stages_follow_the_fitted_tokenizer(workspace):
         )
         assert prior.net.pos_emb.shape[1] in (g * g, g * g + 1)  # the grid's tokens (+ the class token)
     diffusion = load_stage(root / "params.yaml", "train_diffusion")["train_diffusion"]
-    backbone = train_diffusion.resolve_backbone(
+    backbone = resolve_backbone(
         diffusion.latent, variant="latent", channels=model.code_dim, num_classes=24, size=g
     ).backbone
     assert (backbone.in_channels, backbone.num_classes) == (model.code_dim, 24)

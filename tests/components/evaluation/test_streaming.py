@@ -14,6 +14,7 @@ from components.data.images import encode_png
 from components.data.shards import SCHEMA_VERSION, write_meta, write_shards
 from components.data.tokens import TOKENS_SCHEMA_VERSION, read_tokens, write_token_split
 from components.diffusion.config import DiffusionConfig
+from components.diffusion.sizing import latent_scaling, latent_stats
 from components.diffusion.task import DiffusionTask
 from components.evaluation.batches import SplitImages
 from components.evaluation.evaluator import Evaluator, EvaluatorConfig
@@ -22,7 +23,6 @@ from components.evaluation.moments import ChannelMoments
 from components.evaluation.reference import compute_reference, reference_from_data
 from components.evaluation.scorer import SampleScorer, check_images
 from components.training.config import LoopConfig
-from pipelines.train_diffusion import latent_scaling, latent_stats
 
 N = 53  # prime: no batch size below divides it
 BATCHES = [1, 4, 7, N, 100]  # a batch of 1, sizes that leave a short last batch, one batch, more than N

@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench gpu-check gpu-wheels lint format clean
+.PHONY: setup run test bench gpu-check gpu-wheels gpu-site lint format clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ gpu-wheels: setup
 	  --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl $$($(BIN)/python -c "from importlib.metadata import version as v; \
 	  print(' '.join(f'{n}=={v(n)}' for n in ('pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection')))")
+
+# Ray, MLflow and the rest the real stages need on that machine, in one file for `carry`: then
+# `scripts/gpu-stages.sh run --preset ... STAGE...` there (docs/scale-out.md, "On a lent GPU machine").
+gpu-site: setup
+	scripts/gpu-stages.sh pack --out .gpr/site.tar.xz
 
 lint: setup
 	$(BIN)/ruff check components pipelines tests benchmarks

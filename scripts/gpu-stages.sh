@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The real stages, Ray Train's GPU path included, on a lent GPU machine that has Python, PyTorch and
+# CUDA but no Ray, MLflow or network (docs/scale-out.md, "On a lent GPU machine").
+#
+#   scripts/gpu-stages.sh pack [--out FILE]        # here: FILE (.gpr/site.tar.xz) with Ray, MLflow, ...
+#   scripts/gpu-stages.sh run [--site FILE] [--cpu] [--preset NAME]... [--set KEY=VALUE]... STAGE...
+#
+# `pack` installs this venv's versions of Ray (train, data), MLflow, typer, pydantic and ruamel.yaml
+# for CPython 3.12 on manylinux x86-64 into a folder, drops what a CUDA PyTorch image already has
+# (torch, numpy, pyarrow, pandas, ...) and what no stage imports (Ray's Java jars, RLlib, Serve, LLM,
+# the dashboard's and MLflow's web front ends), and writes one tar.xz (~44 MB of the device tool's
+# 64 MiB carry). `run`, on the GPU machine: unpacks it under /tmp, applies the presets, then
+# `train.use_gpu=true` and `evaluate.device=cuda` (unless --cpu), then each --set, all through
+# `genpipe preset` (validated, nothing written on a bad key), and runs each STAGE (`prepare`,
+# `train_evaluator`, `train_diffusion pixel`, `evaluate diffusion_pixel`, ...) as `genpipe` runs it:
+# a local Ray on every GPU and core, MLflow in ./mlflow.db. It stops at the first stage that fails
+# and leaves in $OUT (default /tmp/gpu-stages): log.txt (every line), perf.tsv (each run's perf/*,
+# final/* and eval/* metrics: images/s, peak GPU memory, FD / floor, ...) and results.tgz (models'
+# metrics and reports/). No DVC: stages run in the order given.
+set -euo pipefail
+
+usage() { sed -n '5,6p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
+die() { echo "gpu-stages: error: $*" >&2; exit 1; }
+say() { echo "gpu-stages: $*" >&2; }
+
+cmd="${1:-}"; [[ $cmd == pack || $cmd == run ]] || usage; shift
+site=.gpr/site.tar.xz out="" cpu=0 presets=() sets=() stages=()
+while (($#)); do
+  case $1 in
+    --out) out=$2; shift 2 ;;
+    --site) site=$2; shift 2 ;;
+    --cpu) cpu=1; shift ;;
+    --preset) presets+=("$2"); shift 2 ;;
+    --set) [[ $2 == *=* ]] || die "--set $2: expected KEY=VALUE"; sets+=("$2"); shift 2 ;;
+    -h|--help) usage ;;
+    -*) die "unknown option $1" ;;
+    *) stages+=("$1"); shift ;;
+  esac
+done
+
+# What a CUDA PyTorch image ships (pip names): left out of the pack, the image's own versions serve.
+IMAGE_HAS="torch numpy scipy pandas pyarrow scikit-learn matplotlib pillow safetensors torchmetrics tqdm
+pyyaml requests urllib3 idna certifi charset-normalizer click packaging protobuf grpcio msgpack filelock
+fsspec aiohttp aiosignal frozenlist multidict yarl attrs propcache aiohappyeyeballs psutil jinja2 markupsafe
+cloudpickle typing-extensions six python-dateutil joblib threadpoolctl contourpy cycler fonttools
+kiwisolver pyparsing networkx sympy mpmath triton setuptools rich markdown-it-py mdurl pygments shellingham
+werkzeug markdown h11 anyio httpx httpcore lightning-utilities zipp"
+
+pack() {
+  local dest=${out:-.gpr/site.tar.xz} py=.venv/bin/python
+  [[ -x $py ]] || die "no .venv: run make setup first"
+  local reqs
+  reqs=$($py -c "from importlib.metadata import version as v
+print(' '.join(f'{n}=={v(n)}' for n in ('ray', 'mlflow', 'typer', 'pydantic', 'ruamel.yaml')))")
+  reqs=${reqs/ray==/ray[train,data]==}
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  say "installing $reqs for CPython 3.12 into $tmp (the package index, ~1 min)"
+  $py -m pip install -q --disable-pip-version-check --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --target "$tmp/site" $reqs >"$tmp/pip.log" 2>&1 \
+    || { grep -v "^WARNING: Location" "$tmp/pip.log" | tail -20 >&2; die "pip could not install $reqs for CPython 3.12"; }
+  IMAGE_HAS=$IMAGE_HAS $py - "$tmp/site" <<'EOF'
+import csv, os, re, shutil, sys
+from pathlib import Path
+site = Path(sys.argv[1])
+norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()
+skip = {norm(n) for n in os.environ["IMAGE_HAS"].split()}
+for info in site.glob("*.dist-info"):
+    name = norm(info.name[: -len(".dist-info")].rsplit("-", 1)[0])
+    if not (name in skip or name.startswith("nvidia-")):
+        continue
+    tops = {row[0].split("/")[0] for row in csv.reader((info / "RECORD").open()) if not row[0].startswith("..")}
+    for top in tops:
+        path = site / top
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+for part in ("ray/jars", "ray/rllib", "ray/llm", "ray/serve", "ray/dashboard/client/build", "mlflow/server/js/build"):
+    shutil.rmtree(site / part, ignore_errors=True)
+for cache in list(site.rglob("__pycache__")):
+    shutil.rmtree(cache, ignore_errors=True)
+EOF
+  mkdir -p "$(dirname "$dest")"
+  tar -C "$tmp/site" -cf - . | xz -T0 -6 > "$dest.tmp" && mv "$dest.tmp" "$dest"
+  say "wrote $dest ($(du -h "$dest" | cut -f1)); keep it out of git (.git/info/exclude) and name its folder in carry"
+}
+
+run() {
+  ((${#stages[@]})) || die "name at least one stage, e.g. prepare train_evaluator"
+  out=${out:-${OUT:-/tmp/gpu-stages}}; mkdir -p "$out"
+  local py=${PYTHON:-python3} t0 t rc s
+  export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+  t0=$(date +%s)
+  if [[ -f $site ]]; then
+    mkdir -p /tmp/gpu-site && tar -C /tmp/gpu-site -xJf "$site" || die "cannot unpack $site"
+    export PYTHONPATH=/tmp/gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  elif [[ $site != .gpr/site.tar.xz ]]; then
+    die "$site: not found (make it here with: scripts/gpu-stages.sh pack --out $site)"
+  else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c "import ray, mlflow, torch; print('ray', ray.__version__, 'mlflow', mlflow.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
+    || die "Ray, MLflow or torch does not import (is $site unpacked for this Python?)"
+  local g="$py -m pipelines.launch"
+  for name in "${presets[@]}"; do $g preset "$name" >/dev/null || die "preset $name"; done
+  ((cpu)) || sets=("train.use_gpu=true" "evaluate.device=cuda" "${sets[@]}")
+  if ((${#sets[@]})); then
+    $py - "${sets[@]}" >presets/gpu-stages-sets.yaml <<'EOF' || die "bad --set"
+import sys, yaml
+tree = {}
+for item in sys.argv[1:]:
+    key, value = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = yaml.safe_load(value)
+yaml.safe_dump(tree, sys.stdout)
+EOF
+    $g preset gpu-stages-sets | grep -v "dry-run" || { rm -f presets/gpu-stages-sets.yaml; die "--set rejected"; }
+    rm -f presets/gpu-stages-sets.yaml
+  fi
+  say "ready in $(( $(date +%s) - t0 )) s"
+  for s in "${stages[@]}"; do
+    t=$(date +%s); echo "== $s"
+    set +e; $g $s >"$out/stage.log" 2>&1; rc=$?; set -e
+    cat "$out/stage.log" >>"$out/log.txt"
+    if ((rc)); then tail -20 "$out/stage.log"; echo "-- $s: exit $rc"; break; fi
+    grep -v "RayTrainWorker\|WARN\|Warning\|warn(" "$out/stage.log" | tail -4 || true
+    grep "RayTrainWorker.*step" "$out/stage.log" | tail -1 | sed 's/^.*) //' | cut -c1-200 || true
+    echo "-- $s: $(( $(date +%s) - t )) s"
+  done
+  rm -f "$out/stage.log"
+  $py - >"$out/perf.tsv" <<'EOF'
+import sqlite3
+rows = sqlite3.connect("mlflow.db").execute(
+    "select r.name, m.key, m.value from runs r join latest_metrics m on r.run_uuid = m.run_uuid "
+    "where m.key like 'perf/%' or m.key like 'final/%' or m.key like 'eval/%' order by r.start_time, m.key")
+for name, key, value in rows:
+    print(f"{name}\t{key}\t{value:.6g}")
+EOF
+  grep -E "max_mem|samples_per_s|images_per_s|fd_over|cond_acc|test_acc|train_seconds" "$out/perf.tsv" || true
+  tar -czf "$out/results.tgz" models/*/*.json reports 2>/dev/null || true
+  echo "gpu-stages: $(( $(date +%s) - t0 )) s in all; $out: log.txt perf.tsv results.tgz"
+  return $rc
+}
+
+"$cmd"

@@ -1,0 +1,76 @@
+"""scripts/gpu-stages.sh, what a session lent a GPU machine runs there: smoke-run here with --cpu.
+
+It runs the real stages on a copy of the project with neither DVC nor an installed genpipe (the
+lent machine has neither), so these tests run it the same way: the copy's code on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_repo, project_env
+
+SCRIPT = Path("scripts", "gpu-stages.sh")
+
+
+def gpu_stages(repo: Path, *args: str, out: Path) -> subprocess.CompletedProcess:
+    env = project_env(PYTHON=sys.executable, OUT=str(out))
+    return subprocess.run(
+        ["bash", str(SCRIPT), "run", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return copy_repo(tmp_path_factory.mktemp("gpu_stages") / "repo")
+
+
+def test_it_runs_the_stages_in_order_and_reports_their_metrics(repo, tmp_path):
+    out = tmp_path / "out"
+    proc = gpu_stages(
+        repo,
+        "--cpu",
+        "--set", "train_evaluator.loop.steps=30",
+        "--set", "train_evaluator.loop.warmup_steps=5",
+        "--set", "train_evaluator.loop.checkpoint_every=30",
+        "prepare", "train_evaluator",
+        out=out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.index("== prepare") < proc.stdout.index("== train_evaluator")
+    params = (repo / "params.yaml").read_text()
+    assert "steps: 30" in params and "use_gpu: false" in params  # --cpu: no GPU asked for
+    assert not (repo / "presets" / "gpu-stages-sets.yaml").exists()
+    perf = {tuple(line.split("\t")[:2]): float(line.split("\t")[2]) for line in (out / "perf.tsv").open()}
+    assert 0 <= perf[("train_evaluator", "final/test_accuracy")] <= 1
+    assert perf[("train_evaluator", "perf/samples_per_s")] > 0
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"models/evaluator/config.json", "reports/prepare.json", "reports/train_evaluator.json"} <= names
+    assert "prepare:" in (out / "log.txt").read_text()
+
+
+def test_bad_input_is_one_line_and_changes_nothing(repo, tmp_path):
+    before = (repo / "params.yaml").read_text()
+    cases = {
+        ("--set", "nosuch.key=1", "prepare"): "nosuch",
+        ("--set", "no_equals_sign", "prepare"): "expected KEY=VALUE",
+        ("--site", str(tmp_path / "missing.tar.xz"), "prepare"): "missing.tar.xz: not found",
+        ("--cpu",): "name at least one stage",
+        ("--preset", "nosuch", "prepare"): "unknown preset 'nosuch'",
+    }
+    for args, culprit in cases.items():
+        proc = gpu_stages(repo, *args, out=tmp_path / "out")
+        assert proc.returncode != 0, args
+        assert culprit in proc.stderr, (args, proc.stderr[-2000:])
+        assert "== prepare" not in proc.stdout, args
+        assert (repo / "params.yaml").read_text() == before, args
+    # A failing stage stops the run: the stages after it do not start.
+    proc = gpu_stages(repo, "--cpu", "train_zoo nosuch", "prepare", out=tmp_path / "out")
+    assert proc.returncode != 0
+    assert "unknown train_zoo variant 'nosuch'" in proc.stdout and "== prepare" not in proc.stdout

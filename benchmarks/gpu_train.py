@@ -42,7 +42,7 @@ from components.evaluation.evaluator import load_evaluator
 from components.evaluation.grid import make_grid, save_png
 from components.evaluation.judge import judge
 from components.evaluation.reference import load_reference
-from components.generators import balanced_labels, load_generator
+from components.generators import load_generator
 from components.io import write_json
 from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
@@ -165,10 +165,6 @@ def judged(
     evaluator = load_evaluator(ws / EVALUATOR, device=device).float()
     reference = load_reference(ws / EVALUATOR)
     n = n or read_meta(ws / catalog.IMAGES)["counts"]["train"]
-    # One batch first, unscored: CUDA's warm-up (kernel choice, allocator) would count in images/s.
-    labels = balanced_labels(min(JUDGE_BATCH, n), num_classes=generator.num_classes)
-    rng = torch.Generator(device=generator.device).manual_seed(0)
-    generator.sample(labels, generator=rng, **generator.check_options(judgements[0]))
     for options in judgements:
         generator.check_options(options)
         result = judge(

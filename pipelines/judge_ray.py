@@ -17,7 +17,7 @@ import torch
 
 from components.config import RayConfig
 from components.evaluation.evaluator import load_evaluator
-from components.evaluation.judge import Job, JobResult, Runner, run_job
+from components.evaluation.judge import Job, JobResult, Runner, run_job, warm_up
 from components.generators import load_generator
 from pipelines.ray_start import init_ray
 
@@ -41,8 +41,12 @@ class JudgeWorker:
         self.generator = load_generator(Path(model_dir), device=torch.device(device))
         self.evaluator = load_evaluator(evaluator_dir, device=device).float().eval()
         self.kwargs = {"seed": seed, "options": options, "accuracy": accuracy, "per_row": per_row}
+        self.warm = False
 
     def run(self, job: Job, keep_images: bool) -> JobResult:
+        if not self.warm:  # before this actor's first timed batch, at that batch's size
+            warm_up(self.generator, batch_size=job.stop - job.start, options=self.kwargs["options"])
+            self.warm = True
         return run_job(self.generator, self.evaluator, job, keep_images=keep_images, **self.kwargs)
 
 

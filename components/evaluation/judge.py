@@ -107,6 +107,25 @@ def _device(generator: Generator) -> torch.device:
 
 
 @torch.no_grad()
+def warm_up(generator: Generator, *, batch_size: int, options: dict | None = None) -> None:
+    """On CUDA, sample one judge-sized batch, unscored, before any batch is timed.
+
+    A generator's first CUDA call pays for kernel selection, library handles and the allocator's
+    first blocks: on an H200 the evaluate stage's first judgement read 395 images/s against 1,835
+    warm. On a CPU it does nothing: the first batch costs little extra there, a whole batch more
+    would. Its own RNG: the judged samples are the same with or without it.
+    """
+    device = _device(generator)
+    if device.type != "cuda":
+        return
+    rng = torch.Generator(device=device).manual_seed(0)
+    generator.sample(
+        balanced_labels(batch_size, num_classes=generator.num_classes), generator=rng, **(options or {})
+    )
+    torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
 def judge(
     generator: Generator,
     *,
@@ -135,6 +154,7 @@ def judge(
     accuracy = generator.num_classes > 0 and evaluator.num_classes == generator.num_classes
     try:
         if runner is None:
+            warm_up(generator, batch_size=min(batch_size, n), options=options)
 
             def runner(jobs: list[Job], keep_images: bool) -> Iterator[JobResult]:
                 for job in jobs:

@@ -50,8 +50,9 @@ gpu-wheels: setup
 	  -d .whl $$($(BIN)/python -c "from importlib.metadata import version as v; \
 	  print(' '.join(f'{n}=={v(n)}' for n in ('pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection')))")
 
-# Ray, MLflow and the rest the real stages need on that machine, in one file for `carry`: then
-# `scripts/gpu-stages.sh run --preset ... STAGE...` there (docs/scale-out.md, "On a lent GPU machine").
+# Ray, MLflow, DVC and the rest the real pipeline needs on that machine, in one file for `carry`: then
+# `scripts/gpu-stages.sh repro [--preset NAME] TARGET...` there (docs/scale-out.md, "On a GPU machine
+# without Ray or a network").
 gpu-site: setup
 	scripts/gpu-stages.sh pack --out .gpr/site.tar.xz
 

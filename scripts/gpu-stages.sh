@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
-# The real stages, Ray Train's GPU path included, on a lent GPU machine that has Python, PyTorch and
-# CUDA but no Ray, MLflow or network (docs/scale-out.md, "On a lent GPU machine").
+# The real pipeline, Ray Train's GPU path included, on a GPU machine that has Python 3.12, PyTorch and
+# CUDA but no Ray, MLflow, DVC or network (docs/scale-out.md, "On a GPU machine without Ray or a network").
 #
-#   scripts/gpu-stages.sh pack [--out FILE]        # here: FILE (.gpr/site.tar.xz) with Ray, MLflow, ...
-#   scripts/gpu-stages.sh run [--site FILE] [--cpu] [--preset NAME]... [--set KEY=VALUE]... STAGE...
+#   scripts/gpu-stages.sh pack [--out FILE]      # here: FILE (.gpr/site.tar.xz): Ray, MLflow, DVC, ...
+#   scripts/gpu-stages.sh run|repro [--site FILE] [--cpu] [--preset NAME]... [--set KEY=VALUE]... ARG...
 #
-# `pack` installs this venv's versions of Ray (train, data), MLflow, typer, pydantic and ruamel.yaml
-# for CPython 3.12 on manylinux x86-64 into a folder, drops what a CUDA PyTorch image already has
-# (torch, numpy, pyarrow, pandas, ...) and what no stage imports (Ray's Java jars, RLlib, Serve, LLM,
-# the dashboard's and MLflow's web front ends), and writes one tar.xz (~44 MB of the device tool's
-# 64 MiB carry). `run`, on the GPU machine: unpacks it under /tmp, applies the presets, then
+# `pack` installs this venv's versions of Ray (train, data), MLflow, DVC, typer, pydantic and
+# ruamel.yaml for CPython 3.12 on manylinux x86-64 into a folder, drops what a CUDA PyTorch image
+# already has (torch, numpy, pyarrow, pandas, ...) and what no stage imports (Ray's Java jars, RLlib,
+# Serve, LLM, the dashboard's and MLflow's web front ends), and writes one tar.xz (~55 MB of the
+# device tool's 64 MiB carry). On the GPU machine, `run` and `repro` unpack it under /tmp, put
+# `genpipe` and `dvc` beside the interpreter (as a venv would), apply the presets, then
 # `train.use_gpu=true` and `evaluate.device=cuda` (unless --cpu), then each --set, all through
-# `genpipe preset` (validated, nothing written on a bad key), and runs each STAGE (`prepare`,
-# `train_evaluator`, `train_diffusion pixel`, `evaluate diffusion_pixel`, ...) as `genpipe` runs it:
-# a local Ray on every GPU and core, MLflow in ./mlflow.db. It stops at the first stage that fails
-# and leaves in $OUT (default /tmp/gpu-stages): log.txt (every line), perf.tsv (each run's perf/*,
-# final/* and eval/* metrics: images/s, peak GPU memory, FD / floor, ...) and results.tgz (models'
-# metrics and reports/). No DVC: stages run in the order given.
+# `genpipe preset` (validated, nothing written on a bad key). `repro` then runs `genpipe repro ARG...`
+# (DVC targets such as `evaluate@diffusion_pixel`; none: the whole DAG) in a git repository it makes
+# if there is none: one local Ray for every stage, the stage server, DVC's order and cache. `run`
+# runs each ARG as one `genpipe` stage command (`prepare`, `train_diffusion pixel`, ...) in the order
+# given, each in a fresh process with its own Ray, and stops at the first that fails. Both leave in
+# $OUT (default /tmp/gpu-stages): log.txt (every line), perf.tsv (each MLflow run's perf/*, final/* and
+# eval/* metrics: images/s, peak GPU memory, FD / floor, ...) and results.tgz (reports/, models' json).
 set -euo pipefail
 
 usage() { sed -n '5,6p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
 die() { echo "gpu-stages: error: $*" >&2; exit 1; }
 say() { echo "gpu-stages: $*" >&2; }
 
-cmd="${1:-}"; [[ $cmd == pack || $cmd == run ]] || usage; shift
+cmd="${1:-}"; [[ $cmd == pack || $cmd == run || $cmd == repro ]] || usage; shift
 site=.gpr/site.tar.xz out="" cpu=0 presets=() sets=() stages=()
 while (($#)); do
   case $1 in
@@ -51,11 +53,15 @@ pack() {
   [[ -x $py ]] || die "no .venv: run make setup first"
   local reqs
   reqs=$($py -c "from importlib.metadata import version as v
-print(' '.join(f'{n}=={v(n)}' for n in ('ray', 'mlflow', 'typer', 'pydantic', 'ruamel.yaml')))")
+print(' '.join(f'{n}=={v(n)}' for n in ('ray', 'mlflow', 'dvc', 'typer', 'pydantic', 'ruamel.yaml')))")
   reqs=${reqs/ray==/ray[train,data]==}
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-  say "installing $reqs for CPython 3.12 into $tmp (the package index, ~1 min)"
-  $py -m pip install -q --disable-pip-version-check --only-binary=:all: --python-version 3.12 \
+  say "installing $reqs for CPython 3.12 into $tmp (the package index, ~2 min)"
+  # DVC's hydra needs antlr4's runtime, published as source only: its (pure Python) wheel, built here
+  $py -m pip wheel -q --disable-pip-version-check --no-deps -w "$tmp/wheels" \
+    "antlr4-python3-runtime==$($py -c "from importlib.metadata import version; print(version('antlr4-python3-runtime'))")" \
+    >"$tmp/pip.log" 2>&1 || { tail -5 "$tmp/pip.log" >&2; die "could not build antlr4-python3-runtime's wheel"; }
+  $py -m pip install -q --disable-pip-version-check --only-binary=:all: --find-links "$tmp/wheels" --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --target "$tmp/site" $reqs >"$tmp/pip.log" 2>&1 \
     || { grep -v "^WARNING: Location" "$tmp/pip.log" | tail -20 >&2; die "pip could not install $reqs for CPython 3.12"; }
@@ -73,6 +79,7 @@ for info in site.glob("*.dist-info"):
     for top in tops:
         path = site / top
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts with this machine's interpreter path
 for part in ("ray/jars", "ray/rllib", "ray/llm", "ray/serve", "ray/dashboard/client/build", "mlflow/server/js/build"):
     shutil.rmtree(site / part, ignore_errors=True)
 for cache in list(site.rglob("__pycache__")):
@@ -80,15 +87,13 @@ for cache in list(site.rglob("__pycache__")):
 EOF
   mkdir -p "$(dirname "$dest")"
   tar -C "$tmp/site" -cf - . | xz -T0 -6 > "$dest.tmp" && mv "$dest.tmp" "$dest"
-  say "wrote $dest ($(du -h "$dest" | cut -f1)); keep it out of git (.git/info/exclude) and name its folder in carry"
+  say "wrote $dest ($(du -h "$dest" | cut -f1)); the device tool takes its folder in carry (.gpr/ is git-ignored)"
 }
 
-run() {
-  ((${#stages[@]})) || die "name at least one stage, e.g. prepare train_evaluator"
+setup() {
   out=${out:-${OUT:-/tmp/gpu-stages}}; mkdir -p "$out"
-  local py=${PYTHON:-python3} t0 t rc s
+  py=${PYTHON:-python3}; t0=$(date +%s)
   export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
-  t0=$(date +%s)
   if [[ -f $site ]]; then
     mkdir -p /tmp/gpu-site && tar -C /tmp/gpu-site -xJf "$site" || die "cannot unpack $site"
     export PYTHONPATH=/tmp/gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -100,7 +105,15 @@ run() {
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $py -c "import ray, mlflow, torch; print('ray', ray.__version__, 'mlflow', mlflow.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     || die "Ray, MLflow or torch does not import (is $site unpacked for this Python?)"
-  local g="$py -m pipelines.launch"
+  # `genpipe repro` runs the dvc beside its interpreter, and DVC runs `genpipe` from PATH (that folder first)
+  local bin tool
+  bin=$(dirname "$($py -c 'import sys; print(sys.executable)')")
+  for tool in genpipe:pipelines.launch dvc:dvc; do
+    [[ -e $bin/${tool%%:*} ]] && continue
+    printf '#!/bin/sh\nexec %s -m %s "$@"\n' "$bin/$(basename "$py")" "${tool#*:}" >"$bin/${tool%%:*}"
+    chmod +x "$bin/${tool%%:*}"
+  done
+  g="$py -m pipelines.launch"
   for name in "${presets[@]}"; do $g preset "$name" >/dev/null || die "preset $name"; done
   ((cpu)) || sets=("train.use_gpu=true" "evaluate.device=cuda" "${sets[@]}")
   if ((${#sets[@]})); then
@@ -120,6 +133,12 @@ EOF
     rm -f presets/gpu-stages-sets.yaml
   fi
   say "ready in $(( $(date +%s) - t0 )) s"
+}
+
+run() {
+  ((${#stages[@]})) || die "name at least one stage, e.g. prepare train_evaluator"
+  setup
+  local t s rc=0
   for s in "${stages[@]}"; do
     t=$(date +%s); echo "== $s"
     set +e; $g $s >"$out/stage.log" 2>&1; rc=$?; set -e
@@ -130,6 +149,27 @@ EOF
     echo "-- $s: $(( $(date +%s) - t )) s"
   done
   rm -f "$out/stage.log"
+  report
+  return $rc
+}
+
+repro() {
+  setup
+  if ! git rev-parse --git-dir >/dev/null 2>&1; then  # DVC wants a repository; a copied tree has none
+    git init -q && git add -A && git -c user.name=gpu-stages -c user.email=gpu-stages@localhost commit -qm "gpu-stages" \
+      || die "git could not make a repository here (DVC needs one)"
+  fi
+  local rc=0
+  set +e
+  $g repro "${stages[@]}" 2>&1 | tee "$out/log.txt" | grep -v "RayTrainWorker\|WARN\|Warning\|warn(\|images | \|^prepare: [0-9]"
+  rc=${PIPESTATUS[0]}
+  set -e
+  ((rc == 0)) || { echo "-- genpipe repro: exit $rc"; tail -20 "$out/log.txt"; }
+  report
+  return $rc
+}
+
+report() {
   $py - >"$out/perf.tsv" <<'EOF'
 import sqlite3
 rows = sqlite3.connect("mlflow.db").execute(
@@ -139,9 +179,8 @@ for name, key, value in rows:
     print(f"{name}\t{key}\t{value:.6g}")
 EOF
   grep -E "max_mem|samples_per_s|images_per_s|fd_over|cond_acc|test_acc|train_seconds" "$out/perf.tsv" || true
-  tar -czf "$out/results.tgz" models/*/*.json reports 2>/dev/null || true
+  tar -czf "$out/results.tgz" models/*/*.json reports .genpipe/last_repro.md 2>/dev/null || true
   echo "gpu-stages: $(( $(date +%s) - t0 )) s in all; $out: log.txt perf.tsv results.tgz"
-  return $rc
 }
 
 "$cmd"

@@ -6,6 +6,7 @@ lent machine has neither), so these tests run it the same way: the copy's code o
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,10 +19,10 @@ from tests.conftest import copy_repo, project_env
 SCRIPT = Path("scripts", "gpu-stages.sh")
 
 
-def gpu_stages(repo: Path, *args: str, out: Path) -> subprocess.CompletedProcess:
+def gpu_stages(repo: Path, *args: str, out: Path, cmd: str = "run") -> subprocess.CompletedProcess:
     env = project_env(PYTHON=sys.executable, OUT=str(out))
     return subprocess.run(
-        ["bash", str(SCRIPT), "run", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        ["bash", str(SCRIPT), cmd, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
     )
 
 
@@ -30,7 +31,10 @@ def repo(tmp_path_factory) -> Path:
     return copy_repo(tmp_path_factory.mktemp("gpu_stages") / "repo")
 
 
-def test_it_runs_the_stages_in_order_and_reports_their_metrics(repo, tmp_path):
+def test_repro_runs_the_dag_through_dvc_and_run_runs_stages_in_order(tmp_path_factory, tmp_path):
+    # A copied tree, no git repository: what the device tool sends. `repro` makes the repository DVC needs.
+    repo = copy_repo(tmp_path_factory.mktemp("gpu_stages_repro") / "repo")
+    shutil.rmtree(repo / ".git")
     out = tmp_path / "out"
     proc = gpu_stages(
         repo,
@@ -38,21 +42,29 @@ def test_it_runs_the_stages_in_order_and_reports_their_metrics(repo, tmp_path):
         "--set", "train_evaluator.loop.steps=30",
         "--set", "train_evaluator.loop.warmup_steps=5",
         "--set", "train_evaluator.loop.checkpoint_every=30",
-        "prepare", "train_evaluator",
+        "train_evaluator",
         out=out,
+        cmd="repro",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.index("== prepare") < proc.stdout.index("== train_evaluator")
+    # DVC ran the target's upstream first, in one Ray instance the stages shared
+    assert proc.stdout.index("Running stage 'prepare'") < proc.stdout.index("Running stage 'train_evaluator'")
+    assert "stages share the local Ray instance" in proc.stdout
     params = (repo / "params.yaml").read_text()
     assert "steps: 30" in params and "use_gpu: false" in params  # --cpu: no GPU asked for
     assert not (repo / "presets" / "gpu-stages-sets.yaml").exists()
+    assert "train_evaluator" in (repo / "dvc.lock").read_text()
     perf = {tuple(line.split("\t")[:2]): float(line.split("\t")[2]) for line in (out / "perf.tsv").open()}
     assert 0 <= perf[("train_evaluator", "final/test_accuracy")] <= 1
     assert perf[("train_evaluator", "perf/samples_per_s")] > 0
     with tarfile.open(out / "results.tgz") as tar:
         names = set(tar.getnames())
-    assert {"models/evaluator/config.json", "reports/prepare.json", "reports/train_evaluator.json"} <= names
-    assert "prepare:" in (out / "log.txt").read_text()
+    assert {"models/evaluator/config.json", "reports/train_evaluator.json", ".genpipe/last_repro.md"} <= names
+    # `run`: stage commands in the order given, each in its own process, no DVC
+    proc = gpu_stages(repo, "--cpu", "prepare", "evaluate --help", out=tmp_path / "run", cmd="run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.index("== prepare") < proc.stdout.index("== evaluate --help")
+    assert "prepare: 1259 train" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_bad_input_is_one_line_and_changes_nothing(repo, tmp_path):

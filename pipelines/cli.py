@@ -183,13 +183,12 @@ def repro(
     """`dvc repro [ARGS]` with one local Ray instance shared by every stage, then a per-stage summary."""
     from pipelines.repro import main as run_repro
 
-    if dry_run:  # a bad `prepare` or tokenizer param is one line, as in a stage
-        codes = [1]
-        _registry_command(
-            "repro", lambda: codes.append(run_repro(params=params, args=list(ctx.args), dry_run=True))
-        )
-        raise typer.Exit(codes[-1])
-    raise typer.Exit(run_repro(params=params, args=list(ctx.args)))
+    # a bad `prepare` or tokenizer param (dry run), or no dvc to run, is one line, as in a stage
+    codes = [1]
+    _registry_command(
+        "repro", lambda: codes.append(run_repro(params=params, args=list(ctx.args), dry_run=dry_run))
+    )
+    raise typer.Exit(codes[-1])
 
 
 @app.command("preset")
@@ -217,7 +216,11 @@ def exp_run(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None
     """`dvc exp run [ARGS]` (e.g. `-S section.key=value`) as `genpipe repro` runs `dvc repro`."""
     from pipelines.repro import main as run_repro
 
-    raise typer.Exit(run_repro(params=params, args=list(ctx.args), command=("exp", "run")))
+    codes = [1]
+    _registry_command(
+        "exp run", lambda: codes.append(run_repro(params=params, args=list(ctx.args), command=("exp", "run")))
+    )
+    raise typer.Exit(codes[-1])
 
 
 def _registry_command(label: str, call) -> None:

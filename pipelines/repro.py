@@ -68,7 +68,7 @@ def main(
     activating (`.venv/bin/genpipe repro` works where a bare `.venv/bin/dvc repro` finds no `genpipe`).
     `dry_run`: the stages DVC would run and each training stage's estimate instead (pipelines/plan.py).
     """
-    dvc = [str(Path(sys.executable).parent / "dvc"), *command, *args]
+    dvc = [dvc_executable(), *command, *args]
     if dry_run:
         from pipelines.plan import main as plan
 
@@ -109,6 +109,16 @@ def main(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
     return rc
+
+
+def dvc_executable() -> str:
+    """The dvc beside this interpreter (the venv's), else the first on PATH (DVC on PYTHONPATH, a shim)."""
+    beside = Path(sys.executable).parent / "dvc"
+    if beside.is_file():
+        return str(beside)
+    if found := shutil.which("dvc"):
+        return found
+    raise FileNotFoundError(f"no dvc beside {sys.executable} or on PATH: install DVC (pip install dvc)")
 
 
 def _stage_env() -> dict[str, str]:

@@ -10,7 +10,7 @@
 # already has (torch, numpy, pyarrow, pandas, ...) and what no stage imports (Ray's Java jars, RLlib,
 # Serve, LLM, the dashboard's and MLflow's web front ends), and writes one tar.xz (~55 MB of the
 # device tool's 64 MiB carry). On the GPU machine, `run` and `repro` unpack it under /tmp, put
-# `genpipe` and `dvc` beside the interpreter (as a venv would), apply the presets, then
+# `genpipe` and `dvc` commands on PATH where there are none, apply the presets, then
 # `train.use_gpu=true` and `evaluate.device=cuda` (unless --cpu), then each --set, all through
 # `genpipe preset` (validated, nothing written on a bad key). `repro` then runs `genpipe repro ARG...`
 # (DVC targets such as `evaluate@diffusion_pixel`; none: the whole DAG) in a git repository it makes
@@ -105,14 +105,16 @@ setup() {
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $py -c "import ray, mlflow, torch; print('ray', ray.__version__, 'mlflow', mlflow.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     || die "Ray, MLflow or torch does not import (is $site unpacked for this Python?)"
-  # `genpipe repro` runs the dvc beside its interpreter, and DVC runs `genpipe` from PATH (that folder first)
-  local bin tool
-  bin=$(dirname "$($py -c 'import sys; print(sys.executable)')")
+  # DVC runs `genpipe` from PATH, and `genpipe repro` the dvc on PATH when its interpreter has none beside it
+  local tool python shims
+  python=$($py -c 'import sys; print(sys.executable)')
+  shims=$(mktemp -d /tmp/gpu-stages-bin.XXXXXX)
   for tool in genpipe:pipelines.launch dvc:dvc; do
-    [[ -e $bin/${tool%%:*} ]] && continue
-    printf '#!/bin/sh\nexec %s -m %s "$@"\n' "$bin/$(basename "$py")" "${tool#*:}" >"$bin/${tool%%:*}"
-    chmod +x "$bin/${tool%%:*}"
+    command -v "${tool%%:*}" >/dev/null && continue
+    printf '#!/bin/sh\nexec %s -m %s "$@"\n' "$python" "${tool#*:}" >"$shims/${tool%%:*}"
+    chmod +x "$shims/${tool%%:*}"
   done
+  export PATH=$PATH:$shims
   g="$py -m pipelines.launch"
   for name in "${presets[@]}"; do $g preset "$name" >/dev/null || die "preset $name"; done
   ((cpu)) || sets=("train.use_gpu=true" "evaluate.device=cuda" "${sets[@]}")

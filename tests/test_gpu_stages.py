@@ -1,7 +1,7 @@
 """scripts/gpu-stages.sh, what a session lent a GPU machine runs there: smoke-run here with --cpu.
 
-It runs the real stages on a copy of the project with neither DVC nor an installed genpipe (the
-lent machine has neither), so these tests run it the same way: the copy's code on PYTHONPATH.
+There it runs a copy of the project (no git repository) with an interpreter that has no `genpipe`
+or `dvc` command, the copy's code on PYTHONPATH; these tests run it the same way.
 """
 
 from __future__ import annotations
@@ -19,8 +19,21 @@ from tests.conftest import copy_repo, project_env
 SCRIPT = Path("scripts", "gpu-stages.sh")
 
 
-def gpu_stages(repo: Path, *args: str, out: Path, cmd: str = "run") -> subprocess.CompletedProcess:
-    env = project_env(PYTHON=sys.executable, OUT=str(out))
+@pytest.fixture(scope="module")
+def python(tmp_path_factory) -> Path:
+    """An interpreter with this venv's packages but no `genpipe` or `dvc` command: what the GPU machine has."""
+    env_dir = tmp_path_factory.mktemp("bare_env")
+    (env_dir / "bin").mkdir()
+    (env_dir / "bin" / "python").symlink_to(sys.executable)
+    shutil.copy(Path(sys.prefix) / "pyvenv.cfg", env_dir / "pyvenv.cfg")
+    (env_dir / "lib").symlink_to(Path(sys.prefix) / "lib")
+    return env_dir / "bin" / "python"
+
+
+def gpu_stages(
+    repo: Path, *args: str, python: Path, out: Path, cmd: str = "run"
+) -> subprocess.CompletedProcess:
+    env = project_env(PYTHON=str(python), OUT=str(out), PATH="/usr/bin:/bin")
     return subprocess.run(
         ["bash", str(SCRIPT), cmd, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
     )
@@ -31,7 +44,7 @@ def repo(tmp_path_factory) -> Path:
     return copy_repo(tmp_path_factory.mktemp("gpu_stages") / "repo")
 
 
-def test_repro_runs_the_dag_through_dvc_and_run_runs_stages_in_order(tmp_path_factory, tmp_path):
+def test_repro_runs_the_dag_through_dvc_and_run_runs_stages_in_order(tmp_path_factory, tmp_path, python):
     # A copied tree, no git repository: what the device tool sends. `repro` makes the repository DVC needs.
     repo = copy_repo(tmp_path_factory.mktemp("gpu_stages_repro") / "repo")
     shutil.rmtree(repo / ".git")
@@ -43,6 +56,7 @@ def test_repro_runs_the_dag_through_dvc_and_run_runs_stages_in_order(tmp_path_fa
         "--set", "train_evaluator.loop.warmup_steps=5",
         "--set", "train_evaluator.loop.checkpoint_every=30",
         "train_evaluator",
+        python=python,
         out=out,
         cmd="repro",
     )  # fmt: skip
@@ -61,13 +75,13 @@ def test_repro_runs_the_dag_through_dvc_and_run_runs_stages_in_order(tmp_path_fa
         names = set(tar.getnames())
     assert {"models/evaluator/config.json", "reports/train_evaluator.json", ".genpipe/last_repro.md"} <= names
     # `run`: stage commands in the order given, each in its own process, no DVC
-    proc = gpu_stages(repo, "--cpu", "prepare", "evaluate --help", out=tmp_path / "run", cmd="run")
+    proc = gpu_stages(repo, "--cpu", "prepare", "evaluate --help", python=python, out=tmp_path / "run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.index("== prepare") < proc.stdout.index("== evaluate --help")
     assert "prepare: 1259 train" in (tmp_path / "run" / "log.txt").read_text()
 
 
-def test_bad_input_is_one_line_and_changes_nothing(repo, tmp_path):
+def test_bad_input_is_one_line_and_changes_nothing(repo, tmp_path, python):
     before = (repo / "params.yaml").read_text()
     cases = {
         ("--set", "nosuch.key=1", "prepare"): "nosuch",
@@ -77,12 +91,12 @@ def test_bad_input_is_one_line_and_changes_nothing(repo, tmp_path):
         ("--preset", "nosuch", "prepare"): "unknown preset 'nosuch'",
     }
     for args, culprit in cases.items():
-        proc = gpu_stages(repo, *args, out=tmp_path / "out")
+        proc = gpu_stages(repo, *args, python=python, out=tmp_path / "out")
         assert proc.returncode != 0, args
         assert culprit in proc.stderr, (args, proc.stderr[-2000:])
         assert "== prepare" not in proc.stdout, args
         assert (repo / "params.yaml").read_text() == before, args
     # A failing stage stops the run: the stages after it do not start.
-    proc = gpu_stages(repo, "--cpu", "train_zoo nosuch", "prepare", out=tmp_path / "out")
+    proc = gpu_stages(repo, "--cpu", "train_zoo nosuch", "prepare", python=python, out=tmp_path / "out")
     assert proc.returncode != 0
     assert "unknown train_zoo variant 'nosuch'" in proc.stdout and "== prepare" not in proc.stdout

@@ -6,6 +6,7 @@ Each workspace is a real DVC project (dvc.yaml, params.yaml, the code DVC hashes
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -110,3 +111,32 @@ def test_a_missing_source_fails_as_dvc_says(workspace, capsys):
     rc, lines = _plan(workspace, capsys)
     assert rc != 0 and any("nowhere" in line for line in lines)
     assert not [line for line in lines if "estimate ~" in line]
+
+
+def test_dvc_comes_from_path_when_none_is_beside_the_interpreter(workspace, tmp_path):
+    """An environment whose bin/ has no dvc (a GPU box with DVC on PYTHONPATH, scripts/gpu-stages.sh):
+    `genpipe repro` runs the dvc on PATH, and says in one line when there is none."""
+    env_dir = tmp_path / "env"
+    (env_dir / "bin").mkdir(parents=True)
+    python = env_dir / "bin" / "python"
+    python.symlink_to(sys.executable)  # this venv's packages, but no dvc or genpipe beside it
+    shutil.copy(Path(sys.prefix) / "pyvenv.cfg", env_dir / "pyvenv.cfg")
+    (env_dir / "lib").symlink_to(Path(sys.prefix) / "lib")
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "dvc").write_text(f'#!/bin/sh\nexec {python} -m dvc "$@"\n')
+    (shims / "dvc").chmod(0o755)
+    env = {**os.environ, ROOT_ENV: str(workspace), "PATH": f"{shims}{os.pathsep}/usr/bin:/bin"}
+    command = [str(python), "-m", "pipelines.launch", "repro", "--dry-run", "train_evaluator"]
+
+    found = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert re.search(r"train_evaluator: estimate ~", found.stdout), found.stdout[-2000:]
+
+    env["PATH"] = "/usr/bin:/bin"
+    missing = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        f"genpipe: error: repro: no dvc beside {python} or on PATH: install DVC (pip install dvc)"
+    ]
+    assert "Traceback" not in missing.stderr

@@ -157,7 +157,10 @@ run() {
 
 repro() {
   setup
-  if ! git rev-parse --git-dir >/dev/null 2>&1; then  # DVC wants a repository; a copied tree has none
+  # DVC wants a git repository, and a copied tree has none: make one, or without git run DVC without one
+  if ! command -v git >/dev/null; then
+    $py -m dvc config --local core.no_scm true || die "dvc config --local core.no_scm true failed"
+  elif ! git rev-parse --git-dir >/dev/null 2>&1; then
     git init -q && git add -A && git -c user.name=gpu-stages -c user.email=gpu-stages@localhost commit -qm "gpu-stages" \
       || die "git could not make a repository here (DVC needs one)"
   fi

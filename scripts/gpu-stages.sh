@@ -175,9 +175,9 @@ repro() {
 }
 
 report() {
-  $py - >"$out/perf.tsv" <<'EOF'
+  $py - >"$out/perf.tsv" <<'EOF' || say "no MLflow runs to report (mlflow.db missing or empty)"
 import sqlite3
-rows = sqlite3.connect("mlflow.db").execute(
+rows = sqlite3.connect("file:mlflow.db?mode=ro", uri=True).execute(
     "select r.name, m.key, m.value from runs r join latest_metrics m on r.run_uuid = m.run_uuid "
     "where m.key like 'perf/%' or m.key like 'final/%' or m.key like 'eval/%' order by r.start_time, m.key")
 for name, key, value in rows:

@@ -46,11 +46,12 @@ from components.generators import load_generator
 from components.io import write_json
 from components.prior.generator import export as export_prior
 from components.prior.task import PriorTask
+from components.stages import EvaluateConfig
 from components.training.checkpoint import LocalCheckpointIO, module_states
 from components.training.loop import train
 
 EVALUATOR = catalog.model("evaluator").folder
-JUDGE_BATCH = 512  # evaluate.batch_size's default
+JUDGE_BATCH = EvaluateConfig().batch_size  # the evaluate stage's default
 FAMILIES = ("diffusion_pixel", "diffusion_latent", "prior_gpt", "prior_maskgit")
 
 

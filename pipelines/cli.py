@@ -184,11 +184,9 @@ def repro(
     from pipelines.repro import main as run_repro
 
     # a bad `prepare` or tokenizer param (dry run), or no dvc to run, is one line, as in a stage
-    codes = [1]
-    _registry_command(
-        "repro", lambda: codes.append(run_repro(params=params, args=list(ctx.args), dry_run=dry_run))
+    raise typer.Exit(
+        _registry_command("repro", lambda: run_repro(params=params, args=list(ctx.args), dry_run=dry_run))
     )
-    raise typer.Exit(codes[-1])
 
 
 @app.command("preset")
@@ -216,19 +214,19 @@ def exp_run(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None
     """`dvc exp run [ARGS]` (e.g. `-S section.key=value`) as `genpipe repro` runs `dvc repro`."""
     from pipelines.repro import main as run_repro
 
-    codes = [1]
-    _registry_command(
-        "exp run", lambda: codes.append(run_repro(params=params, args=list(ctx.args), command=("exp", "run")))
+    raise typer.Exit(
+        _registry_command(
+            "exp run", lambda: run_repro(params=params, args=list(ctx.args), command=("exp", "run"))
+        )
     )
-    raise typer.Exit(codes[-1])
 
 
-def _registry_command(label: str, call) -> None:
-    """Run a registry command; a refusal or bad input is one line and exit 1, like a stage."""
+def _registry_command(label: str, call):
+    """Run a command and return its value; a refusal or bad input is one line and exit 1, like a stage."""
     from pipelines.runtime import fail
 
     try:
-        call()
+        return call()
     except USER_ERRORS as err:
         if os.environ.get("GENPIPE_DEBUG"):
             raise

@@ -175,13 +175,23 @@ repro() {
 }
 
 report() {
-  $py - >"$out/perf.tsv" <<'EOF' || say "no MLflow runs to report (mlflow.db missing or empty)"
-import sqlite3
-rows = sqlite3.connect("file:mlflow.db?mode=ro", uri=True).execute(
-    "select r.name, m.key, m.value from runs r join latest_metrics m on r.run_uuid = m.run_uuid "
-    "where m.key like 'perf/%' or m.key like 'final/%' or m.key like 'eval/%' order by r.start_time, m.key")
-for name, key, value in rows:
-    print(f"{name}\t{key}\t{value:.6g}")
+  $py - >"$out/perf.tsv" <<'EOF' || say "no MLflow runs to report"
+import sys
+from pathlib import Path
+from mlflow import MlflowClient
+from components.config import load_stage
+from pipelines.runtime import tracking_uri
+cfg = load_stage(Path("params.yaml"), "prepare")["mlflow"]  # the store and experiment the stages used
+uri = tracking_uri(cfg)
+if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    sys.exit(1)  # no stage got as far as MLflow: do not make an empty store
+client = MlflowClient(tracking_uri=uri)
+experiment = client.get_experiment_by_name(cfg.experiment)
+runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+for run in runs:
+    for key, value in sorted(run.data.metrics.items()):
+        if key.startswith(("perf/", "final/", "eval/")):
+            print(f"{run.info.run_name}\t{key}\t{value:.6g}")
 EOF
   grep -E "max_mem|samples_per_s|images_per_s|fd_over|cond_acc|test_acc|train_seconds" "$out/perf.tsv" || true
   tar -czf "$out/results.tgz" models/*/*.json reports .genpipe/last_repro.md 2>/dev/null || true

@@ -28,6 +28,11 @@ that share a class (Mao et al. 2019, eq. 3): the direct remedy for a conditional
 ignores z; `d_mbstd_group` appends the minibatch standard deviation to D's last features (Karras et
 al. 2018, sec. 3; groups never mix real and fake); `d_spectral_norm` (Miyato et al. 2018);
 `r1_weight` gamma adds gamma / 2 ||grad_x D(x)||^2 on reals to L_D (Mescheder et al. 2018, eq. 9).
+
+Small data. Over many epochs D memorises the training images and its gradient stops guiding G;
+`d_augment` (DiffAugment, Zhao et al. 2020) passes every image D sees, real or fake, in either phase,
+through the same random differentiable transforms (gan_layers.diff_augment). R1 and the gradient
+penalty differentiate through them, with respect to the un-augmented images.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
 from components.zoo import adversarial
 from components.zoo.common import ZooGenerator, export_zoo, load_zoo, progress_labels
-from components.zoo.gan_layers import CondBatchNorm, minibatch_std
+from components.zoo.gan_layers import CondBatchNorm, diff_augment, minibatch_std
 
 MIN_START = 4  # the generator starts from a map of at least 4x4, as DCGAN does
 
@@ -71,6 +76,9 @@ class GANConfig(StrictConfig):
     r1_weight: float = Field(default=0.0, ge=0, description="gamma of R1 on reals (Mescheder 2018); 0: off")
     mode_seeking: float = Field(
         default=0.0, ge=0, description="lambda of the mode-seeking term (Mao 2019); 0: off"
+    )
+    d_augment: list[Literal["color", "translation", "cutout"]] = Field(
+        default_factory=list, description="DiffAugment's transforms on D's every input (Zhao 2020); []: off"
     )
 
     @property
@@ -286,7 +294,10 @@ class GANTask(Task):
         """Discriminator scores with gradients to the input only (raw module, detached weights)."""
         disc = self.modules["discriminator"]
         params = {k: v.detach() for k, v in disc.named_parameters()}
-        return functional_call(disc, params, (x, y))
+        return functional_call(disc, params, (self._augment(x), y))
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.cfg.d_augment) if self.cfg.d_augment else x
 
     def _discriminator_step(
         self, x: torch.Tensor, y_real: torch.Tensor | None, y_fake: torch.Tensor | None, z: torch.Tensor
@@ -298,10 +309,13 @@ class GANTask(Task):
             r1 = self.cfg.r1_weight > 0
             x = x.detach().requires_grad_(True) if r1 else x
             y = None if y_real is None else torch.cat([y_real, y_fake])
-            real_s, fake_s = self.wrapped["discriminator"](torch.cat([x, fake]), y, parts=2).split(b)
+            both = self._augment(torch.cat([x, fake]))
+            real_s, fake_s = self.wrapped["discriminator"](both, y, parts=2).split(b)
             return adversarial.ns_discriminator(real_s, fake_s, x=x, r1_weight=self.cfg.r1_weight)
+        if self.cfg.d_augment:  # the critic's Lipschitz constraint holds between the images it sees
+            x, fake = self._augment(torch.cat([x, fake])).split(b)
         eps = torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype)
-        x_hat = (eps * x + (1 - eps) * fake).requires_grad_(True)
+        x_hat = (eps * x + (1 - eps) * fake).detach().requires_grad_(True)
         y = None if y_real is None else torch.cat([y_real, y_fake, y_fake])  # x_hat: the fake's class
         real_s, fake_s, hat_s = self.wrapped["discriminator"](torch.cat([x, fake, x_hat]), y, parts=3).split(
             b

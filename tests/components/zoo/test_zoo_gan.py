@@ -12,7 +12,7 @@ from components.generators import load_generator
 from components.training.config import LoopConfig
 from components.zoo.adversarial import gradient_penalty, r1_penalty
 from components.zoo.gan import Discriminator, GANConfig, GANTask, Generator, export
-from components.zoo.gan_layers import minibatch_std
+from components.zoo.gan_layers import diff_augment, minibatch_std
 from tests.components.zoo.zoo_util import batch, read_config, run_task
 
 torch.set_num_threads(1)
@@ -107,6 +107,78 @@ def test_r1_and_mbstd_train_both_losses() -> None:
             assert metrics["r1"] > 0
         sink = run_task(task, steps=2, data=batch(16))
         assert math.isfinite(sink.rows[-1]["generator/loss"])
+
+
+def test_translation_shifts_each_sample_by_at_most_an_eighth() -> None:
+    torch.manual_seed(0)
+    x = torch.arange(1, 2 * 16 * 16 + 1, dtype=torch.float32).view(1, 2, 16, 16).repeat(64, 1, 1, 1)
+    out = diff_augment(x, ["translation"])
+    shifts = set()
+    for sample in out:
+        found = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.equal(sample, torch.roll(x[0], (dy, dx), dims=(1, 2)) * _inside(dy, dx))
+        ]
+        assert len(found) == 1  # exactly one shift of at most 16 / 8 = 2 pixels, vacated pixels 0
+        shifts.add(found[0])
+    assert len(shifts) > 5  # drawn per sample
+
+
+def _inside(dy: int, dx: int, size: int = 16) -> torch.Tensor:
+    """The pixels a shift by (dy, dx) fills from the image (the rest are vacated)."""
+    ys, xs = torch.arange(size)[:, None], torch.arange(size)[None, :]
+    return (((ys - dy) >= 0) & ((ys - dy) < size) & ((xs - dx) >= 0) & ((xs - dx) < size)).float()
+
+
+def test_cutout_zeroes_one_square_of_half_the_side() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 16, 16) + 1.0  # no zero anywhere before
+    out = diff_augment(x, ["cutout"])
+    cut = out[:, 0] == 0
+    assert torch.equal(cut, (out == 0).all(dim=1))  # the same pixels in every channel
+    torch.testing.assert_close(out[~cut.unsqueeze(1).expand_as(out)], x[~cut.unsqueeze(1).expand_as(x)])
+    for mask in cut:
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        assert 1 <= len(rows) <= 8 and 1 <= len(cols) <= 8  # a square of 8, clipped at the border
+        assert int(mask.sum()) == len(rows) * len(cols)  # one rectangle
+    assert len({tuple(m.nonzero()[0].tolist()) for m in cut}) > 5
+
+
+def test_color_is_per_sample_differentiable_and_keeps_grey_grey() -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(32, 3, 8, 8) * 2 - 1).requires_grad_(True)
+    out = diff_augment(x, ["color", "translation", "cutout"])
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # G's gradient flows through the transforms
+    grey = torch.rand(16, 1, 8, 8) * 2 - 1
+    shifted = diff_augment(grey, ["color"]) - grey
+    assert shifted.std(dim=(1, 2, 3)).max() > 0 and len(set(shifted[:, 0, 0, 0].tolist())) == 16
+    assert diff_augment(grey, []) is grey
+    with pytest.raises(ValueError, match=r"unknown augmentation\(s\) \['flip'\]"):
+        diff_augment(grey, ["flip"])
+
+
+@pytest.mark.parametrize("loss", ["ns", "wgan_gp"])
+def test_d_augment_reaches_every_discriminator_input(loss) -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(loss=loss, d_augment=["translation", "cutout"], r1_weight=1.0 if loss == "ns" else 0.0)
+    task = GANTask(cfg, LOOP, image_shape=(1, 16, 16), num_classes=3)
+    task.build(device=torch.device("cpu"), wrap=lambda m: m)
+    seen = []
+    task.modules["discriminator"].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    data = batch(8, shape=(1, 16, 16))
+    d_loss, _ = task.step("discriminator", data, step=0)
+    d_loss.backward()
+    reals = seen[0][:8]
+    assert not torch.equal(reals, data["image"])  # D never sees an image un-augmented
+    assert (reals == 0).flatten(1).sum(1).min() > 0  # every real lost a cutout square
+    task.step("generator", data, step=0)
+    assert (seen[-1] == 0).flatten(1).sum(1).min() > 0  # ... nor the generator's fakes
+    with pytest.raises(ValidationError, match="d_augment"):
+        _cfg(d_augment=["flip"])
 
 
 def test_mode_seeking_pairs_share_a_class_and_punish_ignoring_z() -> None:

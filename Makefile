@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench gpu-check gpu-wheels gpu-site lint format clean
+.PHONY: setup run test bench calibrate gpu-check gpu-wheels gpu-site lint format clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ bench: setup  ## benchmarks; figures go to BENCHMARKS.md (the diffusion part nee
 	$(BIN)/python -m benchmarks.scale   # cost curves over 2k..1M shapes (~1-2 h on 2 cores): BENCHMARKS.md "Scale"
 	$(BIN)/python -m benchmarks.scale_cluster   # two nodes: training from the bucket vs local disk (~15 min)
 	$(BIN)/python -m benchmarks.judge_sanity   # the judge against broken sample sets on 32x32 RGB glyphs (~5 min)
+
+# The runs `genpipe repro --dry-run`'s estimates are fitted to (pipelines/estimate.py's REFERENCES):
+# every training stage on digits and with the rgb32 preset, in a scratch clone of HEAD (~30 min; idle machine).
+calibrate: setup
+	@d=$$(mktemp -d) && git clone -q . $$d/ws && PYTHONPATH=$$d/ws $(BIN)/python -m benchmarks.calibrate \
+	  --workspace $$d/ws --out reports/calibrate.json; rc=$$?; rm -rf $$d; exit $$rc
 
 gpu-check: setup  ## the training loop on CUDA with bf16 autocast (see BENCHMARKS.md, "GPU check")
 	$(BIN)/python -m benchmarks.gpu_check

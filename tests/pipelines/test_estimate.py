@@ -14,7 +14,7 @@ from components.config import load_stage
 from components.data.build import build_dataset
 from components.data.config import PrepareConfig
 from components.evaluation.evaluator import EvaluatorTask
-from pipelines import estimate, plan
+from pipelines import estimate, plan, preset
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "params.yaml"
@@ -52,7 +52,7 @@ def _seconds(line: str) -> float:
 def test_defaults_on_digits_estimate_the_reference_run(data):
     lines = _evaluator(*data["digits"])
     assert len(lines) == 1  # no note: the data is what the params were sized for
-    ref = estimate.REFERENCES["evaluator"]
+    ref = estimate.REFERENCES["evaluator"].digits
     assert lines[0].startswith("train_evaluator: estimate ~") and _seconds(lines[0]) == round(ref.train_s)
     assert "500 steps x 64 of 1x16x16, 0.30M parameters, 57 MFLOP per sample, 1 CPU worker(s)" in lines[0]
 
@@ -60,8 +60,23 @@ def test_defaults_on_digits_estimate_the_reference_run(data):
 def test_the_estimate_scales_with_steps_and_flops(data):
     base = _seconds(_evaluator(*data["digits"])[0])
     assert _seconds(_evaluator(*data["digits"], steps=2000)[0]) == pytest.approx(4 * base, rel=0.05)
-    rgb = _evaluator(*data["glyphs"])[0]  # 3x32x32: 4.0x the FLOPs (the first conv's input aside)
-    assert _seconds(rgb) == pytest.approx(4.04 * base, rel=0.05) and "232 MFLOP per sample" in rgb
+    rgb = _evaluator(*data["glyphs"])[0]  # 3x32x32: the preset's network, so its measured step time
+    ref = estimate.REFERENCES["evaluator"]
+    assert "232 MFLOP per sample" in rgb and f"{ref.rgb32.step_s * 1e3:.0f} ms with the rgb32 preset" in rgb
+    assert _seconds(rgb) == pytest.approx(500 * ref.rgb32.step_s, abs=0.5)
+    assert _seconds(_evaluator(*data["glyphs"], batch_size=128)[0]) > 1.5 * _seconds(rgb)  # FLOPs per step
+
+
+def test_each_reference_is_a_rising_line_through_its_runs():
+    """A step costs an overhead >= 0 plus its FLOPs at a positive rate: the line meets the rgb32 run,
+    and the digits run too where its intercept is not negative (else within 15%)."""
+    for name, ref in estimate.REFERENCES.items():
+        assert ref.overhead_s >= 0 and ref.seconds_per_flop > 0, name
+        assert ref.step_seconds(ref.rgb32.step_flops) == pytest.approx(ref.rgb32.step_s, rel=1e-9), name
+        exact = 1e-9 if ref.overhead_s > 0 else 0.15
+        assert ref.step_seconds(ref.digits.step_flops) == pytest.approx(ref.digits.step_s, rel=exact), name
+    flow = estimate.REFERENCES["flow"]  # Glow's many small layers: most of a digits step is overhead
+    assert flow.overhead_s > 0.8 * flow.digits.step_s
 
 
 def test_richer_data_than_the_params_were_sized_for_is_noted(data):
@@ -83,9 +98,29 @@ def test_references_match_the_shipped_defaults():
         meta = tokens if spec.data == catalog.TOKENS else images
         _, loop, factory = plan.stage_task(spec, PARAMS, meta)
         params, flops = estimate.step_cost(factory, estimate.synthetic_batch(spec, meta))
-        ref = estimate.REFERENCES[spec.name]
+        ref = estimate.REFERENCES[spec.name].digits
         assert params == ref.params and flops == pytest.approx(ref.flops, rel=1e-3), spec.name
         assert (loop.steps, loop.batch_size) == (ref.steps, ref.batch), spec.name
+
+
+def test_references_match_the_rgb32_preset(tmp_path):
+    """The second runs are the rgb32 preset's networks and batches on the glyphs; else re-measure
+    (`python -m benchmarks.calibrate`)."""
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text())
+    preset.main(params=params, name="rgb32")
+    text = params.read_text().replace("source: builtin:digits", "source: builtin:glyphs", 1)
+    params.write_text(text)
+    images = plan.planned_meta(params)
+    assert (images["channels"], images["image_size"], images["num_classes"]) == (3, 32, 24)
+    tokens = plan.token_meta(params, images)
+    for spec in catalog.MODELS:
+        meta = tokens if spec.data == catalog.TOKENS else images
+        _, loop, factory = plan.stage_task(spec, params, meta)
+        params_count, flops = estimate.step_cost(factory, estimate.synthetic_batch(spec, meta))
+        ref = estimate.REFERENCES[spec.name].rgb32
+        assert params_count == ref.params and flops == pytest.approx(ref.flops, rel=1e-3), spec.name
+        assert loop.batch_size == ref.batch, spec.name
 
 
 def test_synthetic_batches_are_shaped_as_the_readers_rows():

@@ -70,7 +70,7 @@ def test_a_fresh_workspace_plans_every_stage_with_its_estimate(workspace, capsys
     assert stages[0] == "prepare" and stages[-1] == "promote" and "encode" in stages
     estimates = {line.strip().split(":")[0]: line for line in lines if "estimate ~" in line}
     assert set(estimates) == set(trained)
-    ref = estimate.REFERENCES["evaluator"]  # the digits defaults estimate the measured run
+    ref = estimate.REFERENCES["evaluator"].digits  # the digits defaults estimate the measured run
     assert _seconds(estimates["train_evaluator"]) == round(ref.train_s)
     assert not [line for line in lines if "note:" in line]  # digits: what the params were sized for
     total = sum(round(_seconds(line)) + estimate.OVERHEAD_S for line in estimates.values())

@@ -94,18 +94,24 @@ def test_references_match_the_shipped_defaults():
     assert {k: images[k] for k in ("channels", "image_size", "num_classes")} == estimate.SIZED_FOR
     tokens = plan.token_meta(PARAMS, images)
     assert (tokens["grid"], tokens["latent_channels"], tokens["codebook_size"]) == ([4, 4], 8, 128)
+    for spec, loop, ref in _built_against(PARAMS, images, tokens, run="digits"):
+        assert (loop.steps, loop.batch_size) == (ref.steps, ref.batch), spec.name
+
+
+def _built_against(params: Path, images: dict, tokens: dict, *, run: str):
+    """(spec, loop, the reference's `run`) per model, once its parameters and FLOPs are checked."""
     for spec in catalog.MODELS:
         meta = tokens if spec.data == catalog.TOKENS else images
-        _, loop, factory = plan.stage_task(spec, PARAMS, meta)
-        params, flops = estimate.step_cost(factory, estimate.synthetic_batch(spec, meta))
-        ref = estimate.REFERENCES[spec.name].digits
-        assert params == ref.params and flops == pytest.approx(ref.flops, rel=1e-3), spec.name
-        assert (loop.steps, loop.batch_size) == (ref.steps, ref.batch), spec.name
+        _, loop, factory = plan.stage_task(spec, params, meta)
+        count, flops = estimate.step_cost(factory, estimate.synthetic_batch(spec, meta))
+        ref = getattr(estimate.REFERENCES[spec.name], run)
+        assert count == ref.params and flops == pytest.approx(ref.flops, rel=1e-3), spec.name
+        yield spec, loop, ref
 
 
 def test_references_match_the_rgb32_preset(tmp_path):
     """The second runs are the rgb32 preset's networks and batches on the glyphs; else re-measure
-    (`python -m benchmarks.calibrate`)."""
+    (`make calibrate`)."""
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS.read_text())
     preset.main(params=params, name="rgb32")
@@ -114,12 +120,7 @@ def test_references_match_the_rgb32_preset(tmp_path):
     images = plan.planned_meta(params)
     assert (images["channels"], images["image_size"], images["num_classes"]) == (3, 32, 24)
     tokens = plan.token_meta(params, images)
-    for spec in catalog.MODELS:
-        meta = tokens if spec.data == catalog.TOKENS else images
-        _, loop, factory = plan.stage_task(spec, params, meta)
-        params_count, flops = estimate.step_cost(factory, estimate.synthetic_batch(spec, meta))
-        ref = estimate.REFERENCES[spec.name].rgb32
-        assert params_count == ref.params and flops == pytest.approx(ref.flops, rel=1e-3), spec.name
+    for spec, loop, ref in _built_against(params, images, tokens, run="rgb32"):
         assert loop.batch_size == ref.batch, spec.name
 
 

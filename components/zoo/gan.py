@@ -294,10 +294,7 @@ class GANTask(Task):
         """Discriminator scores with gradients to the input only (raw module, detached weights)."""
         disc = self.modules["discriminator"]
         params = {k: v.detach() for k, v in disc.named_parameters()}
-        return functional_call(disc, params, (self._augment(x), y))
-
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        return diff_augment(x, self.cfg.d_augment) if self.cfg.d_augment else x
+        return functional_call(disc, params, (diff_augment(x, self.cfg.d_augment), y))
 
     def _discriminator_step(
         self, x: torch.Tensor, y_real: torch.Tensor | None, y_fake: torch.Tensor | None, z: torch.Tensor
@@ -309,11 +306,11 @@ class GANTask(Task):
             r1 = self.cfg.r1_weight > 0
             x = x.detach().requires_grad_(True) if r1 else x
             y = None if y_real is None else torch.cat([y_real, y_fake])
-            both = self._augment(torch.cat([x, fake]))
+            both = diff_augment(torch.cat([x, fake]), self.cfg.d_augment)
             real_s, fake_s = self.wrapped["discriminator"](both, y, parts=2).split(b)
             return adversarial.ns_discriminator(real_s, fake_s, x=x, r1_weight=self.cfg.r1_weight)
         if self.cfg.d_augment:  # the critic's Lipschitz constraint holds between the images it sees
-            x, fake = self._augment(torch.cat([x, fake])).split(b)
+            x, fake = diff_augment(torch.cat([x, fake]), self.cfg.d_augment).split(b)
         eps = torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype)
         x_hat = (eps * x + (1 - eps) * fake).detach().requires_grad_(True)
         y = None if y_real is None else torch.cat([y_real, y_fake, y_fake])  # x_hat: the fake's class

@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
@@ -80,6 +80,14 @@ class GANConfig(StrictConfig):
     d_augment: list[Literal["color", "translation", "cutout"]] = Field(
         default_factory=list, description="DiffAugment's transforms on D's every input (Zhao 2020); []: off"
     )
+
+    @model_validator(mode="after")
+    def _r1_is_read(self) -> GANConfig:
+        if self.loss == "wgan_gp" and self.r1_weight > 0:
+            raise ValueError(
+                "r1_weight is not read by wgan_gp: its gradient penalty (gp_weight) regularises the critic"
+            )
+        return self
 
     @property
     def family(self) -> str:

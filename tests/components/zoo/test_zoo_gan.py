@@ -290,6 +290,8 @@ def test_bad_configs_are_one_line() -> None:
         GANConfig(d_norm="batch")
     with pytest.raises(ValidationError, match="extra"):
         GANConfig(ncritic=5)
+    with pytest.raises(ValidationError, match=r"r1_weight is not read by wgan_gp: its gradient penalty"):
+        GANConfig(loss="wgan_gp", r1_weight=1.0)  # else silently ignored
     with pytest.raises(ValueError, match=r"^wgan: image size 6x6 must be even and at least 8$"):
         GANTask(GANConfig(loss="wgan_gp"), LOOP, image_shape=(1, 6, 6), num_classes=0)
     assert GANConfig(loss="wgan_gp").adam_betas == (0.0, 0.9) and GANConfig().adam_betas == (0.5, 0.999)

@@ -1,4 +1,4 @@
-"""`make bench` (estimate): measure the runs that `genpipe repro --dry-run`'s estimates are fitted to.
+"""`make calibrate`: measure the runs that `genpipe repro --dry-run`'s estimates are fitted to.
 
 Every training stage twice, as `genpipe` runs it (Ray Train, the params' workers): the shipped params
 on the built-in digits at their own steps, then the rgb32 preset on 32x32 RGB glyphs at a quarter
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from components import catalog
+from components.io import write_json
 from pipelines import estimate, plan
 
 PRESET = "rgb32"
@@ -85,6 +86,7 @@ def measure(workspace: Path, *, label: str, fraction: float | None) -> dict[str,
 
 
 def digits(workspace: Path, fraction: float) -> dict[str, estimate.Run]:
+    """The shipped params at their own steps (`fraction` is the preset phase's)."""
     return measure(workspace, label="digits", fraction=None)
 
 
@@ -117,9 +119,7 @@ def main() -> None:
     print(f"\n{(time.perf_counter() - start) / 60:.0f} min in all\n")
     rows = {name: {phase: vars(r[name]) for phase, r in runs.items()} for name in next(iter(runs.values()))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, rows)
     if len(runs) < len(PHASES):
         return
     print("| model | digits: ms/step | GFLOP/step | rgb32: ms/step | GFLOP/step |\n|---|---:|---:|---:|---:|")

@@ -54,7 +54,7 @@ from components.training.config import LoopConfig
 from components.training.task import Batch, Phase, Task, Wrap
 from components.zoo import adversarial
 from components.zoo.common import ZooGenerator, export_zoo, load_zoo, progress_labels
-from components.zoo.gan_layers import CondBatchNorm, diff_augment, minibatch_std
+from components.zoo.gan_layers import AUGMENTS, CondBatchNorm, diff_augment, minibatch_std
 
 MIN_START = 4  # the generator starts from a map of at least 4x4, as DCGAN does
 
@@ -77,7 +77,7 @@ class GANConfig(StrictConfig):
     mode_seeking: float = Field(
         default=0.0, ge=0, description="lambda of the mode-seeking term (Mao 2019); 0: off"
     )
-    d_augment: list[Literal["color", "translation", "cutout"]] = Field(
+    d_augment: list[Literal[AUGMENTS]] = Field(
         default_factory=list, description="DiffAugment's transforms on D's every input (Zhao 2020); []: off"
     )
 

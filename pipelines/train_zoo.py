@@ -17,6 +17,7 @@ from components import catalog
 from components.catalog import ModelSpec
 from components.config import load_stage
 from components.data.shards import image_shape, read_meta
+from components.evaluation.batches import LabelledSplit
 from components.schema import StrictConfig
 from components.training.task import Task
 from components.zoo.families import ZooFamily
@@ -62,9 +63,16 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
 
     def export(result, out: Path) -> dict[str, float]:
         name = family.task.ema_module
+        state = family.finish(
+            result.module_states(ema_module=name)[name],
+            config=cfg.model,
+            image_shape=shape,
+            num_classes=num_classes,
+            data=LabelledSplit(repo_root() / DATA, "train"),
+        )
         family.export(
             out,
-            state=result.module_states(ema_module=name)[name],
+            state=state,
             config=cfg.model,
             image_shape=shape,
             num_classes=num_classes,

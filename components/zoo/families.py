@@ -30,7 +30,9 @@ class ZooFamily:
     image_shape=, num_classes=, **sampling)` writes models/<name>; `knobs(model config)` are the
     registry tags that tell two versions apart; `fit(model config, image_shape)` sets the size-like
     params left unset (null) from the prepared images, so the logged, hashed and exported config
-    holds the values trained.
+    holds the values trained; `finish(state, config=, image_shape=, num_classes=, data=)` is the
+    state to export after training, given the train split's (images, labels) batches (the VAE's
+    fitted prior; the others export the trained state as it is).
     """
 
     config: type[StrictConfig]
@@ -38,6 +40,7 @@ class ZooFamily:
     export: Callable[..., None]
     knobs: Callable[[Any], dict[str, object]]
     fit: Callable[[Any, tuple[int, int, int]], Any] = lambda model, image_shape: model
+    finish: Callable[..., dict[str, Any]] = lambda state, **_: state
 
     def fit_variant(self, cfg: StrictConfig, image_shape: tuple[int, int, int]) -> StrictConfig:
         """The variant's config with its unset size-like model params fitted to the images (C, H, W)."""
@@ -155,7 +158,11 @@ def _gan_knobs(m: gan.GANConfig) -> dict[str, object]:
 
 
 VAE = ZooFamily(
-    VAEVariantConfig, vae.VAETask, vae.export, lambda m: {"beta": m.beta, "latent_dim": m.latent_dim}
+    VAEVariantConfig,
+    vae.VAETask,
+    vae.export,
+    lambda m: {"beta": m.beta, "latent_dim": m.latent_dim, "prior": m.prior},
+    finish=vae.fit_exported,
 )
 GAN = ZooFamily(GANVariantConfig, gan.GANTask, gan.export, _gan_knobs)
 WGAN = ZooFamily(WGANVariantConfig, gan.GANTask, gan.export, _gan_knobs)

@@ -104,7 +104,11 @@ TINY = {
             "loop": {"steps": 10, "batch_size": 32, "lr": 0.002, "checkpoint_every": 5, "log_every": 5},
         }
         for variant, model, sampling in (
-            ("vae", {"channels": 8, "channel_mult": [1, 2], "latent_dim": 4, "beta": 2.0}, {}),
+            (
+                "vae",
+                {"channels": 8, "channel_mult": [1, 2], "latent_dim": 4, "beta": 2.0, "prior": "fitted"},
+                {},
+            ),
             (
                 "gan",
                 {"g_channels": 8, "d_channels": 8, "latent_dim": 8, "mode_seeking": 0.1},
@@ -319,7 +323,7 @@ def test_train_prior_refuses_stale_tokens(workspace: Path):
 
 
 ZOO_TAGS = {  # the registered version's family-specific tags under TINY
-    "vae": {"family": "vae", "beta": "2.0", "latent_dim": "4", "temperature": "1.0"},
+    "vae": {"family": "vae", "beta": "2.0", "latent_dim": "4", "prior": "fitted", "temperature": "1.0"},
     "gan": {"family": "gan", "loss": "ns", "n_critic": "1", "truncation": "2.0"},
     "wgan": {"family": "wgan", "loss": "wgan_gp", "n_critic": "2", "gp_weight": "10.0"},
     "flow": {"family": "flow", "levels": "2", "steps_per_level": "2", "temperature": "0.6"},
@@ -342,6 +346,9 @@ def test_train_zoo(workspace: Path, variant: str):
     assert x.shape == (3, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
     likelihood = variant in ("vae", "flow", "pixelcnn")
     assert isinstance(generator, LikelihoodGenerator) == likelihood
+    if variant == "vae":  # `prior: fitted`: each class's Gaussian fitted to the train codes, then exported
+        means = generator.net.prior_mean[:10]
+        assert means.abs().sum() > 0 and not torch.allclose(means[0], means[1])
     if likelihood:
         bpd = generator.bits_per_dim(x, generator=torch.Generator().manual_seed(0))
         assert bpd.shape == (3,) and torch.isfinite(bpd).all() and (bpd > 0).all()

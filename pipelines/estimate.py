@@ -81,7 +81,8 @@ class Reference:
 
 
 #: models/<name> -> its two measured runs (`make calibrate`, session 17, the 2-core machine idle; the
-#: rgb32 runs at a quarter of the preset's steps, at least 100). Parameters and FLOPs are counted as
+#: rgb32 runs at a quarter of the preset's steps, at least 100; the VAE's rgb32 run is session 18's
+#: whole preset run, its network changed then, measured by train_zoo alone). Parameters and FLOPs are counted as
 #: below: digits on 1x16x16 images, 4x4 token grids of 128 codes, 8x4x4 latents, 10 classes; glyphs
 #: on 3x32x32, 8x8 grids of 256 codes, 8x8x8 latents, 24 classes.
 REFERENCES = {
@@ -95,7 +96,7 @@ REFERENCES = {
     ),
     "prior_gpt": Reference(Run(16.2, 400, 64, 433_024, 40.11e6), Run(73.1, 250, 64, 870_272, 339.74e6)),
     "prior_maskgit": Reference(Run(13.7, 400, 64, 433_280, 42.67e6), Run(78.2, 250, 64, 870_528, 345.45e6)),
-    "vae": Reference(Run(9.5, 250, 64, 109_554, 51.17e6), Run(18.6, 125, 64, 210_422, 208.21e6)),
+    "vae": Reference(Run(9.5, 250, 64, 109_554, 51.17e6), Run(778.0, 2000, 64, 1_357_638, 825.38e6)),
     "gan": Reference(Run(9.4, 220, 128, 276_170, 19.19e6), Run(141.9, 1100, 128, 759_236, 142.58e6)),
     "wgan": Reference(Run(8.7, 160, 64, 276_170, 32.58e6), Run(209.6, 800, 64, 759_236, 252.73e6)),
     "flow": Reference(Run(18.3, 200, 128, 306_232, 19.41e6), Run(31.4, 100, 128, 2_023_856, 359.94e6)),

@@ -294,6 +294,8 @@ def fit_prior(
         images, labels = images[: max_images - seen].to(device), labels[: max_images - seen].to(device)
         y = label_rows(labels, num_classes=vae.num_classes)
         mu = vae.encode(images.float(), y)[0].double()
+        if not bool(torch.isfinite(mu).all()):
+            raise ValueError("fit_prior: the encoder gave non-finite codes (NaN/inf weights or images)")
         r = torch.zeros_like(labels) if y is None else y
         count.index_add_(0, r, torch.ones_like(mu[:, 0]))
         s1.index_add_(0, r, mu)

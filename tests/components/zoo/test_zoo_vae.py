@@ -109,6 +109,9 @@ def test_fit_prior_recovers_each_class_gaussian_and_pools_an_absent_one() -> Non
         assert torch.allclose(got, torch.cov(everything.T), rtol=0.01, atol=0.01)
     with pytest.raises(ValueError, match="at least 2 training images, got 0"):
         fit_prior(_fitted(), [])
+    nan = (torch.full((4, 1, 8, 8), float("nan")), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"^fit_prior: the encoder gave non-finite codes \(NaN/inf"):
+        fit_prior(_fitted(), [nan])
     with pytest.raises(ValueError, match="prior='normal'; set prior: fitted"):
         fit_prior(VAE(TINY, image_shape=(1, 8, 8), num_classes=3), data)
 

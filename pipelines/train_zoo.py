@@ -68,7 +68,7 @@ def main(*, params: Path, variant: str, dry_run: bool = False, clock: StageClock
             config=cfg.model,
             image_shape=shape,
             num_classes=num_classes,
-            data=LabelledSplit(repo_root() / DATA, "train"),
+            data=lambda: LabelledSplit(repo_root() / DATA, "train"),  # opened only by a family that reads it
         )
         family.export(
             out,

@@ -31,7 +31,7 @@ class ZooFamily:
     registry tags that tell two versions apart; `fit(model config, image_shape)` sets the size-like
     params left unset (null) from the prepared images, so the logged, hashed and exported config
     holds the values trained; `finish(state, config=, image_shape=, num_classes=, data=)` is the
-    state to export after training, given the train split's (images, labels) batches (the VAE's
+    state to export after training, given `data()`, the train split's (images, labels) batches (the VAE's
     fitted prior; the others export the trained state as it is).
     """
 

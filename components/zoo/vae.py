@@ -34,7 +34,7 @@ gives a bound. Samples draw z = m_y + T L_y eps.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -329,15 +329,15 @@ def fit_exported(
     config: VAEConfig,
     image_shape: tuple[int, int, int],
     num_classes: int,
-    data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    data: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
 ) -> dict[str, torch.Tensor]:
-    """The state to export: with `prior: fitted`, the trained weights' prior fitted to `data` (the
-    train split); otherwise `state` as it is."""
+    """The state to export: with `prior: fitted`, the trained weights' prior fitted to `data()` (the
+    train split's batches); otherwise `state` as it is."""
     if config.prior != "fitted":
         return state
     vae = VAE(config, image_shape=image_shape, num_classes=num_classes)
     vae.load_state_dict(state)
-    n = fit_prior(vae.eval(), data)
+    n = fit_prior(vae.eval(), data())
     print(f"{FAMILY}: prior fitted to the codes of {n} training images", flush=True)
     return vae.state_dict()
 

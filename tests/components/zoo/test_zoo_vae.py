@@ -142,7 +142,7 @@ def test_task_trains_and_round_trips(tmp_path, shape, num_classes, prior) -> Non
         config=cfg,
         image_shape=shape,
         num_classes=num_classes,
-        data=[(data["image"], data["label"])],
+        data=lambda: [(data["image"], data["label"])],
     )
     if prior == "fitted":  # N(0, I) until the fit; then the codes' Gaussians, loaded back with the weights
         assert torch.equal(trained["prior_mean"], torch.zeros_like(trained["prior_mean"]))
